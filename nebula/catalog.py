@@ -1,0 +1,188 @@
+"""The model catalog: a TOML file of named models, validated as a whole on load.
+
+A malformed entry is a `CatalogError` naming the file, the entry and the
+reason; nothing of a bad catalog is used.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from nebula.errors import CatalogError, InvalidRequest
+from nebula.models import ModelSpec, Task
+
+OVERRIDABLE = frozenset(
+    {"gpu_memory_utilization", "cpu_memory_gib", "tensor_parallel_size", "engine_args"}
+)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# Arguments Nebula sets itself on every engine; an entry that sets them would
+# fight the placement (ports, devices, memory) or the router's key.
+RESERVED_ARGS = frozenset(
+    {
+        "--host",
+        "--port",
+        "--served-model-name",
+        "--api-key",
+        "--gpu-memory-utilization",
+        "--tensor-parallel-size",
+        "-tp",
+    }
+)
+
+
+def reserved_arg(args: list[str] | tuple[str, ...]) -> str | None:
+    """The first argument Nebula reserves for itself, or None."""
+    for arg in args:
+        if arg.split("=", 1)[0] in RESERVED_ARGS:
+            return arg
+    return None
+
+
+class CatalogEntry(BaseModel):
+    """Schema of one `[models.NAME]` table."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1)
+    task: Literal["chat", "embedding"] = "chat"
+    engine: Literal["vllm"] = "vllm"
+    prepared: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    cpu_memory_gib: float | None = Field(None, gt=0)
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    engine_args: list[str] = Field(default_factory=list)
+
+    @field_validator("engine_args")
+    @classmethod
+    def _no_reserved_args(cls, args: list[str]) -> list[str]:
+        bad = reserved_arg(args)
+        if bad:
+            raise ValueError(f"{bad} is set by Nebula itself; remove it from engine_args")
+        return args
+
+    @model_validator(mode="after")
+    def _needs_memory(self) -> CatalogEntry:
+        if self.gpu_memory_utilization is None and self.cpu_memory_gib is None:
+            raise ValueError("set gpu_memory_utilization (GPU nodes), cpu_memory_gib, or both")
+        if self.tensor_parallel_size > 1 and self.gpu_memory_utilization is None:
+            raise ValueError("tensor_parallel_size > 1 needs GPUs: set gpu_memory_utilization")
+        return self
+
+    def spec(self, name: str) -> ModelSpec:
+        return ModelSpec(
+            name=name,
+            model=self.model,
+            task=Task(self.task),
+            engine=self.engine,
+            prepared=self.prepared,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            cpu_memory_gib=self.cpu_memory_gib,
+            tensor_parallel_size=self.tensor_parallel_size,
+            engine_args=tuple(self.engine_args),
+        )
+
+
+def _reason(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'entry'}: "
+        f"{str(err['msg']).removeprefix('Value error, ')}"
+        for err in exc.errors()
+    )
+
+
+@dataclass(frozen=True)
+class Catalog(Mapping[str, ModelSpec]):
+    """Named model specs, read from one file."""
+
+    source: str
+    specs: Mapping[str, ModelSpec]
+
+    def __getitem__(self, name: str) -> ModelSpec:
+        return self.specs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def get_spec(self, name: str) -> ModelSpec:
+        """The spec named `name`, or a `CatalogError` listing the names that exist."""
+        try:
+            return self.specs[name]
+        except KeyError:
+            known = ", ".join(sorted(self.specs)) or "none"
+            raise CatalogError(
+                f"model {name!r} is not in the catalog ({self.source}); known models: {known}"
+            ) from None
+
+    def resolve(self, name: str, overrides: Mapping[str, Any] | None = None) -> ModelSpec:
+        """The spec for `name` with per-request overrides applied and validated."""
+        spec = self.get_spec(name)
+        if not overrides:
+            return spec
+        unknown = set(overrides) - OVERRIDABLE
+        if unknown:
+            raise InvalidRequest(
+                f"cannot override {', '.join(sorted(unknown))}; "
+                f"overridable: {', '.join(sorted(OVERRIDABLE))}"
+            )
+        merged = {**spec.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
+        merged.pop("name")
+        try:
+            entry = CatalogEntry(**merged)
+        except ValidationError as exc:
+            raise InvalidRequest(f"invalid override for {name!r}: {_reason(exc)}") from None
+        return entry.spec(name)
+
+
+def parse_catalog(text: str, source: str) -> Catalog:
+    """Parse and validate a whole catalog; any bad entry rejects the file."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"catalog {source}: not valid TOML: {exc}") from None
+    extra = set(data) - {"models"}
+    if extra:
+        raise CatalogError(
+            f"catalog {source}: unknown top-level key(s) {', '.join(sorted(extra))}; "
+            "models go in [models.NAME] tables"
+        )
+    models = data.get("models", {})
+    if not isinstance(models, dict):
+        raise CatalogError(f"catalog {source}: `models` must be a table of [models.NAME] tables")
+    specs: dict[str, ModelSpec] = {}
+    for name, raw in models.items():
+        if not NAME_RE.match(name):
+            raise CatalogError(
+                f"catalog {source}, entry {name!r}: a name is 1-64 letters, digits, '.', '_' "
+                "or '-', starting with a letter or digit"
+            )
+        if not isinstance(raw, dict):
+            raise CatalogError(f"catalog {source}, entry {name!r}: must be a table")
+        try:
+            specs[name] = CatalogEntry(**raw).spec(name)
+        except ValidationError as exc:
+            raise CatalogError(f"catalog {source}, entry {name!r}: {_reason(exc)}") from None
+    return Catalog(source=source, specs=specs)
+
+
+def load_catalog(path: Path | None = None) -> Catalog:
+    """The catalog at `path`, or the packaged default one."""
+    if path is None:
+        text = resources.files("nebula").joinpath("catalog.toml").read_text(encoding="utf-8")
+        return parse_catalog(text, "the default catalog")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CatalogError(f"cannot read catalog {path}: {exc.strerror}") from None
+    return parse_catalog(text, str(path))

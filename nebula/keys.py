@@ -1,0 +1,62 @@
+"""Every Redis key and channel Nebula uses, and nothing else spells one.
+
+See docs/architecture.md for each key's type, writer, reader and TTL.
+"""
+
+PREFIX = "nebula:"
+
+# Pub/sub channel: "something changed", a wake-up only. Every loop is also
+# correct when it only polls, so a lost message costs latency, never state.
+EVENTS_CHANNEL = PREFIX + "events"
+
+# Model requests (desired state).
+REQUESTS = PREFIX + "requests"  # set of request ids
+MODELS = PREFIX + "models"  # hash: served model name -> request id (one request per model)
+# Set of request ids changed by someone other than the scheduler (load, unload):
+# the scheduler re-reads just these each pass instead of every request.
+REQUESTS_DIRTY = PREFIX + "requests:dirty"
+
+
+def request(request_id: str) -> str:
+    """Hash: one model request (model, spec, replicas, status, message, timestamps)."""
+    return f"{PREFIX}request:{request_id}"
+
+
+def request_events(request_id: str) -> str:
+    """Stream, capped: the request's event history."""
+    return f"{PREFIX}request-events:{request_id}"
+
+
+# Nodes.
+NODES = PREFIX + "nodes"  # set of node ids ever seen and not yet reaped
+CORDONED = PREFIX + "cordoned"  # set: nodes that take no new placements
+DRAINING = PREFIX + "draining"  # set: nodes whose placements are moved off
+
+
+def node(node_id: str) -> str:
+    """Hash with a TTL: the node's heartbeat. Its expiry is the node's death."""
+    return f"{PREFIX}node:{node_id}"
+
+
+def placements(node_id: str) -> str:
+    """Hash: placement id -> placement JSON, the node's desired state (scheduler writes)."""
+    return f"{PREFIX}placements:{node_id}"
+
+
+def placement_state(node_id: str) -> str:
+    """Hash: placement id -> observed state JSON (the node's agent writes)."""
+    return f"{PREFIX}placement-state:{node_id}"
+
+
+# Endpoints the router routes to: one key per healthy engine, with a TTL, and a
+# sorted set index (score = expiry in ms) so readers never SCAN the keyspace.
+ENDPOINTS = PREFIX + "endpoints"
+
+
+def endpoint(placement_id: str) -> str:
+    """String with a TTL: a healthy engine's endpoint JSON (the node's agent writes)."""
+    return f"{PREFIX}endpoint:{placement_id}"
+
+
+# Scheduler leadership: SET NX PX, value = the leader's identity.
+SCHEDULER_LEADER = PREFIX + "scheduler:leader"

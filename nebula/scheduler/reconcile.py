@@ -1,0 +1,174 @@
+"""One reconcile pass, pure: a snapshot of the cluster in, the writes to make out.
+
+Level-triggered: the pass derives everything from the snapshot, never from
+what woke it, so running it twice on the same state changes nothing the
+second time.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+from nebula.models import (
+    Desired,
+    ModelRequest,
+    Phase,
+    Placement,
+    PlacementState,
+    Status,
+    can_transition,
+)
+from nebula.scheduler.placement import default_id, plan
+from nebula.state import Changes, Snapshot
+
+# Engines in these phases hold their memory, so the node's telemetry shows it.
+CONFIRMED_PHASES = frozenset({Phase.HEALTHY, Phase.STOPPING})
+
+
+def where(p: Placement) -> str:
+    if p.devices:
+        gpus = ", ".join(str(d) for d in p.devices)
+        return f"{p.node} GPU{'s' if len(p.devices) > 1 else ''} {gpus}"
+    return f"{p.node} (CPU)"
+
+
+def reconcile(
+    snap: Snapshot,
+    *,
+    ceiling: float,
+    now: float,
+    new_id: Callable[[], str] = default_id,
+) -> Changes:
+    ch = Changes()
+    live = snap.nodes
+    requests = snap.requests
+    states = snap.states
+
+    # Dead nodes: their placements are gone with them, and get rescheduled below.
+    ch.dead_nodes = sorted(snap.node_ids - live.keys())
+    current: dict[str, Placement] = {}
+    for p in snap.placements.values():
+        if p.node in live:
+            current[p.id] = p
+            continue
+        ch.drop_placements.append(p)
+        if p.request_id in requests and p.desired is Desired.RUN:
+            lost = f"node {p.node} lost: replica on it is gone"
+            ch.events.append((p.request_id, lost, requests[p.request_id].status))
+
+    # Retire placements: stopped ones are deleted, unwanted ones asked to stop.
+    healthy_off_drain: dict[str, int] = defaultdict(int)
+    for p in current.values():
+        state = states.get(p.id)
+        if (
+            p.desired is Desired.RUN
+            and state is not None
+            and state.phase is Phase.HEALTHY
+            and not live[p.node].draining
+        ):
+            healthy_off_drain[p.request_id] += 1
+    for pid, p in list(current.items()):
+        request = requests.get(p.request_id)
+        state = states.get(pid)
+        if p.desired is Desired.STOP:
+            if state is not None and state.phase is Phase.STOPPED:
+                ch.drop_placements.append(p)
+                del current[pid]
+            continue
+        reason = None
+        if request is None:
+            reason = "its model request is gone"
+        elif request.status is Status.UNLOADING:
+            reason = "unloading"
+        elif live[p.node].draining and healthy_off_drain[p.request_id] >= request.replicas:
+            reason = f"node {p.node} draining, replacement healthy"
+        if reason is not None:
+            stopped = p.stopped()
+            current[pid] = stopped
+            ch.put_placements.append(stopped)
+            if request is not None:
+                ch.events.append(
+                    (request.id, f"stopping replica on {where(p)}: {reason}", request.status)
+                )
+
+    # Place what is missing.
+    result = plan(
+        list(live.values()),
+        list(requests.values()),
+        list(current.values()),
+        ceiling=ceiling,
+        confirmed={pid for pid, s in states.items() if s.phase in CONFIRMED_PHASES},
+        now=now,
+        new_id=new_id,
+    )
+    for p in result.new:
+        current[p.id] = p
+        ch.put_placements.append(p)
+        ch.events.append(
+            (p.request_id, f"Scheduled on {where(p)}, port {p.port}", Status.SCHEDULED)
+        )
+
+    # Statuses.
+    by_request: dict[str, list[Placement]] = defaultdict(list)
+    for p in current.values():
+        by_request[p.request_id].append(p)
+    for request in requests.values():
+        placed = by_request.get(request.id, [])
+        if request.status is Status.UNLOADING and not placed:
+            ch.gone_requests.append(request)
+            continue
+        status, message = _status(request, placed, states, result.pending.get(request.id, ()))
+        if status is request.status and message == request.message:
+            continue
+        if not can_transition(request.status, status):
+            continue
+        updated = ModelRequest(
+            id=request.id,
+            spec=request.spec,
+            replicas=request.replicas,
+            status=status,
+            message=message,
+            created_at=request.created_at,
+            updated_at=now,
+            ever_ready=request.ever_ready or status is Status.READY,
+        )
+        ch.put_requests.append(updated)
+        pending_changed = status is Status.PENDING and message != request.message
+        if status is not request.status or pending_changed:
+            ch.events.append((request.id, f"{status.value}: {message}", status))
+    return ch
+
+
+def _status(
+    request: ModelRequest,
+    placed: list[Placement],
+    states: dict[str, PlacementState],
+    pending: tuple[str, ...],
+) -> tuple[Status, str]:
+    if request.status is Status.UNLOADING:
+        return Status.UNLOADING, f"unloading: {len(placed)} replica(s) stopping"
+    if request.status is Status.FAILED:
+        return request.status, request.message
+    running = [p for p in placed if p.desired is Desired.RUN]
+    phases = [(p, states.get(p.id)) for p in running]
+    for p, state in phases:
+        if state is not None and state.phase is Phase.FAILED:
+            return (
+                Status.FAILED,
+                f"replica on {where(p)} failed: {state.message or 'no reason given'}",
+            )
+    healthy = sum(1 for _, s in phases if s is not None and s.phase is Phase.HEALTHY)
+    waiting = "; ".join(pending)
+    if healthy >= request.replicas:
+        return Status.READY, f"{request.replicas}/{request.replicas} replicas healthy"
+    counts = f"{healthy}/{request.replicas} replicas healthy"
+    suffix = f"; {waiting}" if waiting else ""
+    if healthy:
+        status = Status.DEGRADED if request.ever_ready else Status.LOADING
+        return status, counts + suffix
+    if any(s is not None for _, s in phases):
+        return Status.LOADING, counts + suffix
+    if running:
+        return Status.SCHEDULED, f"{len(running)}/{request.replicas} replicas placed{suffix}"
+    return Status.PENDING, waiting or "waiting for the scheduler"

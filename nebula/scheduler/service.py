@@ -1,0 +1,127 @@
+"""The scheduler daemon: hold the leader lease, reconcile, sleep until woken or polled.
+
+Several schedulers may run; the one holding `nebula:scheduler:leader` works,
+the others wait to take over. A pass wakes on a pub/sub event or every
+`scheduler_interval_s`, whichever comes first, and is correct either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+
+from nebula.errors import StateUnavailable
+from nebula.loops import jittered, run_loops
+from nebula.scheduler.reconcile import reconcile
+from nebula.settings import Settings
+from nebula.state import Changes, Snapshot, State
+
+log = logging.getLogger(__name__)
+
+# A full re-read of every request and placement this often, as a guard against
+# anything the incremental reads could miss.
+FULL_RESYNC_S = 30.0
+
+
+class Scheduler:
+    def __init__(self, state: State, settings: Settings, *, identity: str | None = None) -> None:
+        self.state = state
+        self.settings = settings
+        self.me = identity or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.is_leader = False
+        self.snapshot = Snapshot()
+        self._last_full = 0.0
+        self._wake = asyncio.Event()
+
+    async def run(self) -> None:
+        log.info("scheduler %s starting", self.me)
+        try:
+            await run_loops({"reconcile": self._reconcile_loop, "listen": self._listen_loop})
+        finally:
+            if self.is_leader:
+                with contextlib.suppress(StateUnavailable):
+                    await self.state.release(self.me)
+                log.info("scheduler %s released the leader lease", self.me)
+
+    @property
+    def interval(self) -> float:
+        # Wake often enough to renew the lease well before it lapses.
+        return min(self.settings.scheduler_interval_s, self.settings.leader_ttl_s / 3)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.step()
+            except StateUnavailable as exc:
+                log.warning("%s; retrying", exc.message)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), jittered(self.interval))
+
+    async def _listen_loop(self) -> None:
+        while True:
+            try:
+                async with self.state.subscribe() as pubsub:
+                    async for _ in pubsub.listen():
+                        self._wake.set()
+            except (StateUnavailable, OSError, ConnectionError) as exc:
+                log.debug("event subscription lost (%s); polling until it is back", exc)
+            except Exception as exc:  # redis-py raises its own errors from listen()
+                log.debug("event subscription lost (%s); polling until it is back", exc)
+            await asyncio.sleep(jittered(self.interval))
+
+    async def step(self) -> Changes | None:
+        """One pass: renew or take the lease, then, as leader, read, reconcile and write."""
+        held = await self.state.acquire_or_renew(
+            self.me, self.settings.leader_ttl_s, held=self.is_leader
+        )
+        if held != self.is_leader:
+            log.info("scheduler %s %s leader", self.me, "became" if held else "is no longer")
+        became_leader = held and not self.is_leader
+        self.is_leader = held
+        if not held:
+            return None
+        now = time.time()
+        full = became_leader or now - self._last_full > FULL_RESYNC_S
+        await self.state.read_cluster(self.snapshot, full=full)
+        if full:
+            self._last_full = now
+        changes = reconcile(self.snapshot, ceiling=self.settings.memory_ceiling, now=now)
+        if not changes:
+            return changes
+        if not await self.state.apply(changes, leader=self.me):
+            log.warning("scheduler %s lost the leader lease before writing", self.me)
+            self.is_leader = False
+            return None
+        self._remember(changes)
+        return changes
+
+    def _remember(self, changes: Changes) -> None:
+        """Apply our own writes to the cached snapshot (we are their only writer)."""
+        snap = self.snapshot
+        for p in changes.drop_placements:
+            snap.placements.pop(p.id, None)
+            snap.states.pop(p.id, None)
+        for node_id in changes.dead_nodes:
+            snap.node_ids.discard(node_id)
+        for p in changes.put_placements:
+            snap.placements[p.id] = p
+        for request in changes.put_requests:
+            if request.id in snap.requests:
+                snap.requests[request.id] = request
+        for request in changes.gone_requests:
+            snap.requests.pop(request.id, None)
+
+
+async def serve(settings: Settings) -> None:
+    state = State(settings.redis_url, event_history=settings.event_history)
+    try:
+        await state.ping()
+        await Scheduler(state, settings).run()
+    finally:
+        await state.close()

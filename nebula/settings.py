@@ -1,0 +1,163 @@
+"""Settings: `NEBULA_*` environment variables over an optional TOML file over defaults.
+
+The file is the one `NEBULA_CONFIG` names, else the first of
+`./nebula.toml`, `~/.config/nebula/nebula.toml`, `/etc/nebula/nebula.toml`
+that exists. Keys in the file are the field names below (`redis_url = ...`).
+Every field is validated on load; a bad value is a `ConfigError` that names the
+field, the value's source and what is expected, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from nebula.errors import ConfigError
+
+CONFIG_CANDIDATES = (
+    Path("nebula.toml"),
+    Path("~/.config/nebula/nebula.toml").expanduser(),
+    Path("/etc/nebula/nebula.toml"),
+)
+
+
+def config_file() -> Path | None:
+    """The config file in force, or None."""
+    named = os.environ.get("NEBULA_CONFIG")
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"NEBULA_CONFIG names {path}, which is not a readable file")
+        return path
+    return next((p for p in CONFIG_CANDIDATES if p.is_file()), None)
+
+
+class Settings(BaseSettings):
+    """Nebula's settings; each field is documented where it is declared."""
+
+    model_config = SettingsConfigDict(env_prefix="NEBULA_", extra="forbid")
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6380/0",
+        description="Redis holding all of Nebula's state (redis://, rediss:// or unix://).",
+    )
+    node_id: str = Field(
+        default_factory=socket.gethostname,
+        description="This machine's node id in the cluster; defaults to the host name.",
+    )
+    heartbeat_interval_s: float = Field(
+        2.0, gt=0, description="Seconds between a node agent's heartbeats."
+    )
+    node_ttl_s: float = Field(
+        8.0, gt=0, description="Heartbeat TTL: a node silent this long is dead (3-5 heartbeats)."
+    )
+    scheduler_interval_s: float = Field(
+        2.0, gt=0, description="Seconds between reconcile passes when nothing wakes the scheduler."
+    )
+    leader_ttl_s: float = Field(
+        6.0, gt=0, description="Scheduler leader lease; a dead leader is replaced after this."
+    )
+    memory_ceiling: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Most of a GPU's memory (or a CPU node's RAM) that placements may take.",
+    )
+    catalog_path: Path | None = Field(
+        None, description="Model catalog TOML; the packaged default catalog when unset."
+    )
+    event_history: int = Field(
+        100, ge=1, description="Events kept per model request (older ones are trimmed)."
+    )
+    engine_port_min: int = Field(
+        8100, ge=1024, le=65535, description="Lowest port this node gives to an engine."
+    )
+    engine_port_max: int = Field(
+        8199, ge=1024, le=65535, description="Highest port this node gives to an engine."
+    )
+    state_dir: Path = Field(
+        Path("var"), description="Folder for this process's files (logs, engine configs, data)."
+    )
+    log_level: str = Field("INFO", description="Python log level: DEBUG, INFO, WARNING, ERROR.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                f"{value!r} is not a Redis URL; use redis://HOST:PORT/DB, rediss://... or "
+                "unix:///path/to/redis.sock"
+            )
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError(f"{value!r} has no host; use redis://HOST:PORT/DB")
+        try:
+            parts.port  # noqa: B018 - parsing the port is the check
+        except ValueError as exc:
+            raise ValueError(f"{value!r} has a bad port: {exc}") from None
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"{value!r} is not a log level; use DEBUG, INFO, WARNING or ERROR")
+        return level
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Settings:
+        if self.engine_port_min > self.engine_port_max:
+            raise ValueError(
+                f"engine_port_min {self.engine_port_min} is above engine_port_max "
+                f"{self.engine_port_max}"
+            )
+        if self.node_ttl_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"node_ttl_s {self.node_ttl_s} must exceed heartbeat_interval_s "
+                f"{self.heartbeat_interval_s} (3 to 5 times it is usual)"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = config_file()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment and config file, or a `ConfigError` that says why not."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        path = config_file()
+        where = f" (environment, or {path})" if path else " (environment)"
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: "
+            f"{str(err['msg']).removeprefix('Value error, ')}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings{where}: {problems}") from None
+    except ValueError as exc:  # a TOML file that does not parse
+        raise ConfigError(f"cannot read config file {config_file()}: {exc}") from None

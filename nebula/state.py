@@ -1,0 +1,487 @@
+"""The one module that talks to Redis.
+
+Every read and write of Nebula's state goes through `State`. Writes that must
+be atomic use MULTI/EXEC, with WATCH where they depend on what they read;
+the scheduler's writes are fenced by its leader key, so a leader that lost its
+lease (paused, partitioned) can never write after its successor started.
+Redis being unreachable is a `StateUnavailable` error, never a raw traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from nebula import keys
+from nebula.errors import Conflict, InvalidRequest, NotFound, StateUnavailable
+from nebula.models import ModelRequest, ModelSpec, Node, Placement, PlacementState, Status
+
+MAX_REPLICAS = 256
+
+# Renew or release the leader key only while we still hold it.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+_SET_STATUS = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return 0 end
+if current == 'Unloading' and ARGV[1] ~= 'Unloading' then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'message', ARGV[2], 'updated_at', ARGV[3],
+           'ever_ready', ARGV[4])
+return 1
+"""
+
+
+def redact(url: str) -> str:
+    """`url` without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else "***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
+
+
+@dataclass
+class Snapshot:
+    """Everything the scheduler reads in one pass."""
+
+    node_ids: set[str] = field(default_factory=set)  # registered, alive or not
+    nodes: dict[str, Node] = field(default_factory=dict)  # alive: heartbeat key present
+    requests: dict[str, ModelRequest] = field(default_factory=dict)
+    placements: dict[str, Placement] = field(default_factory=dict)  # id -> placement
+    states: dict[str, PlacementState] = field(default_factory=dict)  # placement id -> state
+    raw_states: dict[str, str] = field(default_factory=dict)  # what `states` was parsed from
+
+
+@dataclass
+class Changes:
+    """The scheduler's writes for one pass, applied atomically."""
+
+    put_placements: list[Placement] = field(default_factory=list)
+    drop_placements: list[Placement] = field(default_factory=list)
+    put_requests: list[ModelRequest] = field(default_factory=list)
+    gone_requests: list[ModelRequest] = field(default_factory=list)
+    events: list[tuple[str, str, Status]] = field(default_factory=list)  # request, text, status
+    dead_nodes: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return any(
+            (
+                self.put_placements,
+                self.drop_placements,
+                self.put_requests,
+                self.gone_requests,
+                self.events,
+                self.dead_nodes,
+            )
+        )
+
+
+class State:
+    """Nebula's state in Redis."""
+
+    def __init__(self, url: str, *, event_history: int = 100) -> None:
+        self.url = url
+        self.event_history = event_history
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=2.0,
+            socket_timeout=5.0,
+            health_check_interval=10,
+        )
+        self._renew = self.redis.register_script(_RENEW)
+        self._release = self.redis.register_script(_RELEASE)
+        self._set_status = self.redis.register_script(_SET_STATUS)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> State:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @contextlib.asynccontextmanager
+    async def _reachable(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StateUnavailable(
+                f"cannot reach Redis at {redact(self.url)} ({exc}); is it running? "
+                "Check NEBULA_REDIS_URL"
+            ) from None
+
+    async def ping(self) -> None:
+        async with self._reachable():
+            await self.redis.ping()
+
+    async def notify(self, what: str) -> None:
+        """Wake every loop that listens; losing this message costs latency only."""
+        async with self._reachable():
+            await self.redis.publish(keys.EVENTS_CHANNEL, what)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[aioredis.client.PubSub]:
+        async with self._reachable():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            await pubsub.subscribe(keys.EVENTS_CHANNEL)
+        try:
+            yield pubsub
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()
+
+    # ----------------------------------------------------------- model requests
+
+    async def create_request(self, spec: ModelSpec, replicas: int) -> ModelRequest:
+        """Ask for `replicas` engines of `spec`; a model is loaded at most once."""
+        if not isinstance(replicas, int) or isinstance(replicas, bool):
+            raise InvalidRequest(f"replicas must be a whole number, not {replicas!r}")
+        if not 1 <= replicas <= MAX_REPLICAS:
+            raise InvalidRequest(f"replicas must be between 1 and {MAX_REPLICAS}, not {replicas}")
+        now = time.time()
+        request = ModelRequest(
+            id=f"{spec.name}-{uuid.uuid4().hex[:6]}",
+            spec=spec,
+            replicas=replicas,
+            status=Status.PENDING,
+            message="waiting for the scheduler",
+            created_at=now,
+            updated_at=now,
+        )
+        async with self._reachable(), self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(keys.MODELS)
+                    existing = await pipe.hget(keys.MODELS, spec.name)
+                    if existing:
+                        raise Conflict(
+                            f"model {spec.name!r} is already loaded as request {existing}; "
+                            "unload it first, or change its replicas"
+                        )
+                    pipe.multi()
+                    pipe.hset(keys.MODELS, spec.name, request.id)
+                    pipe.hset(keys.request(request.id), mapping=request.to_hash())
+                    pipe.sadd(keys.REQUESTS, request.id)
+                    pipe.sadd(keys.REQUESTS_DIRTY, request.id)
+                    self._event(
+                        pipe, request.id, f"load asked: {replicas} replica(s)", request.status
+                    )
+                    pipe.publish(keys.EVENTS_CHANNEL, "request")
+                    await pipe.execute()
+                    return request
+                except WatchError:
+                    continue
+
+    async def delete_request(self, ref: str) -> ModelRequest:
+        """Unload: mark the request `Unloading`; its engines are stopped, then it is gone."""
+        async with self._reachable(), self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    request_id = await self._resolve(ref, self.redis)
+                    await pipe.watch(keys.request(request_id))
+                    raw = await pipe.hgetall(keys.request(request_id))
+                    if not raw:
+                        raise NotFound(f"no model request {ref!r}")
+                    request = ModelRequest.from_hash(raw)
+                    if request.status is Status.UNLOADING:
+                        return request
+                    now = time.time()
+                    pipe.multi()
+                    pipe.hset(
+                        keys.request(request_id),
+                        mapping={
+                            "status": Status.UNLOADING.value,
+                            "message": "unload asked: draining and stopping replicas",
+                            "updated_at": repr(now),
+                        },
+                    )
+                    pipe.sadd(keys.REQUESTS_DIRTY, request_id)
+                    self._event(pipe, request_id, "unload asked", Status.UNLOADING)
+                    pipe.publish(keys.EVENTS_CHANNEL, "request")
+                    await pipe.execute()
+                    return ModelRequest.from_hash(
+                        {**raw, "status": Status.UNLOADING.value, "updated_at": repr(now)}
+                    )
+                except WatchError:
+                    continue
+
+    async def _resolve(self, ref: str, client: Any) -> str:
+        """A request id from an id or a served model name."""
+        if not ref:
+            raise InvalidRequest("name a model or a request id")
+        if await client.sismember(keys.REQUESTS, ref):
+            return ref
+        request_id = await client.hget(keys.MODELS, ref)
+        if request_id:
+            return str(request_id)
+        loaded = await client.hkeys(keys.MODELS)
+        known = ", ".join(sorted(loaded)) or "none"
+        raise NotFound(f"no model request {ref!r}; loaded models: {known}")
+
+    async def get_request(self, ref: str) -> ModelRequest:
+        async with self._reachable():
+            request_id = await self._resolve(ref, self.redis)
+            raw = await self.redis.hgetall(keys.request(request_id))
+        if not raw:
+            raise NotFound(f"no model request {ref!r}")
+        return ModelRequest.from_hash(raw)
+
+    async def list_requests(self) -> list[ModelRequest]:
+        async with self._reachable():
+            ids = sorted(await self.redis.smembers(keys.REQUESTS))
+            return sorted(
+                (r for r in await self._read_requests(ids) if r is not None),
+                key=lambda r: (r.created_at, r.id),
+            )
+
+    async def _read_requests(self, ids: Sequence[str]) -> list[ModelRequest | None]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in ids:
+                pipe.hgetall(keys.request(request_id))
+            rows = await pipe.execute()
+        return [ModelRequest.from_hash(row) if row else None for row in rows]
+
+    async def events(self, request_id: str, count: int | None = None) -> list[dict[str, Any]]:
+        """The request's event history, oldest first."""
+        async with self._reachable():
+            entries = await self.redis.xrange(keys.request_events(request_id))
+        out = [
+            {"at": float(fields["at"]), "status": fields["status"], "message": fields["message"]}
+            for _, fields in entries
+        ]
+        return out[-count:] if count else out
+
+    def _event(self, pipe: Any, request_id: str, text: str, status: Status) -> None:
+        pipe.xadd(
+            keys.request_events(request_id),
+            {"at": repr(time.time()), "status": status.value, "message": text},
+            maxlen=self.event_history,
+            approximate=False,
+        )
+
+    # -------------------------------------------------------------------- nodes
+
+    async def heartbeat(self, node: Node, ttl_s: float) -> None:
+        """Publish the node's heartbeat; it dies with its TTL unless renewed."""
+        async with self._reachable(), self.redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(keys.NODES, node.id)
+            pipe.delete(keys.node(node.id))
+            pipe.hset(keys.node(node.id), mapping=node.to_hash())
+            pipe.pexpire(keys.node(node.id), int(ttl_s * 1000))
+            await pipe.execute()
+
+    async def list_nodes(self) -> list[Node]:
+        """Live nodes, with the operator's cordon and drain marks."""
+        async with self._reachable():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.smembers(keys.NODES)
+                pipe.smembers(keys.CORDONED)
+                pipe.smembers(keys.DRAINING)
+                node_ids, cordoned, draining = await pipe.execute()
+            ids = sorted(node_ids)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for node_id in ids:
+                    pipe.hgetall(keys.node(node_id))
+                rows = await pipe.execute()
+        return [
+            Node.from_hash(row, cordoned=row["id"] in cordoned, draining=row["id"] in draining)
+            for row in rows
+            if row
+        ]
+
+    async def set_cordon(self, node_id: str, *, cordoned: bool, drain: bool = False) -> None:
+        """Cordon (no new placements), drain (also move placements off), or undo both."""
+        async with self._reachable():
+            if not await self.redis.sismember(keys.NODES, node_id):
+                nodes = ", ".join(sorted(await self.redis.smembers(keys.NODES))) or "none"
+                raise NotFound(f"no node {node_id!r}; known nodes: {nodes}")
+            async with self.redis.pipeline(transaction=True) as pipe:
+                if cordoned:
+                    pipe.sadd(keys.CORDONED, node_id)
+                    if drain:
+                        pipe.sadd(keys.DRAINING, node_id)
+                else:
+                    pipe.srem(keys.CORDONED, node_id)
+                    pipe.srem(keys.DRAINING, node_id)
+                pipe.publish(keys.EVENTS_CHANNEL, "node")
+                await pipe.execute()
+
+    # --------------------------------------------------------------- placements
+
+    async def node_placements(self, node_id: str) -> list[Placement]:
+        async with self._reachable():
+            raw = await self.redis.hgetall(keys.placements(node_id))
+        return [Placement.from_json(value) for value in raw.values()]
+
+    async def set_placement_states(
+        self, node_id: str, states: dict[str, PlacementState], *, drop: Iterable[str] = ()
+    ) -> None:
+        """The node agent's report of its engines."""
+        async with self._reachable(), self.redis.pipeline(transaction=True) as pipe:
+            if states:
+                pipe.hset(
+                    keys.placement_state(node_id),
+                    mapping={pid: s.to_json() for pid, s in states.items()},
+                )
+            dropped = list(drop)
+            if dropped:
+                pipe.hdel(keys.placement_state(node_id), *dropped)
+            pipe.publish(keys.EVENTS_CHANNEL, "placement-state")
+            await pipe.execute()
+
+    async def placement_states(self, node_id: str) -> dict[str, PlacementState]:
+        async with self._reachable():
+            raw = await self.redis.hgetall(keys.placement_state(node_id))
+        return {pid: PlacementState.from_json(value) for pid, value in raw.items()}
+
+    # --------------------------------------------------------------- scheduler
+
+    async def acquire_or_renew(self, me: str, ttl_s: float, *, held: bool) -> bool:
+        """Hold the scheduler lease: renew it if held, else try to take it."""
+        ttl_ms = int(ttl_s * 1000)
+        async with self._reachable():
+            if held and await self._renew(keys=[keys.SCHEDULER_LEADER], args=[me, ttl_ms]):
+                return True
+            return bool(await self.redis.set(keys.SCHEDULER_LEADER, me, nx=True, px=ttl_ms))
+
+    async def release(self, me: str) -> None:
+        async with self._reachable():
+            await self._release(keys=[keys.SCHEDULER_LEADER], args=[me])
+
+    async def leader(self) -> str | None:
+        async with self._reachable():
+            value = await self.redis.get(keys.SCHEDULER_LEADER)
+        return str(value) if value else None
+
+    async def read_cluster(self, snapshot: Snapshot, *, full: bool) -> Snapshot:
+        """Refresh `snapshot` in a fixed number of round trips, whatever its size.
+
+        Nodes and placement states are read every pass (agents change them).
+        Requests are read whole on a full pass, else only those marked dirty.
+        Placements are read on a full pass only: the leader is their sole writer
+        and keeps its copy current between full passes.
+        """
+        async with self._reachable():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.smembers(keys.NODES)
+                pipe.smembers(keys.CORDONED)
+                pipe.smembers(keys.DRAINING)
+                pipe.smembers(keys.REQUESTS if full else keys.REQUESTS_DIRTY)
+                pipe.delete(keys.REQUESTS_DIRTY)
+                node_ids, cordoned, draining, request_ids, _ = await pipe.execute()
+            ids = sorted(node_ids)
+            request_ids = sorted(request_ids)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for node_id in ids:
+                    pipe.hgetall(keys.node(node_id))
+                    pipe.hgetall(keys.placement_state(node_id))
+                    if full:
+                        pipe.hgetall(keys.placements(node_id))
+                for request_id in request_ids:
+                    pipe.hgetall(keys.request(request_id))
+                rows = await pipe.execute()
+        per_node = 3 if full else 2
+        snapshot.node_ids = set(ids)
+        snapshot.nodes = {}
+        states: dict[str, PlacementState] = {}
+        raw_states: dict[str, str] = {}
+        if full:
+            snapshot.placements = {}
+        for i, node_id in enumerate(ids):
+            node_row = rows[i * per_node]
+            if node_row:
+                snapshot.nodes[node_id] = Node.from_hash(
+                    node_row, cordoned=node_id in cordoned, draining=node_id in draining
+                )
+            for pid, raw in rows[i * per_node + 1].items():
+                # States rarely change between passes: parse only the ones that did.
+                unchanged = snapshot.raw_states.get(pid) == raw and pid in snapshot.states
+                states[pid] = snapshot.states[pid] if unchanged else PlacementState.from_json(raw)
+                raw_states[pid] = raw
+            if full:
+                for raw in rows[i * per_node + 2].values():
+                    p = Placement.from_json(raw)
+                    snapshot.placements[p.id] = p
+        snapshot.states = states
+        snapshot.raw_states = raw_states
+        if full:
+            snapshot.requests = {}
+        for request_id, row in zip(request_ids, rows[len(ids) * per_node :], strict=True):
+            if row:
+                snapshot.requests[request_id] = ModelRequest.from_hash(row)
+            else:
+                snapshot.requests.pop(request_id, None)
+        return snapshot
+
+    async def apply(self, changes: Changes, *, leader: str) -> bool:
+        """Write one pass's changes atomically, only while `leader` holds the lease.
+
+        Returns False, writing nothing, when the lease is someone else's.
+        """
+        async with self._reachable(), self.redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(keys.SCHEDULER_LEADER)
+                if await pipe.get(keys.SCHEDULER_LEADER) != leader:
+                    return False
+                pipe.multi()
+                for p in changes.put_placements:
+                    pipe.hset(keys.placements(p.node), p.id, p.to_json())
+                for p in changes.drop_placements:
+                    pipe.hdel(keys.placements(p.node), p.id)
+                    pipe.hdel(keys.placement_state(p.node), p.id)
+                for node_id in changes.dead_nodes:
+                    pipe.delete(keys.placements(node_id), keys.placement_state(node_id))
+                    pipe.srem(keys.NODES, node_id)
+                    pipe.srem(keys.CORDONED, node_id)
+                    pipe.srem(keys.DRAINING, node_id)
+                for request in changes.put_requests:
+                    # Only the fields the scheduler owns, and never over an unload
+                    # that landed after this pass read the request.
+                    fields = request.to_hash()
+                    self._set_status(
+                        keys=[keys.request(request.id)],
+                        args=[
+                            fields["status"],
+                            fields["message"],
+                            fields["updated_at"],
+                            fields["ever_ready"],
+                        ],
+                        client=pipe,
+                    )
+                for request_id, text, status in changes.events:
+                    self._event(pipe, request_id, text, status)
+                for request in changes.gone_requests:
+                    pipe.delete(keys.request(request.id), keys.request_events(request.id))
+                    pipe.srem(keys.REQUESTS, request.id)
+                    pipe.srem(keys.REQUESTS_DIRTY, request.id)
+                    # Safe: a model name maps to its request until that request is gone.
+                    pipe.hdel(keys.MODELS, request.model)
+                pipe.publish(keys.EVENTS_CHANNEL, "placements")
+                await pipe.execute()
+            except WatchError:
+                return False
+        return True
