@@ -113,7 +113,6 @@ class State:
         )
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
-        self._set_status = self.redis.register_script(_SET_STATUS)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -462,15 +461,16 @@ class State:
                     # Only the fields the scheduler owns, and never over an unload
                     # that landed after this pass read the request.
                     fields = request.to_hash()
-                    self._set_status(
-                        keys=[keys.request(request.id)],
-                        args=[
-                            fields["status"],
-                            fields["message"],
-                            fields["updated_at"],
-                            fields["ever_ready"],
-                        ],
-                        client=pipe,
+                    # EVAL, not EVALSHA: inside MULTI a NOSCRIPT (Redis restarted)
+                    # would fail the whole transaction.
+                    pipe.eval(
+                        _SET_STATUS,
+                        1,
+                        keys.request(request.id),
+                        fields["status"],
+                        fields["message"],
+                        fields["updated_at"],
+                        fields["ever_ready"],
                     )
                 for request_id, text, status in changes.events:
                     self._event(pipe, request_id, text, status)
