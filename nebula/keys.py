@@ -43,6 +43,10 @@ def placements(node_id: str) -> str:
     return f"{PREFIX}placements:{node_id}"
 
 
+# Set of node ids whose agents changed placement states since the scheduler's last pass.
+PLACEMENT_STATE_DIRTY = PREFIX + "placement-state:dirty"
+
+
 def placement_state(node_id: str) -> str:
     """Hash: placement id -> observed state JSON (the node's agent writes)."""
     return f"{PREFIX}placement-state:{node_id}"

@@ -13,7 +13,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -42,6 +42,19 @@ end
 return 0
 """
 
+# One call for a thousand keys: a pipeline costs the client tens of microseconds
+# per command, a script returns everything at once.
+_EXISTS_EACH = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('EXISTS', key) end
+return out
+"""
+_HGETALL_EACH = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('HGETALL', key) end
+return out
+"""
+
 _SET_STATUS = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return 0 end
@@ -67,11 +80,15 @@ class Snapshot:
     """Everything the scheduler reads in one pass."""
 
     node_ids: set[str] = field(default_factory=set)  # registered, alive or not
-    nodes: dict[str, Node] = field(default_factory=dict)  # alive: heartbeat key present
+    alive: set[str] = field(default_factory=set)  # heartbeat key present
+    nodes: dict[str, Node] = field(default_factory=dict)  # last telemetry read, alive only
     requests: dict[str, ModelRequest] = field(default_factory=dict)
     placements: dict[str, Placement] = field(default_factory=dict)  # id -> placement
     states: dict[str, PlacementState] = field(default_factory=dict)  # placement id -> state
-    raw_states: dict[str, str] = field(default_factory=dict)  # what `states` was parsed from
+    marks: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())  # cordoned, draining
+    # What others changed since the previous pass (everything, on a full pass).
+    dirty_requests: set[str] = field(default_factory=set)
+    dirty_nodes: set[str] = field(default_factory=set)  # nodes whose placement states changed
 
 
 @dataclass
@@ -349,6 +366,7 @@ class State:
             dropped = list(drop)
             if dropped:
                 pipe.hdel(keys.placement_state(node_id), *dropped)
+            pipe.sadd(keys.PLACEMENT_STATE_DIRTY, node_id)
             pipe.publish(keys.EVENTS_CHANNEL, "placement-state")
             await pipe.execute()
 
@@ -377,12 +395,14 @@ class State:
         return str(value) if value else None
 
     async def read_cluster(self, snapshot: Snapshot, *, full: bool) -> Snapshot:
-        """Refresh `snapshot` in a fixed number of round trips, whatever its size.
+        """Refresh `snapshot` in a fixed number of round trips, whatever the cluster's size.
 
-        Nodes and placement states are read every pass (agents change them).
-        Requests are read whole on a full pass, else only those marked dirty.
-        Placements are read on a full pass only: the leader is their sole writer
-        and keeps its copy current between full passes.
+        Every pass reads node liveness and marks. A full pass reads every request,
+        placement and placement state. Otherwise only what others changed since
+        the last pass is read: requests marked dirty by load and unload, and the
+        placement states of nodes whose agents marked them dirty. Placements are
+        the leader's own writes, so its copy stays current between full passes.
+        Node telemetry is read separately, by `read_telemetry`, only when needed.
         """
         async with self._reachable():
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -390,51 +410,82 @@ class State:
                 pipe.smembers(keys.CORDONED)
                 pipe.smembers(keys.DRAINING)
                 pipe.smembers(keys.REQUESTS if full else keys.REQUESTS_DIRTY)
-                pipe.delete(keys.REQUESTS_DIRTY)
-                node_ids, cordoned, draining, request_ids, _ = await pipe.execute()
+                pipe.smembers(keys.NODES if full else keys.PLACEMENT_STATE_DIRTY)
+                pipe.delete(keys.REQUESTS_DIRTY, keys.PLACEMENT_STATE_DIRTY)
+                node_ids, cordoned, draining, request_ids, state_nodes, _ = await pipe.execute()
             ids = sorted(node_ids)
             request_ids = sorted(request_ids)
+            state_nodes = sorted(state_nodes)
             async with self.redis.pipeline(transaction=False) as pipe:
-                for node_id in ids:
-                    pipe.hgetall(keys.node(node_id))
+                pipe.eval(_EXISTS_EACH, len(ids), *(keys.node(n) for n in ids))
+                for node_id in state_nodes:
                     pipe.hgetall(keys.placement_state(node_id))
-                    if full:
+                if full:
+                    for node_id in ids:
                         pipe.hgetall(keys.placements(node_id))
                 for request_id in request_ids:
                     pipe.hgetall(keys.request(request_id))
-                rows = await pipe.execute()
-        per_node = 3 if full else 2
+                rows = iter(await pipe.execute())
         snapshot.node_ids = set(ids)
-        snapshot.nodes = {}
-        states: dict[str, PlacementState] = {}
-        raw_states: dict[str, str] = {}
+        snapshot.alive = {n for n, alive in zip(ids, next(rows), strict=True) if alive}
+        marks = (frozenset(cordoned), frozenset(draining))
+        snapshot.nodes = {
+            n: node
+            if marks == snapshot.marks
+            else replace(node, cordoned=n in cordoned or n in draining, draining=n in draining)
+            for n, node in snapshot.nodes.items()
+            if n in snapshot.alive
+        }
+        snapshot.marks = marks
+        snapshot.dirty_nodes = set(state_nodes)
+        if full:
+            snapshot.states = {}
+        by_node: dict[str, set[str]] = {}
+        for p in snapshot.placements.values():
+            by_node.setdefault(p.node, set()).add(p.id)
+        for node_id in state_nodes:
+            fresh = {pid: PlacementState.from_json(raw) for pid, raw in next(rows).items()}
+            for pid in by_node.get(node_id, set()) - fresh.keys():
+                snapshot.states.pop(pid, None)
+            snapshot.states.update(fresh)
         if full:
             snapshot.placements = {}
-        for i, node_id in enumerate(ids):
-            node_row = rows[i * per_node]
-            if node_row:
-                snapshot.nodes[node_id] = Node.from_hash(
-                    node_row, cordoned=node_id in cordoned, draining=node_id in draining
-                )
-            for pid, raw in rows[i * per_node + 1].items():
-                # States rarely change between passes: parse only the ones that did.
-                unchanged = snapshot.raw_states.get(pid) == raw and pid in snapshot.states
-                states[pid] = snapshot.states[pid] if unchanged else PlacementState.from_json(raw)
-                raw_states[pid] = raw
-            if full:
-                for raw in rows[i * per_node + 2].values():
+            for _ in ids:
+                for raw in next(rows).values():
                     p = Placement.from_json(raw)
                     snapshot.placements[p.id] = p
-        snapshot.states = states
-        snapshot.raw_states = raw_states
-        if full:
             snapshot.requests = {}
-        for request_id, row in zip(request_ids, rows[len(ids) * per_node :], strict=True):
+        snapshot.dirty_requests = set(request_ids)
+        for request_id in request_ids:
+            row = next(rows)
             if row:
                 snapshot.requests[request_id] = ModelRequest.from_hash(row)
             else:
                 snapshot.requests.pop(request_id, None)
         return snapshot
+
+    async def snapshot(self) -> Snapshot:
+        """Everything, read afresh: a full pass's input."""
+        snap = await self.read_cluster(Snapshot(), full=True)
+        await self.read_telemetry(snap, snap.alive)
+        return snap
+
+    async def read_telemetry(self, snapshot: Snapshot, node_ids: Iterable[str]) -> None:
+        """Read the heartbeats (telemetry) of `node_ids` into `snapshot.nodes`, in one call."""
+        ids = sorted(node_ids)
+        if not ids:
+            return
+        cordoned, draining = snapshot.marks
+        async with self._reachable():
+            rows = await self.redis.eval(_HGETALL_EACH, len(ids), *(keys.node(n) for n in ids))
+        for node_id, flat in zip(ids, rows, strict=True):
+            if not flat:
+                snapshot.nodes.pop(node_id, None)
+                continue
+            row = dict(zip(flat[::2], flat[1::2], strict=True))
+            snapshot.nodes[node_id] = Node.from_hash(
+                row, cordoned=node_id in cordoned, draining=node_id in draining
+            )
 
     async def apply(self, changes: Changes, *, leader: str) -> bool:
         """Write one pass's changes atomically, only while `leader` holds the lease.

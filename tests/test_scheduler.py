@@ -19,7 +19,7 @@ from nebula.models import Desired, Phase, Status
 from nebula.scheduler.reconcile import reconcile
 from nebula.scheduler.service import Scheduler
 from nebula.settings import Settings
-from nebula.state import Snapshot, State
+from nebula.state import State
 from tests.builders import cpu_node, gpu_node
 from tests.nodesim import NodeSim
 
@@ -222,7 +222,7 @@ async def test_unload_racing_a_pass_is_never_overwritten(state: State, settings:
     scheduler = Scheduler(state, settings)
     request = await state.create_request(CHAT, 1)
     assert await state.acquire_or_renew(scheduler.me, 5, held=False)
-    snap = await state.read_cluster(Snapshot(), full=True)
+    snap = await state.snapshot()
     changes = reconcile(snap, ceiling=0.9, now=time.time())  # would write Scheduled
     await state.delete_request(request.id)  # lands between the read and the write
     assert await state.apply(changes, leader=scheduler.me)
@@ -239,7 +239,7 @@ async def test_only_the_leader_writes(state: State, settings: Settings, redis_ur
     assert await second.step() is None and not second.is_leader
 
     # A pass computed by a scheduler that does not hold the lease writes nothing.
-    snap = await state.read_cluster(Snapshot(), full=True)
+    snap = await state.snapshot()
     changes = reconcile(snap, ceiling=0.9, now=time.time())
     assert changes.put_placements
     assert not await state.apply(changes, leader="second")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import bisect
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from nebula.models import Desired, ModelRequest, Node, Placement, Status
@@ -289,6 +289,27 @@ def _reason(request: ModelRequest, cordoned: int, live: int) -> str:
     return reason
 
 
+def wanting(
+    requests: Iterable[ModelRequest], placements: Iterable[Placement], draining: dict[str, bool]
+) -> list[tuple[ModelRequest, int]]:
+    """Placeable requests with fewer replicas than they ask for, oldest first, with the
+    number missing. `draining` maps each live node to whether it is draining;
+    replicas on draining or dead nodes do not count.
+    """
+    active: dict[str, int] = defaultdict(int)
+    for p in placements:
+        if p.desired is Desired.RUN and draining.get(p.node) is False:
+            active[p.request_id] += 1
+    return sorted(
+        (
+            (r, r.replicas - active[r.id])
+            for r in requests
+            if r.status in PLACEABLE and r.replicas > active[r.id]
+        ),
+        key=lambda item: (item[0].created_at, item[0].id),
+    )
+
+
 def plan(
     nodes: Sequence[Node],
     requests: Sequence[ModelRequest],
@@ -305,25 +326,13 @@ def plan(
     ignored); `confirmed` the ids of placements whose engine runs and so shows in
     the nodes' telemetry.
     """
-    live = {node.id: node for node in nodes}
-    active: dict[str, int] = defaultdict(int)
-    for p in placements:
-        node = live.get(p.node)
-        if node is not None and p.desired is Desired.RUN and not node.draining:
-            active[p.request_id] += 1
-    todo = sorted(
-        (r for r in requests if r.status in PLACEABLE and r.replicas > active[r.id]),
-        key=lambda r: (r.created_at, r.id),
-    )
+    todo = wanting(requests, placements, {node.id: node.draining for node in nodes})
     if not todo:  # the steady state: nothing to place, no index to build
         return Plan(new=())
-    cluster = _Cluster(nodes, placements, confirmed, ceiling, todo)
+    cluster = _Cluster(nodes, placements, confirmed, ceiling, [r for r, _ in todo])
     new: list[Placement] = []
     pending: dict[str, tuple[str, ...]] = {}
-    for request in todo:
-        missing = request.replicas - active[request.id]
-        if missing <= 0:
-            continue
+    for request, missing in todo:
         spec = request.spec
         reasons: list[str] = []
         for k in range(missing):

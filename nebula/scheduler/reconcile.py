@@ -19,7 +19,7 @@ from nebula.models import (
     Status,
     can_transition,
 )
-from nebula.scheduler.placement import default_id, plan
+from nebula.scheduler.placement import default_id, plan, wanting
 from nebula.state import Changes, Snapshot
 
 # Engines in these phases hold their memory, so the node's telemetry shows it.
@@ -33,64 +33,86 @@ def where(p: Placement) -> str:
     return f"{p.node} (CPU)"
 
 
+def needs_placement(snap: Snapshot) -> bool:
+    """Whether some request lacks replicas (and so node telemetry is worth reading)."""
+    draining = {n: n in snap.marks[1] for n in snap.alive}
+    return bool(wanting(snap.requests.values(), snap.placements.values(), draining))
+
+
 def reconcile(
     snap: Snapshot,
     *,
     ceiling: float,
     now: float,
+    full: bool = True,
     new_id: Callable[[], str] = default_id,
 ) -> Changes:
+    """The writes that bring the cluster closer to what its requests ask for.
+
+    With `full` false, only requests that something touched since the last pass
+    (their hash, their placements' states, their nodes' death or drain) are
+    re-examined, plus every request the placement function could serve: the
+    rest cannot have changed.
+    """
     ch = Changes()
-    live = snap.nodes
+    live = {n: node for n, node in snap.nodes.items() if n in snap.alive}
     requests = snap.requests
     states = snap.states
 
     # Dead nodes: their placements are gone with them, and get rescheduled below.
-    ch.dead_nodes = sorted(snap.node_ids - live.keys())
+    ch.dead_nodes = sorted(snap.node_ids - snap.alive)
     current: dict[str, Placement] = {}
+    focus: set[str] = set(requests) if full else set(snap.dirty_requests)
     for p in snap.placements.values():
-        if p.node in live:
+        node = live.get(p.node)
+        if node is not None:
             current[p.id] = p
+            if node.draining or p.node in snap.dirty_nodes:
+                focus.add(p.request_id)
             continue
+        focus.add(p.request_id)
         ch.drop_placements.append(p)
         if p.request_id in requests and p.desired is Desired.RUN:
             lost = f"node {p.node} lost: replica on it is gone"
             ch.events.append((p.request_id, lost, requests[p.request_id].status))
 
-    # Retire placements: stopped ones are deleted, unwanted ones asked to stop.
-    healthy_off_drain: dict[str, int] = defaultdict(int)
+    by_request: dict[str, list[Placement]] = defaultdict(list)
     for p in current.values():
-        state = states.get(p.id)
-        if (
-            p.desired is Desired.RUN
-            and state is not None
-            and state.phase is Phase.HEALTHY
+        if p.request_id in focus:
+            by_request[p.request_id].append(p)
+
+    # Retire placements: stopped ones are deleted, unwanted ones asked to stop.
+    for request_id, placed in by_request.items():
+        request = requests.get(request_id)
+        healthy_off_drain = sum(
+            1
+            for p in placed
+            if p.desired is Desired.RUN
             and not live[p.node].draining
-        ):
-            healthy_off_drain[p.request_id] += 1
-    for pid, p in list(current.items()):
-        request = requests.get(p.request_id)
-        state = states.get(pid)
-        if p.desired is Desired.STOP:
-            if state is not None and state.phase is Phase.STOPPED:
-                ch.drop_placements.append(p)
-                del current[pid]
-            continue
-        reason = None
-        if request is None:
-            reason = "its model request is gone"
-        elif request.status is Status.UNLOADING:
-            reason = "unloading"
-        elif live[p.node].draining and healthy_off_drain[p.request_id] >= request.replicas:
-            reason = f"node {p.node} draining, replacement healthy"
-        if reason is not None:
-            stopped = p.stopped()
-            current[pid] = stopped
-            ch.put_placements.append(stopped)
-            if request is not None:
-                ch.events.append(
-                    (request.id, f"stopping replica on {where(p)}: {reason}", request.status)
-                )
+            and (state := states.get(p.id)) is not None
+            and state.phase is Phase.HEALTHY
+        )
+        for i, p in enumerate(placed):
+            if p.desired is Desired.STOP:
+                state = states.get(p.id)
+                if state is not None and state.phase is Phase.STOPPED:
+                    ch.drop_placements.append(p)
+                    del current[p.id]
+                continue
+            reason = None
+            if request is None:
+                reason = "its model request is gone"
+            elif request.status is Status.UNLOADING:
+                reason = "unloading"
+            elif live[p.node].draining and healthy_off_drain >= request.replicas:
+                reason = f"node {p.node} draining, replacement healthy"
+            if reason is not None:
+                stopped = p.stopped()
+                current[p.id] = placed[i] = stopped
+                ch.put_placements.append(stopped)
+                if request is not None:
+                    text = f"stopping replica on {where(p)}: {reason}"
+                    ch.events.append((request.id, text, request.status))
 
     # Place what is missing.
     result = plan(
@@ -105,15 +127,20 @@ def reconcile(
     for p in result.new:
         current[p.id] = p
         ch.put_placements.append(p)
-        ch.events.append(
-            (p.request_id, f"Scheduled on {where(p)}, port {p.port}", Status.SCHEDULED)
-        )
+        text = f"Scheduled on {where(p)}, port {p.port}"
+        ch.events.append((p.request_id, text, Status.SCHEDULED))
+    focus.update(p.request_id for p in result.new)
+    focus.update(result.pending)
+    by_request = defaultdict(list)
+    for p in current.values():
+        if p.request_id in focus:
+            by_request[p.request_id].append(p)
 
     # Statuses.
-    by_request: dict[str, list[Placement]] = defaultdict(list)
-    for p in current.values():
-        by_request[p.request_id].append(p)
-    for request in requests.values():
+    for request_id in focus:
+        request = requests.get(request_id)
+        if request is None:
+            continue
         placed = by_request.get(request.id, [])
         if request.status is Status.UNLOADING and not placed:
             ch.gone_requests.append(request)

@@ -17,7 +17,7 @@ import uuid
 
 from nebula.errors import StateUnavailable
 from nebula.loops import jittered, run_loops
-from nebula.scheduler.reconcile import reconcile
+from nebula.scheduler.reconcile import needs_placement, reconcile
 from nebula.settings import Settings
 from nebula.state import Changes, Snapshot, State
 
@@ -88,10 +88,16 @@ class Scheduler:
             return None
         now = time.time()
         full = became_leader or now - self._last_full > FULL_RESYNC_S
-        await self.state.read_cluster(self.snapshot, full=full)
+        snap = await self.state.read_cluster(self.snapshot, full=full)
         if full:
             self._last_full = now
-        changes = reconcile(self.snapshot, ceiling=self.settings.memory_ceiling, now=now)
+        # Telemetry matters only to placement: read it all when something may be
+        # placed, else only for nodes not seen before.
+        if full or needs_placement(snap):
+            await self.state.read_telemetry(snap, snap.alive)
+        else:
+            await self.state.read_telemetry(snap, snap.alive - snap.nodes.keys())
+        changes = reconcile(snap, ceiling=self.settings.memory_ceiling, now=now, full=full)
         if not changes:
             return changes
         if not await self.state.apply(changes, leader=self.me):
@@ -109,6 +115,7 @@ class Scheduler:
             snap.states.pop(p.id, None)
         for node_id in changes.dead_nodes:
             snap.node_ids.discard(node_id)
+            snap.nodes.pop(node_id, None)
         for p in changes.put_placements:
             snap.placements[p.id] = p
         for request in changes.put_requests:
