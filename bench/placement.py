@@ -158,6 +158,11 @@ async def bench_cycle(url: str, nodes: list[Node], specs: list[tuple[ModelSpec, 
             one.append(time.perf_counter() - start)
         assert changes and len(changes.put_placements) == 1
         one_trips = trips.count
+    telemetry = []
+    for _ in range(3):
+        start = time.perf_counter()
+        await state.read_telemetry(scheduler.snapshot, scheduler.snapshot.alive)
+        telemetry.append(time.perf_counter() - start)
     await state.close()
     print(f"scheduler pass with Redis, {len(nodes)} nodes, {len(specs)} requests ({ready} Ready):")
     print(f"  first pass, everything placed ............. {first_s * 1000:8.1f} ms")
@@ -168,6 +173,10 @@ async def bench_cycle(url: str, nodes: list[Node], specs: list[tuple[ModelSpec, 
     print(
         f"  one new request placed .................... {statistics.median(one) * 1000:8.1f} ms"
         f"  ({one_trips} round trips)"
+    )
+    print(
+        f"  telemetry refresh, once a heartbeat ....... {statistics.median(telemetry) * 1000:8.1f} ms"
+        "  (1 round trip)"
     )
 
 

@@ -193,12 +193,19 @@ class Node:
 
     @classmethod
     def from_hash(
-        cls, data: dict[str, str], *, cordoned: bool = False, draining: bool = False
+        cls,
+        data: dict[str, str],
+        *,
+        cordoned: bool = False,
+        draining: bool = False,
+        devices: tuple[Device, ...] | None = None,  # already parsed from data["devices"]
     ) -> Node:
+        if devices is None:
+            devices = tuple(Device(**d) for d in json.loads(data.get("devices", "[]")))
         return cls(
             id=data["id"],
             address=data["address"],
-            devices=tuple(Device(**d) for d in json.loads(data.get("devices", "[]"))),
+            devices=devices,
             cpu_count=int(data.get("cpu_count", 0)),
             ram_total_mib=int(data.get("ram_total_mib", 0)),
             ram_available_mib=int(data.get("ram_available_mib", 0)),

@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nebula import keys
 from nebula.errors import Conflict, InvalidRequest, NotFound, StateUnavailable
-from nebula.models import ModelRequest, ModelSpec, Node, Placement, PlacementState, Status
+from nebula.models import Device, ModelRequest, ModelSpec, Node, Placement, PlacementState, Status
 
 MAX_REPLICAS = 256
 
@@ -86,6 +86,7 @@ class Snapshot:
     placements: dict[str, Placement] = field(default_factory=dict)  # id -> placement
     states: dict[str, PlacementState] = field(default_factory=dict)  # placement id -> state
     marks: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())  # cordoned, draining
+    devices_cache: dict[str, tuple[Device, ...]] = field(default_factory=dict)  # raw -> parsed
     # What others changed since the previous pass (everything, on a full pass).
     dirty_requests: set[str] = field(default_factory=set)
     dirty_nodes: set[str] = field(default_factory=set)  # nodes whose placement states changed
@@ -483,9 +484,16 @@ class State:
                 snapshot.nodes.pop(node_id, None)
                 continue
             row = dict(zip(flat[::2], flat[1::2], strict=True))
-            snapshot.nodes[node_id] = Node.from_hash(
-                row, cordoned=node_id in cordoned, draining=node_id in draining
+            node = Node.from_hash(
+                row,
+                cordoned=node_id in cordoned,
+                draining=node_id in draining,
+                devices=snapshot.devices_cache.get(row.get("devices", "")),
             )
+            snapshot.devices_cache[row.get("devices", "")] = node.devices
+            snapshot.nodes[node_id] = node
+        if len(snapshot.devices_cache) > 4 * len(snapshot.alive) + 64:
+            snapshot.devices_cache.clear()  # bounded: telemetry strings mostly change
 
     async def apply(self, changes: Changes, *, leader: str) -> bool:
         """Write one pass's changes atomically, only while `leader` holds the lease.

@@ -36,6 +36,7 @@ class Scheduler:
         self.is_leader = False
         self.snapshot = Snapshot()
         self._last_full = 0.0
+        self._telemetry_at = 0.0
         self._wake = asyncio.Event()
 
     async def run(self) -> None:
@@ -91,10 +92,13 @@ class Scheduler:
         snap = await self.state.read_cluster(self.snapshot, full=full)
         if full:
             self._last_full = now
-        # Telemetry matters only to placement: read it all when something may be
-        # placed, else only for nodes not seen before.
-        if full or needs_placement(snap):
+        # Telemetry matters only to placement, and is at most one heartbeat fresh:
+        # read it all when something may be placed and the copy is a heartbeat
+        # old, else only for nodes not seen before.
+        stale = now - self._telemetry_at >= self.settings.heartbeat_interval_s
+        if full or (stale and needs_placement(snap)):
             await self.state.read_telemetry(snap, snap.alive)
+            self._telemetry_at = now
         else:
             await self.state.read_telemetry(snap, snap.alive - snap.nodes.keys())
         changes = reconcile(snap, ceiling=self.settings.memory_ceiling, now=now, full=full)
