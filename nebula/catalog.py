@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nebula.errors import CatalogError, InvalidRequest
+from nebula.errors import CatalogError, InvalidRequest, NotFound
 from nebula.models import ModelSpec, Task
 
 OVERRIDABLE = frozenset(
@@ -116,12 +116,12 @@ class Catalog(Mapping[str, ModelSpec]):
         return len(self.specs)
 
     def get_spec(self, name: str) -> ModelSpec:
-        """The spec named `name`, or a `CatalogError` listing the names that exist."""
+        """The spec named `name`, or `NotFound` listing the names that exist."""
         try:
             return self.specs[name]
         except KeyError:
             known = ", ".join(sorted(self.specs)) or "none"
-            raise CatalogError(
+            raise NotFound(
                 f"model {name!r} is not in the catalog ({self.source}); known models: {known}"
             ) from None
 

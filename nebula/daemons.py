@@ -1,6 +1,7 @@
 """`nebula`: the long-running processes (and node-side tools) of a Nebula cluster.
 
     nebula scheduler      reconcile model requests with live nodes
+    nebula router         the OpenAI-compatible gateway and the admin API
 
 Settings come from `NEBULA_*` variables and the config file (see
 nebula/settings.py and docs/operations.md).
@@ -10,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -57,9 +62,35 @@ async def _scheduler(settings: Settings) -> None:
     await serve(settings)
 
 
+async def _router(settings: Settings) -> None:
+    if settings.router_workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Before any metric exists: workers sum their metrics through this folder.
+        folder = tempfile.mkdtemp(prefix="nebula-router-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        atexit.register(shutil.rmtree, folder, True)
+    from nebula.router.app import serve
+
+    await _wait_for_redis(settings)
+    await serve(settings)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[Settings], Coroutine[Any, Any, None]]]] = {
     "scheduler": ("reconcile model requests with live nodes (one leader at a time)", _scheduler),
+    "router": ("serve the OpenAI API, /admin and /metrics (NEBULA_ROUTER_*)", _router),
 }
+
+# Flags that override a setting for one run: (command, flag, setting, type, help).
+FLAGS: list[tuple[str, str, str, type, str]] = [
+    ("router", "--host", "router_host", str, "listen address (default 127.0.0.1)"),
+    ("router", "--port", "router_port", int, "listen port (default 8080)"),
+    ("router", "--workers", "router_workers", int, "processes sharing the port (default 1)"),
+]
+
+
+def run_async(coro: Coroutine[Any, Any, None]) -> None:
+    """Run `coro` on uvloop where it is installed."""
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(coro)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -79,18 +110,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"nebula {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, _) in COMMANDS.items():
-        sub.add_parser(name, help=help_text, description=help_text)
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        for command, flag, setting, kind, flag_help in FLAGS:
+            if command == name:
+                metavar = flag.lstrip("-").upper()
+                cmd.add_argument(flag, dest=setting, type=kind, help=flag_help, metavar=metavar)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        settings = load_settings()
+        overrides = {
+            setting: getattr(args, setting)
+            for command, _, setting, _, _ in FLAGS
+            if command == args.command and getattr(args, setting, None) is not None
+        }
+        settings = load_settings(**overrides)
         _setup_logging(settings)
         _, run = COMMANDS[args.command]
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(run(settings))
+        run_async(run(settings))
     except ConfigError as exc:
         print(f"nebula: error: {exc.message}", file=sys.stderr)
         return 2

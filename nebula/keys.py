@@ -62,5 +62,8 @@ def endpoint(placement_id: str) -> str:
     return f"{PREFIX}endpoint:{placement_id}"
 
 
+# API keys for /v1, stored hashed: hash sha256(key) hex -> JSON {name, rate_per_s, created_at}.
+API_KEYS = PREFIX + "api-keys"
+
 # Scheduler leadership: SET NX PX, value = the leader's identity.
 SCHEDULER_LEADER = PREFIX + "scheduler:leader"

@@ -334,3 +334,38 @@ class PlacementState:
             updated_at=float(data.get("updated_at", 0.0)),
             extra=data.get("extra") or {},
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A healthy engine the router may send requests to (the node's agent publishes it)."""
+
+    placement_id: str
+    request_id: str
+    model: str
+    node: str
+    url: str  # base URL of the engine's OpenAI server, e.g. http://10.0.0.5:8100
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Endpoint:
+        return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A client key for /v1, as stored: only its hash, never the key itself."""
+
+    name: str
+    digest: str  # sha256 hex of the key
+    rate_per_s: float | None = None  # requests per second; None for no limit
+    created_at: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> ApiKey:
+        return cls(**json.loads(raw))

@@ -46,7 +46,7 @@ def config_file() -> Path | None:
 class Settings(BaseSettings):
     """Nebula's settings; each field is documented where it is declared."""
 
-    model_config = SettingsConfigDict(env_prefix="NEBULA_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="NEBULA_", extra="forbid", enable_decoding=False)
 
     redis_url: str = Field(
         "redis://127.0.0.1:6380/0",
@@ -91,6 +91,45 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Python log level: DEBUG, INFO, WARNING, ERROR.")
 
+    # Router.
+    router_host: str = Field("127.0.0.1", description="Address the router listens on.")
+    router_port: int = Field(8080, ge=1, le=65535, description="Port for /v1, /admin, /metrics.")
+    router_workers: int = Field(1, ge=1, le=64, description="Router processes sharing the port.")
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Client keys for /v1 (comma-separated in the environment); more can be "
+        "created through the admin API. With none at all, /v1 is open.",
+    )
+    admin_key: str = Field("", description="Key for /admin; without one, /admin is open.")
+    engine_api_key: str = Field(
+        "",
+        description="Internal key the engines require; the router adds it, clients never see it.",
+    )
+    trusted_network: bool = Field(
+        False, description="Allow an open router (no keys) on a non-loopback address."
+    )
+    body_limit_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest request body the router accepts."
+    )
+    connect_timeout_s: float = Field(3.0, gt=0, description="Connecting to an engine.")
+    first_byte_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Waiting for an engine's response headers (a whole answer when not streamed).",
+    )
+    idle_read_timeout_s: float = Field(
+        120.0, gt=0, description="Most silence between two chunks of an engine's answer."
+    )
+    max_retries: int = Field(
+        2, ge=0, le=10, description="Other replicas tried when one fails before the first byte."
+    )
+    routing_refresh_s: float = Field(
+        1.0, gt=0, description="Routing table refresh when no change event arrives."
+    )
+    default_rate_per_s: float | None = Field(
+        None, gt=0, description="Requests per second per client key, unless the key sets its own."
+    )
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
@@ -106,6 +145,13 @@ class Settings(BaseSettings):
             parts.port  # noqa: B018 - parsing the port is the check
         except ValueError as exc:
             raise ValueError(f"{value!r} has a bad port: {exc}") from None
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
     @field_validator("log_level")

@@ -10,6 +10,8 @@ Redis being unreachable is a `StateUnavailable` error, never a raw traceback.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -24,7 +26,17 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nebula import keys
 from nebula.errors import Conflict, InvalidRequest, NotFound, StateUnavailable
-from nebula.models import Device, ModelRequest, ModelSpec, Node, Placement, PlacementState, Status
+from nebula.models import (
+    ApiKey,
+    Device,
+    Endpoint,
+    ModelRequest,
+    ModelSpec,
+    Node,
+    Placement,
+    PlacementState,
+    Status,
+)
 
 MAX_REPLICAS = 256
 
@@ -63,6 +75,11 @@ redis.call('HSET', KEYS[1], 'status', ARGV[1], 'message', ARGV[2], 'updated_at',
            'ever_ready', ARGV[4])
 return 1
 """
+
+
+def digest(secret: str) -> str:
+    """How keys are stored and compared: never the key itself."""
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def redact(url: str) -> str:
@@ -371,10 +388,94 @@ class State:
             pipe.publish(keys.EVENTS_CHANNEL, "placement-state")
             await pipe.execute()
 
+    async def all_placements(self) -> list[tuple[Placement, PlacementState | None]]:
+        """Every placement with its observed state (admin views; not for hot paths)."""
+        async with self._reachable():
+            node_ids = sorted(await self.redis.smembers(keys.NODES))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for node_id in node_ids:
+                    pipe.hgetall(keys.placements(node_id))
+                    pipe.hgetall(keys.placement_state(node_id))
+                rows = await pipe.execute()
+        out: list[tuple[Placement, PlacementState | None]] = []
+        for placements, states in zip(rows[::2], rows[1::2], strict=True):
+            for pid, raw in sorted(placements.items()):
+                state = states.get(pid)
+                out.append(
+                    (Placement.from_json(raw), PlacementState.from_json(state) if state else None)
+                )
+        return out
+
     async def placement_states(self, node_id: str) -> dict[str, PlacementState]:
         async with self._reachable():
             raw = await self.redis.hgetall(keys.placement_state(node_id))
         return {pid: PlacementState.from_json(value) for pid, value in raw.items()}
+
+    # ---------------------------------------------------------------- endpoints
+
+    async def publish_endpoint(self, endpoint: Endpoint, ttl_s: float, *, announce: bool) -> None:
+        """Publish (or refresh) a healthy engine; it lapses with its TTL unless refreshed.
+
+        `announce` wakes the routers at once (a new endpoint); plain refreshes don't.
+        """
+        ttl_ms = int(ttl_s * 1000)
+        expires = int(time.time() * 1000) + ttl_ms
+        async with self._reachable(), self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.endpoint(endpoint.placement_id), endpoint.to_json(), px=ttl_ms)
+            pipe.zadd(keys.ENDPOINTS, {endpoint.placement_id: expires})
+            pipe.zremrangebyscore(keys.ENDPOINTS, "-inf", int(time.time() * 1000))
+            if announce:
+                pipe.publish(keys.EVENTS_CHANNEL, "endpoints")
+            await pipe.execute()
+
+    async def withdraw_endpoint(self, placement_id: str) -> None:
+        async with self._reachable(), self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.endpoint(placement_id))
+            pipe.zrem(keys.ENDPOINTS, placement_id)
+            pipe.publish(keys.EVENTS_CHANNEL, "endpoints")
+            await pipe.execute()
+
+    async def routing(self) -> tuple[list[Endpoint], set[str], list[ApiKey]]:
+        """What a router needs, in two round trips: live endpoints, loaded models, API keys."""
+        now_ms = int(time.time() * 1000)
+        async with self._reachable():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zrangebyscore(keys.ENDPOINTS, now_ms, "+inf")
+                pipe.hkeys(keys.MODELS)
+                pipe.hvals(keys.API_KEYS)
+                ids, models, api_keys = await pipe.execute()
+            raw = await self.redis.mget([keys.endpoint(i) for i in ids]) if ids else []
+        endpoints = [Endpoint.from_json(r) for r in raw if r]
+        return endpoints, set(models), [ApiKey.from_json(k) for k in api_keys]
+
+    # ----------------------------------------------------------------- API keys
+
+    async def create_api_key(self, name: str, rate_per_s: float | None = None) -> str:
+        """Store a new key's hash under `name`; the key itself is returned once, never stored."""
+        if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
+            raise InvalidRequest("a key name is 1-64 letters, digits, '-' or '_'")
+        if rate_per_s is not None and not rate_per_s > 0:
+            raise InvalidRequest(f"rate_per_s must be above 0, not {rate_per_s}")
+        secret = "sk-nebula-" + secrets.token_urlsafe(24)
+        key = ApiKey(
+            name=name, digest=digest(secret), rate_per_s=rate_per_s, created_at=time.time()
+        )
+        async with self._reachable():
+            if not await self.redis.hsetnx(keys.API_KEYS, name, key.to_json()):
+                raise Conflict(f"an API key named {name!r} exists; delete it first")
+            await self.redis.publish(keys.EVENTS_CHANNEL, "api-keys")
+        return secret
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        async with self._reachable():
+            raw = await self.redis.hvals(keys.API_KEYS)
+        return sorted((ApiKey.from_json(r) for r in raw), key=lambda k: k.name)
+
+    async def delete_api_key(self, name: str) -> None:
+        async with self._reachable():
+            if not await self.redis.hdel(keys.API_KEYS, name):
+                raise NotFound(f"no API key named {name!r}")
+            await self.redis.publish(keys.EVENTS_CHANNEL, "api-keys")
 
     # --------------------------------------------------------------- scheduler
 

@@ -63,3 +63,99 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+
+def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a process with its output in `log`."""
+    import os
+
+    with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            args,
+            env={**os.environ, **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(timeout)
+
+
+class EngineProcess:
+    """Nebula's test engine in its own process, on a free port."""
+
+    def __init__(self, model: str, folder: Path, api_key: str = "", *extra: str) -> None:
+        import sys
+
+        self.model = model
+        self.port = free_port()
+        self.log = folder / f"engine-{model}-{self.port}.log"
+        self.proc = spawn(
+            [sys.executable, "-m", "nebula.testengine", "--port", str(self.port),
+             "--model", model, "--api-key", api_key, *extra],
+            self.log,
+        )  # fmt: skip
+        wait_for_port(self.port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def behave(self, **changes: object) -> None:
+        import json
+        import urllib.request
+
+        req = urllib.request.Request(
+            self.url + "/test/behaviour", data=json.dumps(changes).encode(), method="POST"
+        )
+        urllib.request.urlopen(req, timeout=5).read()
+
+    def served(self) -> int:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + "/test/stats", timeout=5) as r:
+            return int(json.load(r)["served"])
+
+    def kill(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+
+class RouterProcess:
+    """`nebula router` in its own process, on a free port."""
+
+    def __init__(self, redis_url: str, folder: Path, workers: int = 1, **env: str) -> None:
+        import sys
+
+        self.port = free_port()
+        self.log = folder / f"router-{self.port}.log"
+        self.env = {
+            "NEBULA_REDIS_URL": redis_url,
+            "NEBULA_ROUTER_PORT": str(self.port),
+            "NEBULA_ROUTING_REFRESH_S": "0.2",
+            **env,
+        }
+        self.proc = spawn(
+            [sys.executable, "-m", "nebula.daemons", "router", "--workers", str(workers)],
+            self.log,
+            self.env,
+        )
+        wait_for_port(self.port, timeout=20)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> int:
+        return stop(self.proc)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from nebula.catalog import load_catalog, parse_catalog
-from nebula.errors import CatalogError, InvalidRequest
+from nebula.errors import CatalogError, InvalidRequest, NotFound
 from nebula.models import Task
 
 
@@ -74,7 +74,7 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_unknown_model_lists_known_ones() -> None:
-    with pytest.raises(CatalogError, match="known models: minilm_l6_embedding, qwen2_5"):
+    with pytest.raises(NotFound, match="known models: minilm_l6_embedding, qwen2_5"):
         load_catalog().get_spec("gpt-5")
 
 

@@ -6,7 +6,7 @@ import pytest
 import redis
 
 from nebula.catalog import load_catalog
-from nebula.errors import CatalogError, Conflict, InvalidRequest, NotFound, StateUnavailable
+from nebula.errors import Conflict, InvalidRequest, NotFound, StateUnavailable
 from nebula.models import Status
 from nebula.state import State
 
@@ -72,7 +72,7 @@ async def test_bad_replicas_change_nothing(state: State, redis_url: str, replica
 async def test_unknown_model_and_bad_overrides_change_nothing(state: State, redis_url: str) -> None:
     await state.create_request(CATALOG.get_spec("minilm_l6_embedding"), 1)
     before = dump(redis_url)
-    with pytest.raises(CatalogError, match="'llama-9000' is not in the catalog"):
+    with pytest.raises(NotFound, match="'llama-9000' is not in the catalog"):
         CATALOG.get_spec("llama-9000")
     for fraction in (0.0, 1.2):
         with pytest.raises(InvalidRequest):

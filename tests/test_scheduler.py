@@ -21,6 +21,7 @@ from nebula.scheduler.service import Scheduler
 from nebula.settings import Settings
 from nebula.state import State
 from tests.builders import cpu_node, gpu_node
+from tests.helpers import spawn
 from tests.nodesim import NodeSim
 
 CATALOG = load_catalog()
@@ -255,19 +256,12 @@ async def test_only_the_leader_writes(state: State, settings: Settings, redis_ur
 
 def spawn_scheduler(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
     env = {
-        **os.environ,
         "NEBULA_REDIS_URL": settings.redis_url,
         "NEBULA_LEADER_TTL_S": "1.5",
         "NEBULA_SCHEDULER_INTERVAL_S": "0.2",
         "NEBULA_LOG_LEVEL": "INFO",
     }
-    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [sys.executable, "-m", "nebula.daemons", "scheduler"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    return spawn([sys.executable, "-m", "nebula.daemons", "scheduler"], log, env)
 
 
 async def wait_for(condition, timeout: float = 10.0, what: str = "condition"):  # type: ignore[no-untyped-def]

@@ -1,0 +1,226 @@
+"""The admin API under /admin: the one write path for nebula-cli and nebula-shell.
+
+JSON in and out. Validation errors are 400, unknown names 404, conflicts 409,
+Redis unreachable 503; every error in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from nebula.catalog import Catalog
+from nebula.errors import InvalidRequest, NebulaError
+from nebula.models import Placement, PlacementState
+from nebula.router.auth import Keys, bearer
+from nebula.router.openai_errors import error
+from nebula.router.table import RoutingTable
+from nebula.state import State
+
+STATE = web.AppKey("state", State)
+CATALOG = web.AppKey("catalog", Catalog)
+TABLE = web.AppKey("table", RoutingTable)
+INFLIGHT = web.AppKey("inflight", dict)
+
+LOAD_FIELDS = {
+    "model",
+    "replicas",
+    "gpu_memory_utilization",
+    "cpu_memory_gib",
+    "tensor_parallel_size",
+    "engine_args",
+}
+
+
+def admin_guard(keys: Keys) -> Any:
+    @web.middleware
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        if not request.path.startswith("/admin"):
+            return await handler(request)
+        if not keys.admin(bearer(request.headers.get("Authorization"))):
+            return error(401, "missing or invalid admin key; send Authorization: Bearer KEY",
+                         "invalid_admin_key")  # fmt: skip
+        try:
+            return await handler(request)
+        except NebulaError as exc:
+            headers = {"Retry-After": "5"} if exc.status == 503 else None
+            return error(exc.status, exc.message, exc.code, headers)
+
+    return guard
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    return body
+
+
+def _placement(p: Placement, state: PlacementState | None) -> dict[str, Any]:
+    return {
+        "id": p.id,
+        "request_id": p.request_id,
+        "model": p.model,
+        "node": p.node,
+        "devices": list(p.devices),
+        "port": p.port,
+        "desired": p.desired.value,
+        "state": state.phase.value if state else None,
+        "pid": state.pid if state else None,
+        "restarts": state.restarts if state else 0,
+        "message": state.message if state else "",
+    }
+
+
+async def cluster(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    now = time.time()
+    nodes = await state.list_nodes()
+    placements = await state.all_placements()
+    requests = await state.list_requests()
+    inflight = request.app[INFLIGHT]
+    endpoints = [
+        {
+            "placement_id": e.placement_id,
+            "model": e.model,
+            "node": e.node,
+            "url": e.url,
+            "in_flight": inflight.get(e.placement_id, 0),
+        }
+        for model in request.app[TABLE].served()
+        for e in request.app[TABLE].endpoints(model)
+    ]
+    return web.json_response(
+        {
+            "nodes": [n.public(now) for n in nodes],
+            "endpoints": endpoints,
+            "placements": [_placement(p, s) for p, s in placements],
+            "models": [r.public() for r in requests],
+            "leader": await state.leader(),
+        }
+    )
+
+
+async def list_models(request: web.Request) -> web.Response:
+    requests = await request.app[STATE].list_requests()
+    healthy = {m: len(request.app[TABLE].endpoints(m)) for m in request.app[TABLE].served()}
+    return web.json_response(
+        {"models": [{**r.public(), "ready_replicas": healthy.get(r.model, 0)} for r in requests]}
+    )
+
+
+async def load_model(request: web.Request) -> web.Response:
+    body = await _json(request)
+    unknown = set(body) - LOAD_FIELDS
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field(s) {', '.join(sorted(unknown))}; "
+            f"allowed: {', '.join(sorted(LOAD_FIELDS))}"
+        )
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("`model` must name a catalog model (see GET /admin/catalog)")
+    replicas = body.get("replicas", 1)
+    overrides = {k: v for k, v in body.items() if k not in ("model", "replicas")}
+    spec = request.app[CATALOG].resolve(name, overrides)
+    created = await request.app[STATE].create_request(spec, replicas)
+    return web.json_response(created.public(), status=201)
+
+
+async def show_model(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    found = await state.get_request(request.match_info["ref"])
+    placements = [
+        _placement(p, s) for p, s in await state.all_placements() if p.request_id == found.id
+    ]
+    return web.json_response(
+        {**found.public(), "placements": placements, "events": await state.events(found.id)}
+    )
+
+
+async def unload_model(request: web.Request) -> web.Response:
+    unloading = await request.app[STATE].delete_request(request.match_info["ref"])
+    return web.json_response(unloading.public(), status=202)
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    now = time.time()
+    return web.json_response(
+        {"nodes": [n.public(now) for n in await request.app[STATE].list_nodes()]}
+    )
+
+
+async def node_action(request: web.Request) -> web.Response:
+    node_id, action = request.match_info["node"], request.match_info["action"]
+    state = request.app[STATE]
+    if action == "cordon":
+        await state.set_cordon(node_id, cordoned=True)
+    elif action == "drain":
+        await state.set_cordon(node_id, cordoned=True, drain=True)
+    elif action == "uncordon":
+        await state.set_cordon(node_id, cordoned=False)
+    else:
+        raise InvalidRequest(f"unknown node action {action!r}; use cordon, uncordon or drain")
+    return web.json_response({"node": node_id, "action": action})
+
+
+async def catalog(request: web.Request) -> web.Response:
+    cat = request.app[CATALOG]
+    return web.json_response(
+        {"source": cat.source, "models": [cat[name].to_dict() for name in sorted(cat)]}
+    )
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    keys = await request.app[STATE].list_api_keys()
+    return web.json_response(
+        {
+            "keys": [
+                {"name": k.name, "rate_per_s": k.rate_per_s, "created_at": k.created_at}
+                for k in keys
+            ]
+        }
+    )
+
+
+async def create_key(request: web.Request) -> web.Response:
+    body = await _json(request)
+    unknown = set(body) - {"name", "rate_per_s"}
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field(s) {', '.join(sorted(unknown))}; allowed: name, rate_per_s"
+        )
+    name, rate = body.get("name"), body.get("rate_per_s")
+    if not isinstance(name, str):
+        raise InvalidRequest("`name` must be a string")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float)):
+        raise InvalidRequest("`rate_per_s` must be a number")
+    secret = await request.app[STATE].create_api_key(name, rate)
+    # The only time the key is shown: it is stored hashed.
+    return web.json_response({"name": name, "rate_per_s": rate, "key": secret}, status=201)
+
+
+async def delete_key(request: web.Request) -> web.Response:
+    await request.app[STATE].delete_api_key(request.match_info["name"])
+    return web.json_response({"deleted": request.match_info["name"]})
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/admin/cluster", cluster)
+    r.add_get("/admin/models", list_models)
+    r.add_post("/admin/models", load_model)
+    r.add_get("/admin/models/{ref}", show_model)
+    r.add_delete("/admin/models/{ref}", unload_model)
+    r.add_get("/admin/nodes", list_nodes)
+    r.add_post("/admin/nodes/{node}/{action}", node_action)
+    r.add_get("/admin/catalog", catalog)
+    r.add_get("/admin/keys", list_keys)
+    r.add_post("/admin/keys", create_key)
+    r.add_delete("/admin/keys/{name}", delete_key)

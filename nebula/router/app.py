@@ -1,0 +1,213 @@
+"""The router process: the aiohttp application, its lifetime, and its workers.
+
+`--workers N` runs N processes that each bind the port with SO_REUSEPORT; the
+kernel spreads connections across them. Their Prometheus metrics are summed
+through prometheus_client's multiprocess mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from nebula.catalog import Catalog, load_catalog
+from nebula.errors import ConfigError
+from nebula.router import admin
+from nebula.router.auth import Keys, bearer
+from nebula.router.openai_errors import error
+from nebula.router.proxy import Proxy
+from nebula.router.table import RoutingTable
+from nebula.settings import Settings
+from nebula.state import State
+
+log = logging.getLogger(__name__)
+
+# vLLM's routes outside /v1 that also carry a `model` in their body.
+PASSTHROUGH = (
+    "/tokenize",
+    "/detokenize",
+    "/pooling",
+    "/classify",
+    "/score",
+    "/rerank",
+    "/v2/rerank",
+)
+
+PROXY = web.AppKey("proxy", Proxy)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Application:
+    keys = Keys(settings.api_keys, settings.admin_key, settings.default_rate_per_s)
+    table = RoutingTable()
+    proxy = Proxy(settings, table, keys)
+    app = web.Application(
+        middlewares=[admin.admin_guard(keys)], client_max_size=settings.body_limit_bytes
+    )
+    app[admin.STATE] = State(settings.redis_url, event_history=settings.event_history)
+    app[admin.CATALOG] = catalog or load_catalog(settings.catalog_path)
+    app[admin.TABLE] = table
+    app[admin.INFLIGHT] = proxy.inflight
+    app[PROXY] = proxy
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        await proxy.start()
+        await table.refresh(app[admin.STATE])
+        refresher = asyncio.create_task(
+            table.keep_fresh(app[admin.STATE], settings.routing_refresh_s), name="routing-table"
+        )
+        yield
+        refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await refresher
+        await proxy.stop()
+        await app[admin.STATE].close()
+
+    app.cleanup_ctx.append(lifetime)
+
+    async def models(request: web.Request) -> web.Response:
+        if keys.client(bearer(request.headers.get("Authorization")), table.api_keys) is None:
+            return error(401, "missing or invalid API key; send Authorization: Bearer KEY",
+                         "invalid_api_key")  # fmt: skip
+        data = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "nebula"} for m in table.served()
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "status": "ok" if table.fresh else "degraded: state store unreachable",
+                "models": len(table.by_model),
+                "endpoints": sum(len(v) for v in table.by_model.values()),
+                "table_age_s": round(time.time() - table.refreshed_at, 3),
+            }
+        )
+
+    async def metrics_endpoint(request: web.Request) -> web.Response:
+        from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
+
+        registry: Any = REGISTRY
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        return web.Response(
+            body=generate_latest(registry), headers={"Content-Type": "text/plain; version=0.0.4"}
+        )
+
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/{tail:.*}", proxy.handle)
+    for path in PASSTHROUGH:
+        app.router.add_post(path, proxy.handle)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics_endpoint)
+    admin.add_routes(app)
+    return app
+
+
+async def check_exposure(settings: Settings) -> None:
+    """Refuse to serve an open router beyond loopback unless told the network is trusted."""
+    if is_loopback(settings.router_host) or settings.trusted_network:
+        return
+    state = State(settings.redis_url)
+    try:
+        stored = await state.list_api_keys()
+    finally:
+        await state.close()
+    missing = []
+    if not settings.api_keys and not stored:
+        missing.append("no API keys for /v1 (NEBULA_API_KEYS, or POST /admin/keys)")
+    if not settings.admin_key:
+        missing.append("no admin key for /admin (NEBULA_ADMIN_KEY)")
+    if missing:
+        raise ConfigError(
+            f"refusing to listen on {settings.router_host} with {' and '.join(missing)}; "
+            "set the keys, listen on 127.0.0.1, or set NEBULA_TRUSTED_NETWORK=true"
+        )
+
+
+def _bind(settings: Settings) -> socket.socket:
+    family = socket.AF_INET6 if ":" in settings.router_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((settings.router_host, settings.router_port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def _serve_one(settings: Settings) -> None:
+    app = build_app(settings)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.SockSite(runner, _bind(settings))
+    await site.start()
+    log.info(
+        "router listening on http://%s:%d (pid %d)",
+        settings.router_host, settings.router_port, os.getpid(),
+    )  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _worker(settings: Settings) -> None:
+    from nebula.daemons import run_async
+
+    run_async(_serve_one(settings))
+
+
+async def serve(settings: Settings) -> None:
+    await check_exposure(settings)
+    if settings.router_workers == 1:
+        await _serve_one(settings)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker, args=(settings,), name=f"router-{i}")
+        for i in range(settings.router_workers)
+    ]
+    for proc in procs:
+        proc.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        while not stop.is_set() and all(p.is_alive() for p in procs):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            await asyncio.to_thread(proc.join, 10)
+    dead = [p.name for p in procs if p.exitcode not in (0, -signal.SIGTERM)]
+    if dead and not stop.is_set():
+        raise RuntimeError(f"router worker(s) {', '.join(dead)} died")

@@ -1,0 +1,51 @@
+"""The router's Prometheus metrics (`nebula_router_*`).
+
+With several worker processes, prometheus_client's multiprocess mode sums
+them; `nebula router` sets that up before this module is imported.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+REQUESTS = Counter(
+    "nebula_router_requests",
+    "Requests answered, by model, route and HTTP status.",
+    ["model", "route", "status"],
+)
+LATENCY = Histogram(
+    "nebula_router_request_duration_seconds",
+    "Time from a request's arrival to the last byte of its answer.",
+    ["model", "route"],
+    buckets=LATENCY_BUCKETS,
+)
+TTFT = Histogram(
+    "nebula_router_time_to_first_token_seconds",
+    "Time from a streamed request's arrival to its first chunk.",
+    ["model", "route"],
+    buckets=TTFT_BUCKETS,
+)
+IN_FLIGHT = Gauge(
+    "nebula_router_in_flight",
+    "Requests being answered now.",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+RETRIES = Counter(
+    "nebula_router_retries",
+    "Requests sent again to another replica after a failure before the first byte.",
+    ["model"],
+)
+UPSTREAM_ERRORS = Counter(
+    "nebula_router_upstream_errors",
+    "Failures talking to engines, by kind (connect, status_5xx, timeout, broken_stream).",
+    ["model", "kind"],
+)
+TOKENS = Counter(
+    "nebula_router_tokens",
+    "Tokens reported in answers' usage, by kind (prompt, completion).",
+    ["model", "kind"],
+)

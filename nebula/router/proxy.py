@@ -1,0 +1,294 @@
+"""The OpenAI-compatible gateway: /v1 requests proxied to a healthy replica.
+
+The hot path: check the key, read the body once, parse it once to find
+`model`, choose a replica, send the same bytes on, and pass the answer back
+as it arrives (SSE chunks are written as they come, never buffered).
+A connect error or a 5xx before anything reached the client is retried on
+another replica; after that, a failure ends the stream with an error event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from nebula.models import Endpoint
+from nebula.router import metrics
+from nebula.router.auth import Keys, RateLimiter, bearer
+from nebula.router.balance import LeastOutstanding, Policy
+from nebula.router.openai_errors import error, stream_error_event
+from nebula.router.table import RoutingTable
+from nebula.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Response headers that describe one hop's connection, not the answer.
+HOP_HEADERS = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
+)
+
+
+class Labels:
+    """Prometheus children per (model, route), made once: `.labels()` is not free."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str], Any] = {}
+
+    def get(self, model: str, route: str) -> Any:
+        entry = self._cache.get((model, route))
+        if entry is None:
+            entry = self._cache[model, route] = (
+                metrics.LATENCY.labels(model, route),
+                metrics.TTFT.labels(model, route),
+                metrics.IN_FLIGHT.labels(model),
+            )
+        return entry
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: Settings,
+        table: RoutingTable,
+        keys: Keys,
+        policy: Policy | None = None,
+    ) -> None:
+        self.settings = settings
+        self.table = table
+        self.keys = keys
+        self.policy = policy or LeastOutstanding()
+        self.limiter = RateLimiter()
+        self.inflight: dict[str, int] = defaultdict(int)  # placement id -> requests in flight
+        self.session: aiohttp.ClientSession | None = None
+        self.labels = Labels()
+        self.upstream_headers = {"Content-Type": "application/json"}
+        if settings.engine_api_key:
+            self.upstream_headers["Authorization"] = f"Bearer {settings.engine_api_key}"
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def stop(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def _done(self, model: str, route: str, status: int) -> None:
+        metrics.REQUESTS.labels(model, route, str(status)).inc()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        route = request.path
+        # Who is asking.
+        key = self.keys.client(bearer(request.headers.get("Authorization")), self.table.api_keys)
+        if key is None:
+            self._done("", route, 401)
+            return error(401, "missing or invalid API key; send Authorization: Bearer KEY",
+                         "invalid_api_key")  # fmt: skip
+        if key is not True:
+            rate = key.rate_per_s or self.keys.default_rate  # type: ignore[union-attr]
+            if rate:
+                wait = self.limiter.allow(key.digest, rate)  # type: ignore[union-attr]
+                if wait:
+                    self._done("", route, 429)
+                    return error(
+                        429,
+                        f"rate limit of {rate:g} requests per second exceeded for this key",
+                        "rate_limit_exceeded",
+                        {"Retry-After": str(max(1, round(wait + 0.5)))},
+                    )
+        # What is asked.
+        limit = self.settings.body_limit_bytes
+        if request.content_length is not None and request.content_length > limit:
+            self._done("", route, 413)
+            return error(413, f"request body over the limit of {limit} bytes", "body_too_large")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            self._done("", route, 413)
+            return error(413, f"request body over the limit of {limit} bytes", "body_too_large")
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._done("", route, 400)
+            return error(400, f"the body is not valid JSON: {exc}", "invalid_json")
+        model = payload.get("model") if isinstance(payload, dict) else None
+        if not isinstance(model, str) or not model:
+            self._done("", route, 400)
+            return error(400, "the body must be a JSON object with a `model` string",
+                         "missing_model")  # fmt: skip
+        candidates = self.table.endpoints(model)
+        if not candidates:
+            if model in self.table.models:
+                self._done(model, route, 503)
+                return error(
+                    503,
+                    f"model {model!r} has no healthy replica right now; retry shortly",
+                    "no_healthy_replica",
+                    {"Retry-After": "5"},
+                )
+            served = ", ".join(self.table.served()) or "none"
+            self._done("", route, 404)
+            return error(404, f"model {model!r} is not served here; served models: {served}",
+                         "model_not_found")  # fmt: skip
+        latency, ttft, in_flight = self.labels.get(model, route)
+        in_flight.inc()
+        try:
+            response = await self._forward(request, body, model, candidates, started, ttft)
+        finally:
+            in_flight.dec()
+        latency.observe(time.perf_counter() - started)
+        self._done(model, route, response.status)
+        return response
+
+    async def _forward(
+        self,
+        request: web.Request,
+        body: bytes,
+        model: str,
+        candidates: list[Endpoint],
+        started: float,
+        ttft: Any,
+    ) -> web.StreamResponse:
+        assert self.session is not None
+        settings = self.settings
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=settings.connect_timeout_s,
+            sock_read=settings.first_byte_timeout_s,
+        )
+        path = request.raw_path  # path and query, as the client sent them
+        tried: set[str] = set()
+        last_error = "no replica answered"
+        for attempt in range(settings.max_retries + 1):
+            left = [c for c in candidates if c.placement_id not in tried]
+            if not left:
+                break
+            endpoint = self.policy.choose(left, self.inflight)
+            tried.add(endpoint.placement_id)
+            if attempt:
+                metrics.RETRIES.labels(model).inc()
+            self.inflight[endpoint.placement_id] += 1
+            try:
+                upstream = await self.session.post(
+                    endpoint.url + path,
+                    data=body,
+                    headers=self.upstream_headers,
+                    timeout=timeout,
+                )
+            except (aiohttp.ClientConnectionError, aiohttp.ClientOSError) as exc:
+                self.inflight[endpoint.placement_id] -= 1
+                metrics.UPSTREAM_ERRORS.labels(model, "connect").inc()
+                last_error = f"replica on {endpoint.node} unreachable ({type(exc).__name__})"
+                continue
+            except TimeoutError:
+                self.inflight[endpoint.placement_id] -= 1
+                metrics.UPSTREAM_ERRORS.labels(model, "timeout").inc()
+                return error(504, f"replica on {endpoint.node} sent nothing for "
+                             f"{settings.first_byte_timeout_s:g}s", "upstream_timeout")  # fmt: skip
+            retryable = len(tried) < len(candidates) and attempt < settings.max_retries
+            try:
+                if upstream.status in (401, 403):
+                    # The client's key was good: the engine refused ours. Never pass that
+                    # on as the client's fault.
+                    metrics.UPSTREAM_ERRORS.labels(model, "engine_auth").inc()
+                    log.error(
+                        "replica on %s refused the internal engine key (HTTP %d); "
+                        "check NEBULA_ENGINE_API_KEY on routers and nodes",
+                        endpoint.node, upstream.status,
+                    )  # fmt: skip
+                    last_error = f"replica on {endpoint.node} refused the router's engine key"
+                    if retryable:
+                        continue
+                    return error(502, f"no replica of {model!r} could answer: {last_error}",
+                                 "upstream_unavailable")  # fmt: skip
+                if upstream.status >= 500 and retryable:
+                    metrics.UPSTREAM_ERRORS.labels(model, "status_5xx").inc()
+                    last_error = f"replica on {endpoint.node} answered {upstream.status}"
+                    continue
+                headers = {
+                    k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS
+                }
+                if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+                    return await self._relay(request, upstream, headers, model, started, ttft)
+                # Not streamed: read it whole (nothing has reached the client yet, so a
+                # replica that dies now is retried like one that never answered).
+                try:
+                    data = await upstream.read()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    metrics.UPSTREAM_ERRORS.labels(model, "broken_stream").inc()
+                    last_error = f"replica on {endpoint.node} broke off ({type(exc).__name__})"
+                    continue
+                self._count_usage(model, data)
+                return web.Response(status=upstream.status, body=data, headers=headers)
+            finally:
+                self.inflight[endpoint.placement_id] -= 1
+                upstream.release()
+        return error(
+            502, f"no replica of {model!r} could answer: {last_error}", "upstream_unavailable"
+        )
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        headers: dict[str, str],
+        model: str,
+        started: float,
+        ttft: Any,
+    ) -> web.StreamResponse:
+        """Pass a stream back chunk by chunk as it arrives; the first byte commits to it."""
+        # The idle timeout applies between chunks from here on.
+        if upstream.connection is not None and upstream.connection.protocol is not None:
+            upstream.connection.protocol.read_timeout = self.settings.idle_read_timeout_s
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        await response.prepare(request)
+        first = True
+        last = b""
+        try:
+            async for chunk in upstream.content.iter_any():
+                if first:
+                    ttft.observe(time.perf_counter() - started)
+                    first = False
+                await response.write(chunk)
+                last = chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            metrics.UPSTREAM_ERRORS.labels(model, "broken_stream").inc()
+            reason = type(exc).__name__
+            log.warning("stream from %s broke: %s", upstream.url.host, reason)
+            await response.write(
+                stream_error_event(
+                    f"the replica's stream broke off ({reason}); the answer is incomplete",
+                    "upstream_broken",
+                )
+            )
+        else:
+            self._count_usage(model, last)
+        await response.write_eof()
+        return response
+
+    def _count_usage(self, model: str, data: bytes) -> None:
+        """Tokens from the `usage` an answer (or a stream's last chunk) reports, if any."""
+        at = data.rfind(b'"usage"')
+        if at < 0:
+            return
+        if data.startswith(b"data:"):
+            events = [e for e in data.split(b"\n\n") if b'"usage"' in e]
+            data = events[-1].removeprefix(b"data:").strip() if events else b""
+        try:
+            usage = json.loads(data).get("usage") or {}
+        except (ValueError, AttributeError):
+            return
+        for kind in ("prompt_tokens", "completion_tokens"):
+            n = usage.get(kind)
+            if isinstance(n, int) and n > 0:
+                metrics.TOKENS.labels(model, kind.removesuffix("_tokens")).inc(n)

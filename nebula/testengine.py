@@ -1,0 +1,313 @@
+"""A small OpenAI-compatible engine for fast tests of routing and lifecycle.
+
+It speaks the part of vLLM's OpenAI server that Nebula relies on (chat and
+text completions, streamed or not, embeddings, `/v1/models`, `/health`, and
+vLLM's own `vllm:num_requests_running` metric), starts in well under a second,
+and can be told to be slow, to fail or to die. It never stands in for vLLM in
+the end-to-end tests.
+
+    python -m nebula.testengine --port 8100 --model NAME [--api-key KEY]
+
+Behaviour is set by flags at start and changed at run time by
+`POST /test/behaviour` with a JSON object of the `Behaviour` fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Behaviour:
+    chunk_delay_ms: float = 0.0  # between streamed chunks
+    delay_ms: float = 0.0  # before any answer
+    fail_status: int | None = None  # answer every API call with this HTTP status
+    die_after_chunks: int | None = None  # exit the process mid-stream, after N chunks
+    unhealthy: bool = False  # /health answers 503
+    tokens: int = 8  # the most words in an answer (max_tokens lowers it)
+
+
+BEHAVIOUR = web.AppKey("behaviour", Behaviour)
+RUNNING = web.AppKey("running", list)  # one-element list: requests in progress
+SERVED = web.AppKey("served", list)  # one-element list: /v1 requests that reached us
+MODEL = web.AppKey("model", str)
+API_KEY = web.AppKey("api_key", str)
+DIMENSIONS = web.AppKey("dimensions", int)
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
+    return web.json_response(
+        {"error": {"message": message, "type": kind, "code": status}}, status=status
+    )
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
+    app = request.app
+    if request.path.startswith("/v1/"):
+        app[SERVED][0] += 1
+        key = app[API_KEY]
+        if key and request.headers.get("Authorization") != f"Bearer {key}":
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        behaviour = app[BEHAVIOUR]
+        if behaviour.delay_ms:
+            await asyncio.sleep(behaviour.delay_ms / 1000)
+        if behaviour.fail_status:
+            return _error(behaviour.fail_status, "the test engine was told to fail", "server_error")
+    app[RUNNING][0] += 1
+    try:
+        return await handler(request)
+    finally:
+        app[RUNNING][0] -= 1
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except json.JSONDecodeError as exc:
+        raise web.HTTPBadRequest(text=f"bad JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text="the body must be a JSON object")
+    if body.get("model") != request.app[MODEL]:
+        raise web.HTTPNotFound(
+            text=json.dumps(
+                {
+                    "error": {
+                        "message": f"The model `{body.get('model')}` does not exist.",
+                        "type": "NotFoundError",
+                        "code": 404,
+                    }
+                }
+            ),
+            content_type="application/json",
+        )
+    return body
+
+
+def _words(text: str, limit: int) -> list[str]:
+    words = ("echo: " + text).split()
+    return [w + " " for w in words[:limit]] or ["… "]
+
+
+async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
+    body = await _body(request)
+    app = request.app
+    behaviour = app[BEHAVIOUR]
+    limit = min(int(body.get("max_tokens") or behaviour.tokens), behaviour.tokens)
+    if chat:
+        messages = body.get("messages") or []
+        prompt = str(messages[-1].get("content", "")) if messages else ""
+    else:
+        prompt = str(body.get("prompt", ""))
+    words = _words(prompt, limit)
+    finish = "length" if len(("echo: " + prompt).split()) > limit else "stop"
+    created = int(time.time())
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:16]
+    kind = "chat.completion" if chat else "text_completion"
+    usage = {
+        "prompt_tokens": len(prompt.split()),
+        "completion_tokens": len(words),
+        "total_tokens": len(prompt.split()) + len(words),
+    }
+    if not body.get("stream"):
+        if chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(words)},
+                "finish_reason": finish,
+            }
+        else:
+            choice = {"index": 0, "text": "".join(words), "finish_reason": finish}
+        return web.json_response(
+            {
+                "id": rid,
+                "object": kind,
+                "created": created,
+                "model": app[MODEL],
+                "choices": [choice],
+                "usage": usage,
+            }
+        )
+
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+
+    async def send(payload: dict[str, Any] | str) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        await response.write(f"data: {data}\n\n".encode())
+
+    def chunk(delta: str | None, finish_reason: str | None = None) -> dict[str, Any]:
+        if chat:
+            d: dict[str, Any] = {} if delta is None else {"content": delta}
+            choice = {"index": 0, "delta": d, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": delta or "", "finish_reason": finish_reason}
+        return {
+            "id": rid,
+            "object": kind + ".chunk" if chat else kind,
+            "created": created,
+            "model": app[MODEL],
+            "choices": [choice],
+        }
+
+    if chat:
+        first = chunk(None)
+        first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+        await send(first)
+    for sent, word in enumerate(words):
+        if behaviour.die_after_chunks is not None and sent >= behaviour.die_after_chunks:
+            os._exit(17)  # a crash mid-stream, without goodbye
+        if behaviour.chunk_delay_ms and sent:
+            await asyncio.sleep(behaviour.chunk_delay_ms / 1000)
+        await send(chunk(word))
+    await send(chunk(None, finish))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        await send({**chunk(None), "choices": [], "usage": usage})
+    await send("[DONE]")
+    await response.write_eof()
+    return response
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, chat=False)
+
+
+def _vector(text: str, dimensions: int) -> list[float]:
+    seed = hashlib.sha256(text.encode()).digest()
+    raw = [((seed[i % 32] + i * 7) % 251) / 125.0 - 1.0 for i in range(dimensions)]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [x / norm for x in raw]
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    body = await _body(request)
+    inputs = body.get("input")
+    texts = [inputs] if isinstance(inputs, str) else inputs
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        return _error(400, "input must be a string or a list of strings")
+    dims = request.app[DIMENSIONS]
+    data = [
+        {"object": "embedding", "index": i, "embedding": _vector(t, dims)}
+        for i, t in enumerate(texts)
+    ]
+    tokens = sum(len(t.split()) for t in texts)
+    return web.json_response(
+        {
+            "object": "list",
+            "data": data,
+            "model": request.app[MODEL],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
+
+
+async def models(request: web.Request) -> web.Response:
+    model = request.app[MODEL]
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [{"id": model, "object": "model", "created": 0, "owned_by": "nebula-test"}],
+        }
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    if request.app[BEHAVIOUR].unhealthy:
+        return web.Response(status=503)
+    return web.Response(status=200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    # The requests in progress, less this scrape itself.
+    running = request.app[RUNNING][0] - 1
+    model = request.app[MODEL]
+    text = (
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+        "# TYPE vllm:num_requests_running gauge\n"
+        f'vllm:num_requests_running{{model_name="{model}"}} {running}\n'
+        "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+        "# TYPE vllm:num_requests_waiting gauge\n"
+        f'vllm:num_requests_waiting{{model_name="{model}"}} 0\n'
+    )
+    return web.Response(text=text, content_type="text/plain")
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response({"served": request.app[SERVED][0], "pid": os.getpid()})
+
+
+async def set_behaviour(request: web.Request) -> web.Response:
+    changes = await request.json()
+    behaviour = request.app[BEHAVIOUR]
+    names = {f.name for f in fields(Behaviour)}
+    unknown = set(changes) - names
+    if unknown:
+        return _error(400, f"unknown behaviour fields: {', '.join(sorted(unknown))}")
+    for name, value in changes.items():
+        setattr(behaviour, name, value)
+    return web.json_response(asdict(behaviour))
+
+
+def make_app(
+    model: str, *, api_key: str = "", dimensions: int = 384, behaviour: Behaviour | None = None
+) -> web.Application:
+    app = web.Application(middlewares=[_guard])
+    app[MODEL] = model
+    app[API_KEY] = api_key
+    app[DIMENSIONS] = dimensions
+    app[BEHAVIOUR] = behaviour or Behaviour()
+    app[RUNNING] = [0]
+    app[SERVED] = [0]
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/test/behaviour", set_behaviour)
+    app.router.add_get("/test/stats", stats)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="nebula-testengine", description=__doc__.split("\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--model", required=True, help="the served model name")
+    p.add_argument("--api-key", default=os.environ.get("NEBULA_TEST_ENGINE_API_KEY", ""))
+    p.add_argument("--dimensions", type=int, default=384, help="embedding size")
+    p.add_argument("--startup-delay-s", type=float, default=0.0)
+    p.add_argument("--fail-start", default="", help="print this and exit 1 at start")
+    p.add_argument("--chunk-delay-ms", type=float, default=0.0)
+    p.add_argument("--tokens", type=int, default=8)
+    args = p.parse_args(argv)
+    print(f"test engine for {args.model} starting on {args.host}:{args.port}", flush=True)
+    if args.fail_start:
+        print(args.fail_start, file=sys.stderr, flush=True)
+        sys.exit(1)
+    time.sleep(args.startup_delay_s)
+    behaviour = Behaviour(chunk_delay_ms=args.chunk_delay_ms, tokens=args.tokens)
+    app = make_app(
+        args.model, api_key=args.api_key, dimensions=args.dimensions, behaviour=behaviour
+    )
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()
