@@ -175,7 +175,8 @@ async def bench_cycle(url: str, nodes: list[Node], specs: list[tuple[ModelSpec, 
         f"  ({one_trips} round trips)"
     )
     print(
-        f"  telemetry refresh, once a heartbeat ....... {statistics.median(telemetry) * 1000:8.1f} ms"
+        f"  telemetry refresh, once a heartbeat ....... "
+        f"{statistics.median(telemetry) * 1000:8.1f} ms"
         "  (1 round trip)"
     )
 

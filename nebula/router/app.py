@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -60,9 +61,7 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
     keys = Keys(settings.api_keys, settings.admin_key, settings.default_rate_per_s)
     table = RoutingTable()
     proxy = Proxy(settings, table, keys)
-    app = web.Application(
-        middlewares=[admin.admin_guard(keys)], client_max_size=settings.body_limit_bytes
-    )
+    app = web.Application(client_max_size=settings.body_limit_bytes)
     app[admin.STATE] = State(settings.redis_url, event_history=settings.event_history)
     app[admin.CATALOG] = catalog or load_catalog(settings.catalog_path)
     app[admin.TABLE] = table
@@ -120,7 +119,7 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
         app.router.add_post(path, proxy.handle)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_endpoint)
-    admin.add_routes(app)
+    app.add_subapp("/admin", admin.make_app(keys))
     return app
 
 
@@ -176,9 +175,24 @@ async def _serve_one(settings: Settings) -> None:
         await runner.cleanup()
 
 
+def _die_with_parent() -> None:
+    """Linux: this worker gets SIGTERM when the process that started it dies."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:  # not Linux: the parent's own shutdown still stops workers
+        pass
+    if os.getppid() == 1:  # the parent died before we got here
+        sys.exit(0)
+
+
 def _worker(settings: Settings) -> None:
     from nebula.daemons import run_async
 
+    _die_with_parent()
     run_async(_serve_one(settings))
 
 

@@ -35,10 +35,11 @@ HOP_HEADERS = frozenset(
 
 
 class Labels:
-    """Prometheus children per (model, route), made once: `.labels()` is not free."""
+    """Prometheus children, made once each: `.labels()` costs a lock and a lookup."""
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str, str], Any] = {}
+        self._requests: dict[tuple[str, str, int], Any] = {}
 
     def get(self, model: str, route: str) -> Any:
         entry = self._cache.get((model, route))
@@ -49,6 +50,14 @@ class Labels:
                 metrics.IN_FLIGHT.labels(model),
             )
         return entry
+
+    def requests(self, model: str, route: str, status: int) -> Any:
+        child = self._requests.get((model, route, status))
+        if child is None:
+            child = self._requests[model, route, status] = metrics.REQUESTS.labels(
+                model, route, str(status)
+            )
+        return child
 
 
 class Proxy:
@@ -67,6 +76,11 @@ class Proxy:
         self.inflight: dict[str, int] = defaultdict(int)  # placement id -> requests in flight
         self.session: aiohttp.ClientSession | None = None
         self.labels = Labels()
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=settings.connect_timeout_s,
+            sock_read=settings.first_byte_timeout_s,
+        )
         self.upstream_headers = {"Content-Type": "application/json"}
         if settings.engine_api_key:
             self.upstream_headers["Authorization"] = f"Bearer {settings.engine_api_key}"
@@ -76,6 +90,7 @@ class Proxy:
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
+            cookie_jar=aiohttp.DummyCookieJar(),  # engines set none; skip the jar's work
         )
 
     async def stop(self) -> None:
@@ -83,7 +98,7 @@ class Proxy:
             await self.session.close()
 
     def _done(self, model: str, route: str, status: int) -> None:
-        metrics.REQUESTS.labels(model, route, str(status)).inc()
+        self.labels.requests(model, route, status).inc()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -161,16 +176,11 @@ class Proxy:
     ) -> web.StreamResponse:
         assert self.session is not None
         settings = self.settings
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=settings.connect_timeout_s,
-            sock_read=settings.first_byte_timeout_s,
-        )
         path = request.raw_path  # path and query, as the client sent them
         tried: set[str] = set()
         last_error = "no replica answered"
         for attempt in range(settings.max_retries + 1):
-            left = [c for c in candidates if c.placement_id not in tried]
+            left = [c for c in candidates if c.placement_id not in tried] if tried else candidates
             if not left:
                 break
             endpoint = self.policy.choose(left, self.inflight)
@@ -183,7 +193,7 @@ class Proxy:
                     endpoint.url + path,
                     data=body,
                     headers=self.upstream_headers,
-                    timeout=timeout,
+                    timeout=self.timeout,
                 )
             except (aiohttp.ClientConnectionError, aiohttp.ClientOSError) as exc:
                 self.inflight[endpoint.placement_id] -= 1
