@@ -54,7 +54,7 @@ class CatalogEntry(BaseModel):
 
     model: str = Field(min_length=1)
     task: Literal["chat", "embedding"] = "chat"
-    engine: Literal["vllm"] = "vllm"
+    engine: Literal["vllm", "test"] = "vllm"
     prepared: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     cpu_memory_gib: float | None = Field(None, gt=0)

@@ -2,6 +2,8 @@
 
     nebula scheduler      reconcile model requests with live nodes
     nebula router         the OpenAI-compatible gateway and the admin API
+    nebula node           this machine's supervisord, running the agent and engines
+    nebula agent          the node agent (run by `nebula node`'s supervisord)
 
 Settings come from `NEBULA_*` variables and the config file (see
 nebula/settings.py and docs/operations.md).
@@ -74,9 +76,25 @@ async def _router(settings: Settings) -> None:
     await serve(settings)
 
 
+async def _agent(settings: Settings) -> None:
+    from nebula.agent.service import serve
+
+    await _wait_for_redis(settings)
+    await serve(settings)
+
+
+async def _node(settings: Settings) -> None:
+    from nebula.agent.node import exec_supervisord
+
+    await _wait_for_redis(settings)  # a wrong URL fails here, not in a restart loop
+    exec_supervisord(settings)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[Settings], Coroutine[Any, Any, None]]]] = {
     "scheduler": ("reconcile model requests with live nodes (one leader at a time)", _scheduler),
     "router": ("serve the OpenAI API, /admin and /metrics (NEBULA_ROUTER_*)", _router),
+    "node": ("run this machine's node: supervisord with the agent and its engines", _node),
+    "agent": ("the node agent (supervisord runs it; see `nebula node`)", _agent),
 }
 
 # Flags that override a setting for one run: (command, flag, setting, type, help).

@@ -9,6 +9,12 @@ PREFIX = "nebula:"
 # correct when it only polls, so a lost message costs latency, never state.
 EVENTS_CHANNEL = PREFIX + "events"
 
+
+def node_channel(node_id: str) -> str:
+    """Pub/sub channel: "your placements changed", for one node's agent only."""
+    return f"{PREFIX}events:node:{node_id}"
+
+
 # Model requests (desired state).
 REQUESTS = PREFIX + "requests"  # set of request ids
 MODELS = PREFIX + "models"  # hash: served model name -> request id (one request per model)

@@ -91,6 +91,33 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Python log level: DEBUG, INFO, WARNING, ERROR.")
 
+    # Node (agent and engines).
+    node_address: str = Field(
+        "127.0.0.1", description="This node's address: engines listen on it, routers reach them."
+    )
+    models_dir: Path = Field(
+        Path("~/.cache/nebula/models"),
+        description="Where `nebula models prepare` puts models, and engines find them.",
+    )
+    probe_interval_s: float = Field(
+        1.0, gt=0, description="Seconds between engine health probes (and convergence passes)."
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="Longest wait for an engine's requests to finish on unload."
+    )
+    max_restarts: int = Field(
+        3, ge=0, description="Engine crashes tolerated before its placement is marked Failed."
+    )
+    engine_start_timeout_s: float = Field(
+        900.0, gt=0, description="Longest wait for a new engine to answer its health probe."
+    )
+    engine_python: str = Field(
+        "", description="Python that runs engines (with vLLM installed); this one when empty."
+    )
+    cpu_kvcache_gib: float = Field(
+        1.0, gt=0, description="KV cache per engine on CPU nodes (VLLM_CPU_KVCACHE_SPACE)."
+    )
+
     # Router.
     router_host: str = Field("127.0.0.1", description="Address the router listens on.")
     router_port: int = Field(8080, ge=1, le=65535, description="Port for /v1, /admin, /metrics.")
@@ -153,6 +180,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @field_validator("models_dir", "state_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Daemons run from supervisord's folder, not the caller's: pin paths now.
+        return value.expanduser().absolute()
 
     @field_validator("log_level")
     @classmethod

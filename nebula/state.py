@@ -178,10 +178,12 @@ class State:
             await self.redis.publish(keys.EVENTS_CHANNEL, what)
 
     @contextlib.asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[aioredis.client.PubSub]:
+    async def subscribe(
+        self, channel: str = keys.EVENTS_CHANNEL
+    ) -> AsyncIterator[aioredis.client.PubSub]:
         async with self._reachable():
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            await pubsub.subscribe(keys.EVENTS_CHANNEL)
+            await pubsub.subscribe(channel)
         try:
             yield pubsub
         finally:
@@ -641,6 +643,10 @@ class State:
                     # Safe: a model name maps to its request until that request is gone.
                     pipe.hdel(keys.MODELS, request.model)
                 pipe.publish(keys.EVENTS_CHANNEL, "placements")
+                touched = {p.node for p in changes.put_placements}
+                touched.update(p.node for p in changes.drop_placements)
+                for node_id in sorted(touched):
+                    pipe.publish(keys.node_channel(node_id), "placements")
                 await pipe.execute()
             except WatchError:
                 return False

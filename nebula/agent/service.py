@@ -1,0 +1,373 @@
+"""The node agent: converge this node's engines to its placements, and report.
+
+Level-triggered, like the scheduler: each pass reads the node's placements
+and supervisord's processes, writes or removes program files, probes every
+engine's health, publishes an endpoint only while its engine answers (and
+withdraws it on the first failed probe), and reports what it saw. A pass
+wakes on this node's pub/sub channel or every `probe_interval_s`.
+
+An agent restart does not touch the engines: supervisord runs them, the
+program files are unchanged, so the new agent adopts them with their PIDs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from nebula import keys
+from nebula.agent.engines import engine_program, program_name
+from nebula.agent.supervisor import Supervisor, SupervisorUnavailable
+from nebula.agent.telemetry import Telemetry
+from nebula.errors import InvalidRequest, StateUnavailable
+from nebula.loops import jittered, run_loops
+from nebula.models import Desired, Endpoint, Phase, Placement, PlacementState
+from nebula.settings import Settings
+from nebula.state import State
+
+log = logging.getLogger(__name__)
+
+LOG_TAIL_LINES = 12
+LOG_TAIL_CHARS = 1500
+
+
+@dataclass
+class Engine:
+    """What the agent knows of one placement's engine."""
+
+    placement: Placement
+    first_seen: float
+    phase: Phase = Phase.STARTING
+    message: str = "starting"
+    pid: int | None = None
+    restarts: int = 0
+    failed: bool = False
+    healthy_once: bool = False
+    published: bool = False
+    retiring: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return program_name(self.placement.id)
+
+    def report(self) -> PlacementState:
+        return PlacementState(
+            phase=self.phase, pid=self.pid, restarts=self.restarts, message=self.message
+        )
+
+
+def running_requests(metrics_text: str) -> int:
+    """Requests an engine is working on or holding, from vLLM's own metrics."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
+            total += float(line.rsplit(" ", 1)[-1])
+    return int(total)
+
+
+class Agent:
+    def __init__(
+        self,
+        state: State,
+        settings: Settings,
+        supervisor: Supervisor,
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        self.state = state
+        self.settings = settings
+        self.sup = supervisor
+        self.telemetry = telemetry or Telemetry()
+        self.node_id = settings.node_id
+        self.engines: dict[str, Engine] = {}
+        self.stopped: set[str] = set()  # placements whose engine is gone, until their deletion
+        self.reported: dict[str, PlacementState] = {}
+        self._wake = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+
+    # ------------------------------------------------------------------ loops
+
+    async def run(self) -> None:
+        log.info("agent for node %s starting", self.node_id)
+        probe_timeout = max(0.5, min(2.0, self.settings.probe_interval_s))
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=probe_timeout))
+        try:
+            await self._restore()
+            await run_loops(
+                {
+                    "heartbeat": self._heartbeat_loop,
+                    "converge": self._converge_loop,
+                    "listen": self._listen_loop,
+                }
+            )
+        finally:
+            for engine in self.engines.values():
+                if engine.retiring is not None:
+                    engine.retiring.cancel()
+            await self._session.close()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                node = await asyncio.to_thread(self.telemetry.sample, self.settings)
+                await self.state.heartbeat(node, self.settings.node_ttl_s)
+            except StateUnavailable as exc:
+                log.warning("heartbeat: %s", exc.message)
+            await asyncio.sleep(jittered(self.settings.heartbeat_interval_s))
+
+    async def _converge_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.converge()
+            except (StateUnavailable, SupervisorUnavailable) as exc:
+                log.warning("converge: %s", exc.message)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.probe_interval_s)
+
+    async def _listen_loop(self) -> None:
+        while True:
+            try:
+                async with self.state.subscribe(keys.node_channel(self.node_id)) as pubsub:
+                    async for _ in pubsub.listen():
+                        self._wake.set()
+            except Exception as exc:  # connection errors of every kind: poll meanwhile
+                log.debug("node channel lost (%s)", exc)
+            await asyncio.sleep(self.settings.probe_interval_s)
+
+    async def _restore(self) -> None:
+        """Carry restart counts and failures over an agent restart."""
+        with contextlib.suppress(StateUnavailable):
+            self.reported = await self.state.placement_states(self.node_id)
+
+    # ---------------------------------------------------------------- converge
+
+    async def converge(self) -> None:
+        now = time.time()
+        placements = {p.id: p for p in await self.state.node_placements(self.node_id)}
+        self.stopped &= placements.keys()
+        for pid, p in placements.items():
+            if pid in self.stopped:
+                continue
+            engine = self.engines.get(pid)
+            if engine is None:
+                engine = self.engines[pid] = Engine(placement=p, first_seen=now)
+                previous = self.reported.get(pid)
+                if previous is not None:
+                    engine.restarts = previous.restarts
+                    if previous.phase is Phase.FAILED:
+                        engine.failed, engine.phase = True, Phase.FAILED
+                        engine.message = previous.message
+            engine.placement = p
+
+        # Engines nobody wants any more: drain and stop, one task each.
+        for pid, engine in self.engines.items():
+            unwanted = pid not in placements or engine.placement.desired is Desired.STOP
+            if unwanted and engine.retiring is None:
+                engine.retiring = asyncio.create_task(
+                    self._retire(engine, report=pid in placements), name=f"retire-{pid}"
+                )
+        known = {program_name(pid) for pid in self.engines}
+        for name in self.sup.files() - known:  # left by an agent before a crash
+            log.info("removing orphan engine program %s", name)
+            await self.sup.remove(name)
+            self.sup.delete(name)
+
+        wanted = [
+            e
+            for e in self.engines.values()
+            if e.retiring is None and e.placement.desired is Desired.RUN and not e.failed
+        ]
+        changed = False
+        for engine in wanted:
+            try:
+                program = engine_program(engine.placement, self.settings)
+            except InvalidRequest as exc:
+                await self._fail(engine, exc.message)
+                continue
+            changed |= self.sup.write(program, self.settings.max_restarts)
+        if changed:
+            added, updated, _ = await self.sup.reload()
+            for name in added:
+                await self.sup.add(name)
+            for name in updated:
+                await self.sup.remove(name)
+                await self.sup.add(name)
+        processes = await self.sup.processes()
+        for engine in wanted:
+            if engine.name not in processes and not engine.failed:
+                await self.sup.add(engine.name)  # a file supervisord has not loaded yet
+        await asyncio.gather(
+            *(self._observe(e, processes.get(e.name), now) for e in wanted if not e.failed)
+        )
+        await self._report()
+
+    async def _observe(self, engine: Engine, info: dict[str, object] | None, now: float) -> None:
+        if info is None:
+            engine.phase, engine.message = Phase.STARTING, "waiting for supervisord"
+            return
+        statename = str(info.get("statename"))
+        pid = int(info.get("pid") or 0) or None  # type: ignore[call-overload]
+        if pid is not None and engine.pid is not None and pid != engine.pid:
+            engine.restarts += 1
+            log.warning("engine %s restarted (pid %s -> %s)", engine.name, engine.pid, pid)
+        if pid is not None:
+            engine.pid = pid
+        if statename == "FATAL":
+            await self._fail(engine, f"could not start: {self._tail(engine)}")
+            return
+        if engine.restarts > self.settings.max_restarts:
+            await self._fail(
+                engine, f"crashed {engine.restarts} times; last log: {self._tail(engine)}"
+            )
+            return
+        healthy = statename == "RUNNING" and await self._probe(engine)
+        if healthy:
+            engine.phase, engine.message = Phase.HEALTHY, "serving"
+            engine.healthy_once = True
+            await self._publish(engine)
+            return
+        if engine.published:
+            await self.state.withdraw_endpoint(engine.placement.id)
+            engine.published = False
+            log.warning("engine %s failed its health probe; endpoint withdrawn", engine.name)
+        waited = now - engine.first_seen
+        if not engine.healthy_once and waited > self.settings.engine_start_timeout_s:
+            await self._fail(
+                engine, f"not healthy after {waited:.0f}s; last log: {self._tail(engine)}"
+            )
+            return
+        engine.phase = Phase.STARTING
+        engine.message = f"{statename.lower()}, waiting for its health probe"
+
+    def _url(self, placement: Placement) -> str:
+        return f"http://{self.settings.node_address}:{placement.port}"
+
+    async def _probe(self, engine: Engine) -> bool:
+        assert self._session is not None
+        try:
+            async with self._session.get(self._url(engine.placement) + "/health") as r:
+                return r.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def _publish(self, engine: Engine) -> None:
+        p = engine.placement
+        endpoint = Endpoint(
+            placement_id=p.id,
+            request_id=p.request_id,
+            model=p.model,
+            node=self.node_id,
+            url=self._url(p),
+        )
+        # The TTL spans a few probes: a dead agent's endpoints lapse on their own.
+        ttl = max(3 * self.settings.probe_interval_s, 2.0)
+        await self.state.publish_endpoint(endpoint, ttl, announce=not engine.published)
+        if not engine.published:
+            log.info("engine %s healthy: endpoint %s published", engine.name, endpoint.url)
+        engine.published = True
+
+    def _tail(self, engine: Engine) -> str:
+        tail = self.sup.tail(engine.name, LOG_TAIL_LINES).strip() or "(the log is empty)"
+        return tail[-LOG_TAIL_CHARS:]
+
+    async def _fail(self, engine: Engine, message: str) -> None:
+        log.error("engine %s failed: %s", engine.name, message)
+        engine.failed, engine.phase, engine.message = True, Phase.FAILED, message
+        if engine.published:
+            await self.state.withdraw_endpoint(engine.placement.id)
+            engine.published = False
+        # Stopped, and left stopped: a failed engine needs an operator (unload, fix, load).
+        with contextlib.suppress(Exception):
+            await self.sup.stop(engine.name)
+
+    async def _report(self) -> None:
+        changes = {}
+        for pid, engine in self.engines.items():
+            if pid in self.stopped:
+                continue
+            now = engine.report()
+            before = self.reported.get(pid)
+            if before is None or (before.phase, before.pid, before.restarts, before.message) != (
+                now.phase,
+                now.pid,
+                now.restarts,
+                now.message,
+            ):
+                changes[pid] = PlacementState(
+                    phase=now.phase,
+                    pid=now.pid,
+                    restarts=now.restarts,
+                    message=now.message,
+                    updated_at=time.time(),
+                )
+        if changes:
+            await self.state.set_placement_states(self.node_id, changes)
+            self.reported.update(changes)
+
+    # ------------------------------------------------------------------ unload
+
+    async def _running(self, placement: Placement) -> int | None:
+        assert self._session is not None
+        try:
+            async with self._session.get(self._url(placement) + "/metrics") as r:
+                if r.status != 200:
+                    return None
+                return running_requests(await r.text())
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+
+    async def _retire(self, engine: Engine, *, report: bool) -> None:
+        """Withdraw the endpoint, let in-flight requests finish, stop, clean up, report."""
+        pid, name = engine.placement.id, engine.name
+        try:
+            engine.phase, engine.message = Phase.STOPPING, "draining"
+            if report:
+                await self._report()
+            await self.state.withdraw_endpoint(pid)
+            engine.published = False
+            if engine.healthy_once and not engine.failed:
+                # Routers drop the endpoint on the withdrawal event; the wait covers one
+                # that polls instead.
+                await asyncio.sleep(self.settings.routing_refresh_s)
+                deadline = time.monotonic() + self.settings.drain_timeout_s
+                while time.monotonic() < deadline:
+                    running = await self._running(engine.placement)
+                    if not running:  # none left, or the engine is gone
+                        break
+                    await asyncio.sleep(0.25)
+                else:
+                    log.warning("engine %s: drain timeout, stopping with requests left", name)
+            await self.sup.remove(name)
+            self.sup.delete(name)
+            engine.phase, engine.message, engine.pid = Phase.STOPPED, "stopped", None
+            if report:
+                self.stopped.add(pid)
+                await self.state.set_placement_states(
+                    self.node_id, {pid: PlacementState(Phase.STOPPED, updated_at=time.time())}
+                )
+            else:
+                await self.state.set_placement_states(self.node_id, {}, drop=[pid])
+            log.info("engine %s stopped and removed", name)
+            del self.engines[pid]
+            self.reported.pop(pid, None)
+        except (StateUnavailable, SupervisorUnavailable) as exc:
+            # Try again on a later pass.
+            log.warning("retiring %s: %s", name, exc.message)
+            engine.retiring = None
+
+
+async def serve(settings: Settings) -> None:
+    from nebula.agent.node import NodePaths
+
+    paths = NodePaths.of(settings)
+    supervisor = Supervisor(paths.socket, paths.programs, paths.logs)
+    state = State(settings.redis_url, event_history=settings.event_history)
+    try:
+        await Agent(state, settings, supervisor).run()
+    finally:
+        await state.close()

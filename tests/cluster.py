@@ -1,0 +1,132 @@
+"""A whole single-machine cluster for tests: real Redis, scheduler, node (supervisord
+and agent), and optionally a router, each in its own process."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+from nebula.agent.node import NodePaths
+from nebula.catalog import Catalog, parse_catalog
+from nebula.models import ModelRequest, Status
+from nebula.settings import Settings
+from nebula.state import State
+from tests.helpers import RouterProcess, spawn, stop
+
+T = TypeVar("T")
+ENGINE_KEY = "engine-internal-key"
+
+TEST_CATALOG = """
+[models.tiny_chat]
+model = "test/tiny-chat"
+engine = "test"
+cpu_memory_gib = 1
+
+[models.slow_chat]
+model = "test/slow-chat"
+engine = "test"
+cpu_memory_gib = 1
+engine_args = ["--chunk-delay-ms", "300", "--tokens", "8"]
+
+[models.broken_chat]
+model = "test/broken"
+engine = "test"
+cpu_memory_gib = 1
+engine_args = ["--fail-start", "OSError: boom, weights not found"]
+
+[models.tiny_embedding]
+model = "test/tiny-embedding"
+engine = "test"
+task = "embedding"
+cpu_memory_gib = 1
+"""
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[T]], timeout: float = 20.0, what: str = "condition"
+) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+class Cluster:
+    def __init__(self, redis_url: str, folder: Path, catalog_text: str = TEST_CATALOG) -> None:
+        self.folder = folder
+        self.catalog_path = folder / "catalog.toml"
+        self.catalog_path.write_text(catalog_text)
+        self.catalog: Catalog = parse_catalog(catalog_text, str(self.catalog_path))
+        base = random.randrange(20000, 40000, 100)
+        self.env = {
+            "NEBULA_REDIS_URL": redis_url,
+            "NEBULA_NODE_ID": "node-a",
+            "NEBULA_STATE_DIR": str(folder / "state"),
+            "NEBULA_CATALOG_PATH": str(self.catalog_path),
+            "NEBULA_HEARTBEAT_INTERVAL_S": "0.3",
+            "NEBULA_NODE_TTL_S": "2",
+            "NEBULA_SCHEDULER_INTERVAL_S": "0.3",
+            "NEBULA_LEADER_TTL_S": "3",
+            "NEBULA_PROBE_INTERVAL_S": "0.3",
+            "NEBULA_ROUTING_REFRESH_S": "0.2",
+            "NEBULA_DRAIN_TIMEOUT_S": "15",
+            "NEBULA_MAX_RESTARTS": "2",
+            "NEBULA_ENGINE_PORT_MIN": str(base),
+            "NEBULA_ENGINE_PORT_MAX": str(base + 49),
+            "NEBULA_ENGINE_API_KEY": ENGINE_KEY,
+            "NEBULA_LOG_LEVEL": "INFO",
+        }
+        self.settings = Settings(redis_url=redis_url, node_id="node-a", state_dir=folder / "state")
+        self.paths = NodePaths.of(self.settings)
+        self.scheduler = spawn(
+            [sys.executable, "-m", "nebula.daemons", "scheduler"],
+            folder / "scheduler.log",
+            self.env,
+        )
+        self.node = spawn(
+            [sys.executable, "-m", "nebula.daemons", "node"], folder / "node.log", self.env
+        )
+        self.router: RouterProcess | None = None
+
+    def start_router(self, **env: str) -> RouterProcess:
+        self.router = RouterProcess(
+            self.env["NEBULA_REDIS_URL"], self.folder, **{**self.env, **env}
+        )
+        return self.router
+
+    async def load(self, state: State, name: str, replicas: int = 1) -> ModelRequest:
+        return await state.create_request(self.catalog.get_spec(name), replicas)
+
+    async def status(
+        self, state: State, ref: str, status: Status, timeout: float = 20
+    ) -> ModelRequest:
+        async def check() -> ModelRequest | None:
+            request = await state.get_request(ref)
+            return request if request.status is status else None
+
+        return await wait_for(check, timeout, f"{ref} to be {status.value}")
+
+    async def gone(self, state: State, ref: str, timeout: float = 30) -> None:
+        async def check() -> bool:
+            return ref not in {r.id for r in await state.list_requests()}
+
+        await wait_for(check, timeout, f"{ref} to be gone")
+
+    def agent_log(self) -> str:
+        path = self.paths.logs / "agent.log"
+        return path.read_text() if path.exists() else ""
+
+    def close(self) -> None:
+        if self.router is not None:
+            self.router.stop()
+        stop(self.node, timeout=60)
+        stop(self.scheduler)
