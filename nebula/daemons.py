@@ -4,6 +4,7 @@
     nebula router         the OpenAI-compatible gateway and the admin API
     nebula node           this machine's supervisord, running the agent and engines
     nebula agent          the node agent (run by `nebula node`'s supervisord)
+    nebula models prepare make the default CPU models ready on this machine
 
 Settings come from `NEBULA_*` variables and the config file (see
 nebula/settings.py and docs/operations.md).
@@ -127,6 +128,17 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"nebula {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    models = sub.add_parser("models", help="node-side model tools", description="Model tools.")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+    prep = models_sub.add_parser(
+        "prepare",
+        help="make the CPU default models ready on this machine (idempotent)",
+        description="Make the default CPU models ready in NEBULA_MODELS_DIR from the packages "
+        "that ship them (SmolLM2 is converted from GGUF once). A second run does nothing.",
+    )
+    prep.add_argument(
+        "names", nargs="*", metavar="NAME", help="prepared-model names (default: all)"
+    )
     for name, (help_text, _) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         for command, flag, setting, kind, flag_help in FLAGS:
@@ -146,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         settings = load_settings(**overrides)
         _setup_logging(settings)
+        if args.command == "models":
+            from nebula.prepare import prepare
+
+            prepare(settings.models_dir, args.names or None)
+            return 0
         _, run = COMMANDS[args.command]
         run_async(run(settings))
     except ConfigError as exc:

@@ -61,7 +61,13 @@ async def wait_for(
 
 
 class Cluster:
-    def __init__(self, redis_url: str, folder: Path, catalog_text: str = TEST_CATALOG) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        folder: Path,
+        catalog_text: str = TEST_CATALOG,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.folder = folder
         self.catalog_path = folder / "catalog.toml"
         self.catalog_path.write_text(catalog_text)
@@ -84,6 +90,7 @@ class Cluster:
             "NEBULA_ENGINE_PORT_MAX": str(base + 49),
             "NEBULA_ENGINE_API_KEY": ENGINE_KEY,
             "NEBULA_LOG_LEVEL": "INFO",
+            **(extra_env or {}),
         }
         self.settings = Settings(redis_url=redis_url, node_id="node-a", state_dir=folder / "state")
         self.paths = NodePaths.of(self.settings)

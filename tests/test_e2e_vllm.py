@@ -1,0 +1,125 @@
+"""End to end with real vLLM CPU engines: the scheduler, one node (supervisord and
+agent), the router, and both default models of the catalog loaded at once.
+
+Minutes, not seconds: each engine takes one to two minutes to start here.
+Needs vLLM's CPU build and the prepared models; shell/test installs and
+prepares both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from nebula.agent.telemetry import memory_mib
+from nebula.models import Status
+from nebula.settings import Settings
+from nebula.state import State
+from tests.cluster import ENGINE_KEY, Cluster
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
+
+CHAT = "smollm2_135m_chat"
+EMBED = "minilm_l6_embedding"
+
+
+def vllm_processes() -> list[str]:
+    """vLLM's API servers and the children they fork (named VLLM::EngineCore and so on)."""
+    out = subprocess.run(
+        ["pgrep", "-af", "vllm[.]entrypoints|VLLM::"], capture_output=True, text=True
+    ).stdout
+    return out.splitlines()
+
+
+async def test_both_default_models_on_vllm_cpu(
+    state: State, redis_url: str, tmp_path: Path
+) -> None:
+    models_dir = Settings().models_dir
+    catalog = (Path(__file__).parents[1] / "nebula" / "catalog.toml").read_text()
+    before = vllm_processes()
+    assert not before, f"vLLM processes already running: {before}"
+    _, available_before = memory_mib()
+    cluster = Cluster(
+        redis_url,
+        tmp_path,
+        catalog_text=catalog,
+        extra_env={
+            "NEBULA_MODELS_DIR": str(models_dir),
+            "NEBULA_PROBE_INTERVAL_S": "1",
+            "NEBULA_ENGINE_START_TIMEOUT_S": "900",
+        },
+    )
+    try:
+        router = cluster.start_router()
+        started = time.monotonic()
+        chat_request = await cluster.load(state, CHAT)
+        embed_request = await cluster.load(state, EMBED)
+        ready_at: dict[str, float] = {}
+
+        async def ready(request_id: str) -> None:
+            await cluster.status(state, request_id, Status.READY, timeout=900)
+            ready_at[request_id] = time.monotonic() - started
+
+        await asyncio.gather(ready(chat_request.id), ready(embed_request.id))
+        endpoints = {e.model: e for e in (await state.routing())[0]}
+        assert set(endpoints) == {CHAT, EMBED}
+
+        # At the endpoints the agent published.
+        chat_api = openai.OpenAI(base_url=endpoints[CHAT].url + "/v1", api_key=ENGINE_KEY)
+        answer = chat_api.chat.completions.create(
+            model=CHAT,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=30,
+        )
+        text = answer.choices[0].message.content or ""
+        assert text.strip() and answer.choices[0].finish_reason in ("stop", "length")
+        stream = chat_api.chat.completions.create(
+            model=CHAT, messages=[{"role": "user", "content": "Say hello."}], max_tokens=20,
+            stream=True,
+        )  # fmt: skip
+        pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+        assert len(pieces) > 2 and "".join(pieces).strip()
+        embed_api = openai.OpenAI(base_url=endpoints[EMBED].url + "/v1", api_key=ENGINE_KEY)
+        vectors = embed_api.embeddings.create(model=EMBED, input=["a cat", "a dog"])
+        assert [len(v.embedding) for v in vectors.data] == [384, 384]
+
+        # And through the router, by the `model` field.
+        via = openai.OpenAI(base_url=router.url + "/v1", api_key="unused")
+        routed = via.chat.completions.create(
+            model=CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=10
+        )
+        assert routed.choices[0].message.content
+        assert len(via.embeddings.create(model=EMBED, input="x").data[0].embedding) == 384
+        running = vllm_processes()
+        assert running, "no vLLM process while both models were Ready"
+        for api in (chat_api, embed_api, via):
+            api.close()
+
+        # Unload: no vLLM process left behind, and the memory given back.
+        unload_started = time.monotonic()
+        await state.delete_request(chat_request.id)
+        await state.delete_request(embed_request.id)
+        await cluster.gone(state, chat_request.id, timeout=120)
+        await cluster.gone(state, embed_request.id, timeout=120)
+        unload_s = time.monotonic() - unload_started
+        deadline = time.monotonic() + 30
+        while vllm_processes() and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        assert vllm_processes() == []
+        gone_s = time.monotonic() - unload_started
+        _, available_after = memory_mib()
+        # Within 1 GiB of where it started (page cache and allocator noise aside).
+        assert available_after > available_before - 1024, (available_before, available_after)
+        print(
+            f"\nvLLM CPU: {CHAT} Ready in {ready_at[chat_request.id]:.0f}s, "
+            f"{EMBED} Ready in {ready_at[embed_request.id]:.0f}s (loaded together); "
+            f"unload -> gone {unload_s:.1f}s, last vLLM process gone {gone_s:.1f}s; "
+            f"RAM available {available_before} MiB before, {available_after} MiB after"
+        )
+    finally:
+        cluster.close()
