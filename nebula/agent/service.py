@@ -33,6 +33,7 @@ from nebula.state import State
 log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 12
+STARTING_PROBE_S = 0.1
 LOG_TAIL_CHARS = 1500
 
 
@@ -126,8 +127,16 @@ class Agent:
                 await self.converge()
             except (StateUnavailable, SupervisorUnavailable) as exc:
                 log.warning("converge: %s", exc.message)
+            # An engine on its way up is probed often, so Ready follows its start
+            # closely; a settled node is probed every probe_interval_s.
+            starting = any(
+                e.phase is Phase.STARTING and e.retiring is None for e in self.engines.values()
+            )
+            interval = self.settings.probe_interval_s
+            if starting:
+                interval = min(interval, STARTING_PROBE_S)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.probe_interval_s)
+                await asyncio.wait_for(self._wake.wait(), interval)
 
     async def _listen_loop(self) -> None:
         while True:
@@ -225,7 +234,9 @@ class Agent:
                 engine, f"crashed {engine.restarts} times; last log: {self._tail(engine)}"
             )
             return
-        healthy = statename == "RUNNING" and await self._probe(engine)
+        # STARTING too: supervisord says RUNNING only after startsecs, and an engine
+        # that answers its health probe before that is up.
+        healthy = statename in ("RUNNING", "STARTING") and await self._probe(engine)
         if healthy:
             engine.phase, engine.message = Phase.HEALTHY, "serving"
             engine.healthy_once = True
