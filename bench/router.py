@@ -9,6 +9,11 @@ wrk (one thread) drives it directly and through `nebula router` with an API
 key and metrics on, at concurrency 1 and 64. Time to first token is measured
 with a streamed chat against Nebula's test engine, directly and through the
 router. The load generator, upstream and router share the machine's cores.
+
+Figures on a shared 2-core VM swing by tens of percent from run to run, so
+each configuration runs `--rounds` times, interleaved with the others (the
+upstream directly, a bare aiohttp proxy with as many processes as the router
+has workers, and the router), and medians are reported.
 """
 
 from __future__ import annotations
@@ -119,7 +124,8 @@ def children(pid: int) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -155,18 +161,45 @@ def main() -> None:
             time.sleep(1.5)  # every worker's routing table
             script = tmp / "post.lua"
             script.write_text(WRK_LUA.format(body=json.dumps(BODY), key=KEY))
-            direct = f"http://127.0.0.1:{nginx_port}/v1/chat/completions"
-            routed = f"{router.url}/v1/chat/completions"
-            wrk(routed, 8, 2, script)  # warm up
-            print(f"router overhead, {args.workers} worker(s), wrk -t1, {args.duration}s per run:")
-            for c in (1, 64):
-                d_rps, d_p50 = wrk(direct, c, args.duration, script)
-                r_rps, r_p50 = wrk(routed, c, args.duration, script)
-                print(
-                    f"  c={c:<3} direct {d_rps:9.0f} req/s p50 {d_p50:6.3f} ms | "
-                    f"router {r_rps:7.0f} req/s p50 {r_p50:6.3f} ms | "
-                    f"added p50 {r_p50 - d_p50:+.3f} ms"
+            bare_port = free_port()
+            bare = [
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.bare_proxy",
+                        f"http://127.0.0.1:{nginx_port}",
+                        str(bare_port),
+                    ]
                 )
+                for _ in range(args.workers)
+            ]
+            wait_for_port(bare_port)
+            targets = {
+                "direct": f"http://127.0.0.1:{nginx_port}/v1/chat/completions",
+                "bare aiohttp proxy": f"http://127.0.0.1:{bare_port}/v1/chat/completions",
+                "nebula router": f"{router.url}/v1/chat/completions",
+            }
+            for url in targets.values():
+                wrk(url, 8, 2, script)  # warm up
+            print(
+                f"{args.workers} worker(s)/process(es), wrk -t1, {args.duration}s per run, "
+                f"median of {args.rounds} interleaved runs:"
+            )
+            for c in (1, 64):
+                runs: dict[str, list[tuple[float, float]]] = {name: [] for name in targets}
+                for _ in range(args.rounds):
+                    for name, url in targets.items():
+                        runs[name].append(wrk(url, c, args.duration, script))
+                direct_p50 = statistics.median(p for _, p in runs["direct"])
+                for name in targets:
+                    rps = statistics.median(r for r, _ in runs[name])
+                    p50 = statistics.median(p for _, p in runs[name])
+                    added = "" if name == "direct" else f"  added p50 {p50 - direct_p50:+.3f} ms"
+                    print(f"  c={c:<3} {name:<20} {rps:8.0f} req/s  p50 {p50:7.3f} ms{added}")
+            for proc in bare:
+                proc.terminate()
+            routed = targets["nebula router"]
             d_ttft = asyncio.run(ttft(engine.url + "/v1/chat/completions", "bench-stream", 300))
             r_ttft = asyncio.run(ttft(routed, "bench-stream", 300))
             print(

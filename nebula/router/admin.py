@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -25,6 +26,8 @@ CATALOG = web.AppKey("catalog", Catalog)
 TABLE = web.AppKey("table", RoutingTable)
 INFLIGHT = web.AppKey("inflight", dict)
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
 LOAD_FIELDS = {
     "model",
     "replicas",
@@ -35,9 +38,14 @@ LOAD_FIELDS = {
 }
 
 
-def admin_guard(keys: Keys) -> Any:
-    @web.middleware
-    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+def guarded(keys: Keys, handler: Handler) -> Handler:
+    """`handler` behind the admin key, with Nebula's errors in OpenAI's shape.
+
+    A wrapper per route, not a middleware: a middleware would run on every /v1
+    request too.
+    """
+
+    async def guard(request: web.Request) -> web.StreamResponse:
         if not keys.admin(bearer(request.headers.get("Authorization"))):
             return error(401, "missing or invalid admin key; send Authorization: Bearer KEY",
                          "invalid_admin_key")  # fmt: skip
@@ -77,12 +85,12 @@ def _placement(p: Placement, state: PlacementState | None) -> dict[str, Any]:
 
 
 async def cluster(request: web.Request) -> web.Response:
-    state = request.config_dict[STATE]
+    state = request.app[STATE]
     now = time.time()
     nodes = await state.list_nodes()
     placements = await state.all_placements()
     requests = await state.list_requests()
-    inflight = request.config_dict[INFLIGHT]
+    inflight = request.app[INFLIGHT]
     endpoints = [
         {
             "placement_id": e.placement_id,
@@ -91,8 +99,8 @@ async def cluster(request: web.Request) -> web.Response:
             "url": e.url,
             "in_flight": inflight.get(e.placement_id, 0),
         }
-        for model in request.config_dict[TABLE].served()
-        for e in request.config_dict[TABLE].endpoints(model)
+        for model in request.app[TABLE].served()
+        for e in request.app[TABLE].endpoints(model)
     ]
     return web.json_response(
         {
@@ -106,10 +114,8 @@ async def cluster(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    requests = await request.config_dict[STATE].list_requests()
-    healthy = {
-        m: len(request.config_dict[TABLE].endpoints(m)) for m in request.config_dict[TABLE].served()
-    }
+    requests = await request.app[STATE].list_requests()
+    healthy = {m: len(request.app[TABLE].endpoints(m)) for m in request.app[TABLE].served()}
     return web.json_response(
         {"models": [{**r.public(), "ready_replicas": healthy.get(r.model, 0)} for r in requests]}
     )
@@ -128,13 +134,13 @@ async def load_model(request: web.Request) -> web.Response:
         raise InvalidRequest("`model` must name a catalog model (see GET /admin/catalog)")
     replicas = body.get("replicas", 1)
     overrides = {k: v for k, v in body.items() if k not in ("model", "replicas")}
-    spec = request.config_dict[CATALOG].resolve(name, overrides)
-    created = await request.config_dict[STATE].create_request(spec, replicas)
+    spec = request.app[CATALOG].resolve(name, overrides)
+    created = await request.app[STATE].create_request(spec, replicas)
     return web.json_response(created.public(), status=201)
 
 
 async def show_model(request: web.Request) -> web.Response:
-    state = request.config_dict[STATE]
+    state = request.app[STATE]
     found = await state.get_request(request.match_info["ref"])
     placements = [
         _placement(p, s) for p, s in await state.all_placements() if p.request_id == found.id
@@ -145,20 +151,20 @@ async def show_model(request: web.Request) -> web.Response:
 
 
 async def unload_model(request: web.Request) -> web.Response:
-    unloading = await request.config_dict[STATE].delete_request(request.match_info["ref"])
+    unloading = await request.app[STATE].delete_request(request.match_info["ref"])
     return web.json_response(unloading.public(), status=202)
 
 
 async def list_nodes(request: web.Request) -> web.Response:
     now = time.time()
     return web.json_response(
-        {"nodes": [n.public(now) for n in await request.config_dict[STATE].list_nodes()]}
+        {"nodes": [n.public(now) for n in await request.app[STATE].list_nodes()]}
     )
 
 
 async def node_action(request: web.Request) -> web.Response:
     node_id, action = request.match_info["node"], request.match_info["action"]
-    state = request.config_dict[STATE]
+    state = request.app[STATE]
     if action == "cordon":
         await state.set_cordon(node_id, cordoned=True)
     elif action == "drain":
@@ -171,14 +177,14 @@ async def node_action(request: web.Request) -> web.Response:
 
 
 async def catalog(request: web.Request) -> web.Response:
-    cat = request.config_dict[CATALOG]
+    cat = request.app[CATALOG]
     return web.json_response(
         {"source": cat.source, "models": [cat[name].to_dict() for name in sorted(cat)]}
     )
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    keys = await request.config_dict[STATE].list_api_keys()
+    keys = await request.app[STATE].list_api_keys()
     return web.json_response(
         {
             "keys": [
@@ -201,32 +207,30 @@ async def create_key(request: web.Request) -> web.Response:
         raise InvalidRequest("`name` must be a string")
     if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float)):
         raise InvalidRequest("`rate_per_s` must be a number")
-    secret = await request.config_dict[STATE].create_api_key(name, rate)
+    secret = await request.app[STATE].create_api_key(name, rate)
     # The only time the key is shown: it is stored hashed.
     return web.json_response({"name": name, "rate_per_s": rate, "key": secret}, status=201)
 
 
 async def delete_key(request: web.Request) -> web.Response:
-    await request.config_dict[STATE].delete_api_key(request.match_info["name"])
+    await request.app[STATE].delete_api_key(request.match_info["name"])
     return web.json_response({"deleted": request.match_info["name"]})
 
 
-def make_app(keys: Keys) -> web.Application:
-    """The /admin sub-application; its guard never runs on the /v1 hot path.
-
-    It reads STATE, CATALOG, TABLE and INFLIGHT from the parent application.
-    """
-    app = web.Application(middlewares=[admin_guard(keys)])
-    r = app.router
-    r.add_get("/cluster", cluster)
-    r.add_get("/models", list_models)
-    r.add_post("/models", load_model)
-    r.add_get("/models/{ref}", show_model)
-    r.add_delete("/models/{ref}", unload_model)
-    r.add_get("/nodes", list_nodes)
-    r.add_post("/nodes/{node}/{action}", node_action)
-    r.add_get("/catalog", catalog)
-    r.add_get("/keys", list_keys)
-    r.add_post("/keys", create_key)
-    r.add_delete("/keys/{name}", delete_key)
-    return app
+def add_routes(app: web.Application, keys: Keys) -> None:
+    """The admin API under /admin; reads STATE, CATALOG, TABLE and INFLIGHT from `app`."""
+    routes = [
+        ("GET", "/cluster", cluster),
+        ("GET", "/models", list_models),
+        ("POST", "/models", load_model),
+        ("GET", "/models/{ref}", show_model),
+        ("DELETE", "/models/{ref}", unload_model),
+        ("GET", "/nodes", list_nodes),
+        ("POST", "/nodes/{node}/{action}", node_action),
+        ("GET", "/catalog", catalog),
+        ("GET", "/keys", list_keys),
+        ("POST", "/keys", create_key),
+        ("DELETE", "/keys/{name}", delete_key),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, "/admin" + path, guarded(keys, handler))

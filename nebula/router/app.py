@@ -74,10 +74,18 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
         refresher = asyncio.create_task(
             table.keep_fresh(app[admin.STATE], settings.routing_refresh_s), name="routing-table"
         )
+
+        async def sample() -> None:
+            while True:
+                proxy.sample_in_flight()
+                await asyncio.sleep(1.0)
+
+        sampler = asyncio.create_task(sample(), name="in-flight-sampler")
         yield
-        refresher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await refresher
+        for task in (refresher, sampler):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await proxy.stop()
         await app[admin.STATE].close()
 
@@ -119,7 +127,7 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
         app.router.add_post(path, proxy.handle)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_endpoint)
-    app.add_subapp("/admin", admin.make_app(keys))
+    admin.add_routes(app, keys)
     return app
 
 

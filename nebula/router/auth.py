@@ -52,6 +52,9 @@ class RateLimiter:
         return (1.0 - bucket.tokens) / rate
 
 
+DIGEST_CACHE = 4096
+
+
 class Keys:
     """Who may call /v1 and /admin."""
 
@@ -61,6 +64,8 @@ class Keys:
             for i, k in enumerate(configured)
         }
         self._admin = digest(admin_key) if admin_key else ""
+        # token -> digest, so the hot path hashes each client's key once, not per request.
+        self._digests: dict[str, str] = {}
         self.default_rate = default_rate
 
     def client(self, token: str | None, stored: dict[str, ApiKey]) -> ApiKey | bool | None:
@@ -69,7 +74,12 @@ class Keys:
             return True
         if token is None:
             return None
-        return self.configured.get(digest(token)) or stored.get(digest(token))
+        hashed = self._digests.get(token)
+        if hashed is None:
+            if len(self._digests) >= DIGEST_CACHE:
+                self._digests.clear()  # bounded: a flood of bad keys cannot grow it
+            hashed = self._digests[token] = digest(token)
+        return self.configured.get(hashed) or stored.get(hashed)
 
     @property
     def admin_open(self) -> bool:

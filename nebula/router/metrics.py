@@ -30,7 +30,7 @@ TTFT = Histogram(
 )
 IN_FLIGHT = Gauge(
     "nebula_router_in_flight",
-    "Requests being answered now.",
+    "Requests being answered now (sampled every second).",
     ["model"],
     multiprocess_mode="livesum",
 )

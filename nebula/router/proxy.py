@@ -28,10 +28,18 @@ from nebula.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Response headers that describe one hop's connection, not the answer.
-HOP_HEADERS = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
-)
+# Engine response headers worth passing on; the rest describe the hop (connection,
+# length, server, date) and aiohttp sets its own.
+PASSED_HEADERS = ("Content-Type", "X-Request-Id", "Content-Encoding")
+
+
+def answer_headers(upstream: Any) -> dict[str, str]:
+    headers = {}
+    for name in PASSED_HEADERS:
+        value = upstream.get(name)
+        if value is not None:
+            headers[name] = value
+    return headers
 
 
 class Labels:
@@ -47,7 +55,6 @@ class Labels:
             entry = self._cache[model, route] = (
                 metrics.LATENCY.labels(model, route),
                 metrics.TTFT.labels(model, route),
-                metrics.IN_FLIGHT.labels(model),
             )
         return entry
 
@@ -89,13 +96,22 @@ class Proxy:
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
             auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
             cookie_jar=aiohttp.DummyCookieJar(),  # engines set none; skip the jar's work
         )
 
     async def stop(self) -> None:
         if self.session is not None:
             await self.session.close()
+
+    def sample_in_flight(self) -> None:
+        """Set the in-flight gauge from the per-replica counts (on a timer, not per request)."""
+        per_model: dict[str, int] = {}
+        for model in self.table.models:
+            per_model[model] = sum(
+                self.inflight.get(e.placement_id, 0) for e in self.table.endpoints(model)
+            )
+        for model, n in per_model.items():
+            metrics.IN_FLIGHT.labels(model).set(n)
 
     def _done(self, model: str, route: str, status: int) -> None:
         self.labels.requests(model, route, status).inc()
@@ -155,12 +171,8 @@ class Proxy:
             self._done("", route, 404)
             return error(404, f"model {model!r} is not served here; served models: {served}",
                          "model_not_found")  # fmt: skip
-        latency, ttft, in_flight = self.labels.get(model, route)
-        in_flight.inc()
-        try:
-            response = await self._forward(request, body, model, candidates, started, ttft)
-        finally:
-            in_flight.dec()
+        latency, ttft = self.labels.get(model, route)
+        response = await self._forward(request, body, model, candidates, started, ttft)
         latency.observe(time.perf_counter() - started)
         self._done(model, route, response.status)
         return response
@@ -225,10 +237,8 @@ class Proxy:
                     metrics.UPSTREAM_ERRORS.labels(model, "status_5xx").inc()
                     last_error = f"replica on {endpoint.node} answered {upstream.status}"
                     continue
-                headers = {
-                    k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS
-                }
-                if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+                headers = answer_headers(upstream.headers)
+                if headers.get("Content-Type", "").startswith("text/event-stream"):
                     return await self._relay(request, upstream, headers, model, started, ttft)
                 # Not streamed: read it whole (nothing has reached the client yet, so a
                 # replica that dies now is retried like one that never answered).
