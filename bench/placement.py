@@ -25,6 +25,7 @@ from redis.asyncio.connection import Connection
 from nebula.models import Device, ModelRequest, ModelSpec, Node, Phase, PlacementState, Status
 from nebula.scheduler.placement import plan
 from nebula.scheduler.service import Scheduler
+from nebula.scheduler.usage import Usage
 from nebula.settings import Settings
 from nebula.state import State
 from tests.helpers import RedisServer
@@ -85,9 +86,10 @@ def bench_pure(nodes: list[Node], specs: list[tuple[ModelSpec, int]]) -> None:
     ]
     full_s, result = timed(lambda: plan(nodes, requests, [], ceiling=CEILING), 3)
     placed = result.new  # type: ignore[attr-defined]
+    usage = Usage.of(placed)  # what the scheduler keeps between passes
     one = ModelRequest(id="req-new", spec=specs[0][0], replicas=2, created_at=1e12)
-    one_s, _ = timed(lambda: plan(nodes, [*requests, one], list(placed), ceiling=CEILING), 5)
-    steady_s, _ = timed(lambda: plan(nodes, requests, list(placed), ceiling=CEILING), 5)
+    one_s, _ = timed(lambda: plan(nodes, [*requests, one], usage=usage, ceiling=CEILING), 5)
+    steady_s, _ = timed(lambda: plan(nodes, requests, usage=usage, ceiling=CEILING), 5)
     gpus = sum(len(n.devices) for n in nodes)
     print(f"pure plan, {len(nodes)} nodes x {gpus // len(nodes)} GPUs, {len(requests)} requests:")
     print(f"  full plan ({len(placed)} replicas placed) ..... {full_s * 1000:8.1f} ms")
@@ -131,7 +133,7 @@ async def bench_cycle(url: str, nodes: list[Node], specs: list[tuple[ModelSpec, 
 
     # Every engine up: the agents report Healthy; the next passes mark requests Ready.
     by_node: dict[str, dict[str, PlacementState]] = {}
-    for p in scheduler.snapshot.placements.values():
+    for p in scheduler.usage.placements.values():
         by_node.setdefault(p.node, {})[p.id] = PlacementState(phase=Phase.HEALTHY)
     for node_id, states in by_node.items():
         await state.set_placement_states(node_id, states)

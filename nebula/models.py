@@ -148,12 +148,18 @@ class Device:
     utilization_pct: float = 0.0
     temperature_c: float | None = None
     power_w: float | None = None
+    # Computed once: the scheduler reads it for every GPU of the cluster on every pass.
+    free_fraction: float = field(init=False, repr=False, compare=False)
 
-    @property
-    def free_fraction(self) -> float:
-        if self.memory_total_mib <= 0:
-            return 0.0
-        return max(0.0, (self.memory_total_mib - self.memory_used_mib) / self.memory_total_mib)
+    def __post_init__(self) -> None:
+        total, used = self.memory_total_mib, self.memory_used_mib
+        free = max(0.0, (total - used) / total) if total > 0 else 0.0
+        object.__setattr__(self, "free_fraction", free)
+
+    def public(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["free_fraction"]
+        return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +187,7 @@ class Node:
         return {
             "id": self.id,
             "address": self.address,
-            "devices": json.dumps([asdict(d) for d in self.devices]),
+            "devices": json.dumps([d.public() for d in self.devices]),
             "cpu_count": str(self.cpu_count),
             "ram_total_mib": str(self.ram_total_mib),
             "ram_available_mib": str(self.ram_available_mib),
@@ -222,7 +228,7 @@ class Node:
             "id": self.id,
             "address": self.address,
             "heartbeat_age_s": round(max(0.0, now - self.heartbeat_at), 3),
-            "devices": [asdict(d) for d in self.devices],
+            "devices": [d.public() for d in self.devices],
             "cpu_count": self.cpu_count,
             "ram_total_mib": self.ram_total_mib,
             "ram_available_mib": self.ram_available_mib,

@@ -56,10 +56,12 @@ return 0
 
 # One call for a thousand keys: a pipeline costs the client tens of microseconds
 # per command, a script returns everything at once.
-_EXISTS_EACH = """
-local out = {}
-for i, key in ipairs(KEYS) do out[i] = redis.call('EXISTS', key) end
-return out
+_ALIVE = """
+local alive = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. id) == 1 then alive[#alive + 1] = id end
+end
+return alive
 """
 _HGETALL_EACH = """
 local out = {}
@@ -104,6 +106,7 @@ class Snapshot:
     states: dict[str, PlacementState] = field(default_factory=dict)  # placement id -> state
     marks: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())  # cordoned, draining
     devices_cache: dict[str, tuple[Device, ...]] = field(default_factory=dict)  # raw -> parsed
+    state_ids: dict[str, set[str]] = field(default_factory=dict)  # node -> ids in its states
     # What others changed since the previous pass (everything, on a full pass).
     dirty_requests: set[str] = field(default_factory=set)
     dirty_nodes: set[str] = field(default_factory=set)  # nodes whose placement states changed
@@ -516,12 +519,20 @@ class State:
                 pipe.smembers(keys.REQUESTS if full else keys.REQUESTS_DIRTY)
                 pipe.smembers(keys.NODES if full else keys.PLACEMENT_STATE_DIRTY)
                 pipe.delete(keys.REQUESTS_DIRTY, keys.PLACEMENT_STATE_DIRTY)
-                node_ids, cordoned, draining, request_ids, state_nodes, _ = await pipe.execute()
+                pipe.eval(_ALIVE, 1, keys.NODES, keys.node(""))
+                (
+                    node_ids,
+                    cordoned,
+                    draining,
+                    request_ids,
+                    state_nodes,
+                    _,
+                    alive,
+                ) = await pipe.execute()
             ids = sorted(node_ids)
             request_ids = sorted(request_ids)
             state_nodes = sorted(state_nodes)
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.eval(_EXISTS_EACH, len(ids), *(keys.node(n) for n in ids))
                 for node_id in state_nodes:
                     pipe.hgetall(keys.placement_state(node_id))
                 if full:
@@ -529,9 +540,9 @@ class State:
                         pipe.hgetall(keys.placements(node_id))
                 for request_id in request_ids:
                     pipe.hgetall(keys.request(request_id))
-                rows = iter(await pipe.execute())
+                rows = iter(await pipe.execute() if len(pipe) else [])
         snapshot.node_ids = set(ids)
-        snapshot.alive = {n for n, alive in zip(ids, next(rows), strict=True) if alive}
+        snapshot.alive = set(alive)
         marks = (frozenset(cordoned), frozenset(draining))
         snapshot.nodes = {
             n: node
@@ -544,13 +555,12 @@ class State:
         snapshot.dirty_nodes = set(state_nodes)
         if full:
             snapshot.states = {}
-        by_node: dict[str, set[str]] = {}
-        for p in snapshot.placements.values():
-            by_node.setdefault(p.node, set()).add(p.id)
+            snapshot.state_ids = {}
         for node_id in state_nodes:
             fresh = {pid: PlacementState.from_json(raw) for pid, raw in next(rows).items()}
-            for pid in by_node.get(node_id, set()) - fresh.keys():
+            for pid in snapshot.state_ids.get(node_id, set()) - fresh.keys():
                 snapshot.states.pop(pid, None)
+            snapshot.state_ids[node_id] = set(fresh)
             snapshot.states.update(fresh)
         if full:
             snapshot.placements = {}

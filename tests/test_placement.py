@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from nebula.models import Desired, ModelRequest, Node, Placement, Status
 from nebula.scheduler.placement import EPS, plan
+from nebula.scheduler.usage import Usage
 from tests.builders import GIB, cpu_node, gpu_node, ids, request
 
 CEILING = 0.9
@@ -306,3 +307,50 @@ def test_placement_invariants(
             assert not fits_somewhere(r, nodes, everything, confirmed), r
         else:
             assert counts[r.id] >= r.replicas
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(clusters(), st.data())
+def test_usage_kept_incrementally_matches_usage_rebuilt(
+    cluster: tuple[list[Node], list[ModelRequest], list[Placement], set[str]], data: st.DataObject
+) -> None:
+    """The scheduler's running sums agree with sums made from scratch, after any edits."""
+    nodes, reqs, existing, confirmed = cluster
+    usage = Usage.of(existing, confirmed)
+    current = {p.id: p for p in existing}
+    running = set(confirmed)
+    extra = plan(nodes, reqs, usage=usage, ceiling=CEILING, new_id=ids("more")).new
+    for p in extra:
+        usage.put(p, confirmed=False)
+        current[p.id] = p
+    for pid in sorted(current):
+        action = data.draw(st.sampled_from(["keep", "drop", "stop", "confirm", "unconfirm"]))
+        if action == "drop":
+            usage.drop(pid)
+            del current[pid]
+            running.discard(pid)
+        elif action == "stop":
+            current[pid] = current[pid].stopped()
+            usage.put(current[pid])
+        elif action in ("confirm", "unconfirm"):
+            usage.confirm(pid, action == "confirm")
+            (running.add if action == "confirm" else running.discard)(pid)
+    rebuilt = Usage.of(current.values(), running)
+
+    def clean(d: dict) -> dict:  # type: ignore[type-arg]
+        return {k: [round(x, 9) for x in v] for k, v in d.items() if any(abs(x) > 1e-9 for x in v)}
+
+    assert clean(usage.gpu) == clean(rebuilt.gpu)
+    assert clean(usage.ram) == clean(rebuilt.ram)
+    assert {k: v for k, v in usage.ports.items() if v} == {
+        k: v for k, v in rebuilt.ports.items() if v
+    }
+
+    def runs(u: Usage) -> dict:  # type: ignore[type-arg]
+        return {r: {n: c for n, c in v.items() if c} for r, v in u.run.items() if any(v.values())}
+
+    assert runs(usage) == runs(rebuilt)
+    assert {k: v for k, v in usage.run_total.items() if v} == {
+        k: v for k, v in rebuilt.run_total.items() if v
+    }
+    assert usage.placements == rebuilt.placements and usage.confirmed == rebuilt.confirmed

@@ -33,7 +33,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from nebula.models import Desired, ModelRequest, Node, Placement, Status
+from nebula.models import ModelRequest, Node, Placement, Status
+from nebula.scheduler.usage import Usage
 
 EPS = 1e-9
 GPU_BUCKETS_PER_UNIT = 1000  # GPU offers are fractions of 1: buckets 0.001 wide
@@ -93,7 +94,15 @@ class _Buckets:
 class _NodeRoom:
     """Mutable free capacity and ports of one node during a pass."""
 
-    __slots__ = ("_next_port", "gpu_free", "idx", "node", "ports", "positions", "ram_free")
+    __slots__ = (
+        "_next_port",
+        "_own_ports",
+        "gpu_free",
+        "idx",
+        "node",
+        "ports",
+        "ram_free",
+    )
 
     def __init__(self, idx: int, node: Node) -> None:
         self.idx = idx
@@ -101,8 +110,8 @@ class _NodeRoom:
         self.gpu_free: list[float] = []
         self.ram_free = 0.0
         self.ports: set[int] = set()
+        self._own_ports = False
         self._next_port = node.port_min
-        self.positions = {d.index: i for i, d in enumerate(node.devices)}  # GPU index -> position
 
     def has_port(self) -> bool:
         # Ports are only taken during a pass, so the lowest free one never moves down.
@@ -114,6 +123,9 @@ class _NodeRoom:
         if not self.has_port():
             raise RuntimeError(f"node {self.node.id} has no free port")  # callers check first
         port = self._next_port
+        if not self._own_ports:  # the set is the Usage's until this pass takes a port
+            self.ports = set(self.ports)
+            self._own_ports = True
         self.ports.add(port)
         self._next_port += 1
         return port
@@ -141,52 +153,44 @@ class _Cluster:
     def __init__(
         self,
         nodes: Sequence[Node],
-        placements: Sequence[Placement],
-        confirmed: frozenset[str] | set[str],
+        usage: Usage,
         ceiling: float,
         todo: Sequence[ModelRequest],
     ) -> None:
         self.rooms = [_NodeRoom(i, node) for i, node in enumerate(nodes)]
-        by_id = {room.node.id: room for room in self.rooms}
-        wanted = {r.id for r in todo}
-        # Two budgets per GPU (and per CPU node's RAM): what the ceiling allows, and
-        # what telemetry says is free less what unconfirmed engines will still take.
-        by_ceiling = [[ceiling] * len(room.node.devices) for room in self.rooms]
-        by_real = [[d.free_fraction for d in room.node.devices] for room in self.rooms]
-        ram_ceiling = [r.node.ram_total_mib / MIB_PER_GIB * ceiling for r in self.rooms]
-        ram_real = [r.node.ram_available_mib / MIB_PER_GIB for r in self.rooms]
-        self.holders: dict[tuple[int, str], int] = defaultdict(int)  # (node idx, request) -> n
-        self.gpu_holders: set[tuple[int, int, str]] = set()  # (node idx, device pos, request)
-        for p in placements:
-            room = by_id.get(p.node)
-            if room is None:
-                continue
-            idx = room.idx
-            room.ports.add(p.port)
-            unconfirmed = p.id not in confirmed
-            if room.node.devices:
-                fraction = p.spec.gpu_memory_utilization or 0.0
-                positions = room.positions
-                for dev_index in p.devices:
-                    pos = positions.get(dev_index)
-                    if pos is None:
-                        continue
-                    by_ceiling[idx][pos] -= fraction
-                    if unconfirmed:
-                        by_real[idx][pos] -= fraction
-                    if p.request_id in wanted:
-                        self.gpu_holders.add((idx, pos, p.request_id))
-            else:
-                gib = p.spec.cpu_memory_gib or 0.0
-                ram_ceiling[idx] -= gib
-                if unconfirmed:
-                    ram_real[idx] -= gib
-            if p.request_id in wanted and p.desired is Desired.RUN and not room.node.draining:
-                self.holders[idx, p.request_id] += 1
+        self.usage = usage
+        zero = (0.0, 0.0)
+        gpu = usage.gpu
         for room in self.rooms:
-            room.gpu_free = list(map(min, by_ceiling[room.idx], by_real[room.idx]))
-            if not room.node.devices:
-                room.ram_free = min(ram_ceiling[room.idx], ram_real[room.idx])
+            node = room.node
+            # Two budgets per GPU (and per CPU node's RAM): what the ceiling allows, and
+            # what telemetry says is free less what unconfirmed engines will still take.
+            # (A plain loop: this runs for every GPU of the cluster on every pass.)
+            if node.devices:
+                free = []
+                node_id = node.id
+                for d in node.devices:
+                    sums = gpu.get((node_id, d.index))
+                    real = d.free_fraction
+                    free.append(
+                        min(ceiling - sums[0], real - sums[1]) if sums else min(ceiling, real)
+                    )
+                room.gpu_free = free
+            else:
+                placed, unconfirmed = usage.ram.get(node.id, zero)
+                room.ram_free = min(
+                    node.ram_total_mib / MIB_PER_GIB * ceiling - placed,
+                    node.ram_available_mib / MIB_PER_GIB - unconfirmed,
+                )
+            room.ports = usage.ports.get(node.id, set())  # copied before the first port taken
+        draining = {node.id: node.draining for node in nodes}
+        self.holders: dict[tuple[int, str], int] = defaultdict(int)  # (node idx, request) -> n
+        index = {room.node.id: room.idx for room in self.rooms}
+        for r in todo:
+            for node_id, n in usage.run.get(r.id, {}).items():
+                if n and draining.get(node_id) is False:
+                    self.holders[index[node_id], r.id] += n
+        self.new_gpu_holders: set[tuple[int, int, str]] = set()  # placed during this pass
         self.tp_sizes = sorted({r.spec.tensor_parallel_size for r in todo})
         self.gpu_index: dict[int, _Buckets] = {t: _Buckets() for t in self.tp_sizes}
         self.gpu_keys: dict[tuple[int, int], int] = {}
@@ -198,6 +202,13 @@ class _Cluster:
                 self.cordoned += 1
                 continue
             self._file(room)
+
+    def holds_gpu(self, room: _NodeRoom, pos: int, request_id: str) -> bool:
+        index = room.node.devices[pos].index
+        return (
+            self.usage.gpu_holders.get((room.node.id, index, request_id), 0) > 0
+            or (room.idx, pos, request_id) in self.new_gpu_holders
+        )
 
     def _file(self, room: _NodeRoom) -> None:
         if room.node.devices:
@@ -244,14 +255,12 @@ class _Cluster:
             if len(fits) < tp:
                 continue
             # Across GPUs: those without a replica of this request first, then tightest fit.
-            fits.sort(
-                key=lambda i: ((room.idx, i, request_id) in self.gpu_holders, room.gpu_free[i])
-            )
+            fits.sort(key=lambda i: (self.holds_gpu(room, i, request_id), room.gpu_free[i]))
             chosen = sorted(fits[:tp])
             self._unfile(room)
             for i in chosen:
                 room.gpu_free[i] -= fraction
-                self.gpu_holders.add((room.idx, i, request_id))
+                self.new_gpu_holders.add((room.idx, i, request_id))
             self._file(room)
             self.holders[room.idx, request_id] += 1
             return room, tuple(room.node.devices[i].index for i in chosen)
@@ -290,33 +299,34 @@ def _reason(request: ModelRequest, cordoned: int, live: int) -> str:
 
 
 def wanting(
-    requests: Iterable[ModelRequest], placements: Iterable[Placement], draining: dict[str, bool]
+    requests: Iterable[ModelRequest], usage: Usage, draining: dict[str, bool]
 ) -> list[tuple[ModelRequest, int]]:
     """Placeable requests with fewer replicas than they ask for, oldest first, with the
     number missing. `draining` maps each live node to whether it is draining;
     replicas on draining or dead nodes do not count.
     """
-    active: dict[str, int] = defaultdict(int)
-    for p in placements:
-        if p.desired is Desired.RUN and draining.get(p.node) is False:
-            active[p.request_id] += 1
-    return sorted(
-        (
-            (r, r.replicas - active[r.id])
-            for r in requests
-            if r.status in PLACEABLE and r.replicas > active[r.id]
-        ),
-        key=lambda item: (item[0].created_at, item[0].id),
-    )
+    # Replicas on dead or draining nodes do not count; usually there are none, and
+    # then a request's count is one lookup.
+    excluded = any(draining.get(n) is not False for n in usage.by_node)
+    totals = usage.run_total
+    todo = []
+    for r in requests:
+        if r.status in PLACEABLE:
+            active = usage.active(r.id, draining) if excluded else totals.get(r.id, 0)
+            if r.replicas > active:
+                todo.append((r, r.replicas - active))
+    todo.sort(key=lambda item: (item[0].created_at, item[0].id))
+    return todo
 
 
 def plan(
     nodes: Sequence[Node],
     requests: Sequence[ModelRequest],
-    placements: Sequence[Placement],
+    placements: Sequence[Placement] = (),
     *,
     ceiling: float,
     confirmed: frozenset[str] | set[str] = frozenset(),
+    usage: Usage | None = None,
     now: float = 0.0,
     new_id: Callable[[], str] = default_id,
 ) -> Plan:
@@ -324,12 +334,15 @@ def plan(
 
     `nodes` are the live nodes; `placements` the current ones on them (others are
     ignored); `confirmed` the ids of placements whose engine runs and so shows in
-    the nodes' telemetry.
+    the nodes' telemetry. A `usage` kept by the caller replaces `placements` and
+    `confirmed` (the same sums, maintained incrementally); it is only read.
     """
-    todo = wanting(requests, placements, {node.id: node.draining for node in nodes})
+    if usage is None:
+        usage = Usage.of(placements, confirmed)
+    todo = wanting(requests, usage, {node.id: node.draining for node in nodes})
     if not todo:  # the steady state: nothing to place, no index to build
         return Plan(new=())
-    cluster = _Cluster(nodes, placements, confirmed, ceiling, [r for r, _ in todo])
+    cluster = _Cluster(nodes, usage, ceiling, [r for r, _ in todo])
     new: list[Placement] = []
     pending: dict[str, tuple[str, ...]] = {}
     for request, missing in todo:

@@ -7,7 +7,6 @@ second time.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 
 from nebula.models import (
@@ -20,6 +19,7 @@ from nebula.models import (
     can_transition,
 )
 from nebula.scheduler.placement import default_id, plan, wanting
+from nebula.scheduler.usage import Usage
 from nebula.state import Changes, Snapshot
 
 # Engines in these phases hold their memory, so the node's telemetry shows it.
@@ -33,10 +33,16 @@ def where(p: Placement) -> str:
     return f"{p.node} (CPU)"
 
 
-def needs_placement(snap: Snapshot) -> bool:
+def usage_of(snap: Snapshot) -> Usage:
+    """The snapshot's placements as running sums (what a full pass starts from)."""
+    confirmed = (pid for pid, s in snap.states.items() if s.phase in CONFIRMED_PHASES)
+    return Usage.of(snap.placements.values(), confirmed)
+
+
+def needs_placement(snap: Snapshot, usage: Usage) -> bool:
     """Whether some request lacks replicas (and so node telemetry is worth reading)."""
     draining = {n: n in snap.marks[1] for n in snap.alive}
-    return bool(wanting(snap.requests.values(), snap.placements.values(), draining))
+    return bool(wanting(snap.requests.values(), usage, draining))
 
 
 def reconcile(
@@ -45,70 +51,78 @@ def reconcile(
     ceiling: float,
     now: float,
     full: bool = True,
+    usage: Usage | None = None,
     new_id: Callable[[], str] = default_id,
 ) -> Changes:
     """The writes that bring the cluster closer to what its requests ask for.
+
+    `usage` holds the current placements (built from the snapshot when not
+    given); the pass updates it to match the changes it returns, so a caller
+    that keeps one must drop it if those changes are not written.
 
     With `full` false, only requests that something touched since the last pass
     (their hash, their placements' states, their nodes' death or drain) are
     re-examined, plus every request the placement function could serve: the
     rest cannot have changed.
     """
+    if usage is None:
+        usage = usage_of(snap)
     ch = Changes()
     live = {n: node for n, node in snap.nodes.items() if n in snap.alive}
     requests = snap.requests
     states = snap.states
 
+    # Engines whose memory now shows in telemetry (or no longer does).
+    for node_id in usage.by_node.keys() if full else snap.dirty_nodes & usage.by_node.keys():
+        for pid in list(usage.by_node[node_id]):
+            state = states.get(pid)
+            usage.confirm(pid, state is not None and state.phase in CONFIRMED_PHASES)
+
     # Dead nodes: their placements are gone with them, and get rescheduled below.
     ch.dead_nodes = sorted(snap.node_ids - snap.alive)
-    current: dict[str, Placement] = {}
-    focus: set[str] = set(requests) if full else set(snap.dirty_requests)
-    for p in snap.placements.values():
-        node = live.get(p.node)
-        if node is not None:
-            current[p.id] = p
-            if node.draining or p.node in snap.dirty_nodes:
-                focus.add(p.request_id)
-            continue
-        focus.add(p.request_id)
-        ch.drop_placements.append(p)
-        if p.request_id in requests and p.desired is Desired.RUN:
-            lost = f"node {p.node} lost: replica on it is gone"
-            ch.events.append((p.request_id, lost, requests[p.request_id].status))
-
-    by_request: dict[str, list[Placement]] = defaultdict(list)
-    for p in current.values():
-        if p.request_id in focus:
-            by_request[p.request_id].append(p)
+    focus: set[str] = set(requests) | set(usage.by_request) if full else set(snap.dirty_requests)
+    for node_id in usage.by_node.keys() - live.keys():
+        for pid in sorted(usage.by_node[node_id]):
+            p = usage.placements[pid]
+            focus.add(p.request_id)
+            ch.drop_placements.append(p)
+            usage.drop(pid)
+            if p.request_id in requests and p.desired is Desired.RUN:
+                lost = f"node {p.node} lost: replica on it is gone"
+                ch.events.append((p.request_id, lost, requests[p.request_id].status))
+    draining = {n for n, node in live.items() if node.draining}
+    for node_id in (snap.dirty_nodes | draining) & usage.by_node.keys():
+        focus.update(usage.placements[pid].request_id for pid in usage.by_node[node_id])
 
     # Retire placements: stopped ones are deleted, unwanted ones asked to stop.
-    for request_id, placed in by_request.items():
+    for request_id in sorted(focus):
         request = requests.get(request_id)
+        placed = [usage.placements[pid] for pid in sorted(usage.by_request.get(request_id, ()))]
         healthy_off_drain = sum(
             1
             for p in placed
             if p.desired is Desired.RUN
-            and not live[p.node].draining
+            and p.node not in draining
             and (state := states.get(p.id)) is not None
             and state.phase is Phase.HEALTHY
         )
-        for i, p in enumerate(placed):
+        for p in placed:
             if p.desired is Desired.STOP:
                 state = states.get(p.id)
                 if state is not None and state.phase is Phase.STOPPED:
                     ch.drop_placements.append(p)
-                    del current[p.id]
+                    usage.drop(p.id)
                 continue
             reason = None
             if request is None:
                 reason = "its model request is gone"
             elif request.status is Status.UNLOADING:
                 reason = "unloading"
-            elif live[p.node].draining and healthy_off_drain >= request.replicas:
+            elif p.node in draining and healthy_off_drain >= request.replicas:
                 reason = f"node {p.node} draining, replacement healthy"
             if reason is not None:
                 stopped = p.stopped()
-                current[p.id] = placed[i] = stopped
+                usage.put(stopped)
                 ch.put_placements.append(stopped)
                 if request is not None:
                     text = f"stopping replica on {where(p)}: {reason}"
@@ -118,30 +132,25 @@ def reconcile(
     result = plan(
         list(live.values()),
         list(requests.values()),
-        list(current.values()),
+        usage=usage,
         ceiling=ceiling,
-        confirmed={pid for pid, s in states.items() if s.phase in CONFIRMED_PHASES},
         now=now,
         new_id=new_id,
     )
     for p in result.new:
-        current[p.id] = p
+        usage.put(p, confirmed=False)
         ch.put_placements.append(p)
         text = f"Scheduled on {where(p)}, port {p.port}"
         ch.events.append((p.request_id, text, Status.SCHEDULED))
     focus.update(p.request_id for p in result.new)
     focus.update(result.pending)
-    by_request = defaultdict(list)
-    for p in current.values():
-        if p.request_id in focus:
-            by_request[p.request_id].append(p)
 
     # Statuses.
-    for request_id in focus:
+    for request_id in sorted(focus):
         request = requests.get(request_id)
         if request is None:
             continue
-        placed = by_request.get(request.id, [])
+        placed = [usage.placements[pid] for pid in usage.by_request.get(request_id, ())]
         if request.status is Status.UNLOADING and not placed:
             ch.gone_requests.append(request)
             continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import socket
@@ -17,7 +18,8 @@ import uuid
 
 from nebula.errors import StateUnavailable
 from nebula.loops import jittered, run_loops
-from nebula.scheduler.reconcile import needs_placement, reconcile
+from nebula.scheduler.reconcile import needs_placement, reconcile, usage_of
+from nebula.scheduler.usage import Usage
 from nebula.settings import Settings
 from nebula.state import Changes, Snapshot, State
 
@@ -35,6 +37,7 @@ class Scheduler:
         self.me = identity or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.is_leader = False
         self.snapshot = Snapshot()
+        self.usage = Usage()  # the placements as running sums; rebuilt on full passes
         self._last_full = 0.0
         self._telemetry_at = 0.0
         self._wake = asyncio.Event()
@@ -92,36 +95,43 @@ class Scheduler:
         snap = await self.state.read_cluster(self.snapshot, full=full)
         if full:
             self._last_full = now
+            self.usage = usage_of(snap)
+            snap.placements = {}  # from here on the usage holds them, kept current
         # Telemetry matters only to placement, and is at most one heartbeat fresh:
         # read it all when something may be placed and the copy is a heartbeat
         # old, else only for nodes not seen before.
         stale = now - self._telemetry_at >= self.settings.heartbeat_interval_s
-        if full or (stale and needs_placement(snap)):
+        if full or (stale and needs_placement(snap, self.usage)):
             await self.state.read_telemetry(snap, snap.alive)
             self._telemetry_at = now
         else:
             await self.state.read_telemetry(snap, snap.alive - snap.nodes.keys())
-        changes = reconcile(snap, ceiling=self.settings.memory_ceiling, now=now, full=full)
+        changes = reconcile(
+            snap, ceiling=self.settings.memory_ceiling, now=now, full=full, usage=self.usage
+        )
+        if full:
+            # Tens of thousands of long-lived objects (requests, placements) were just
+            # read; keep the collector from walking them again on every later pass.
+            gc.freeze()
         if not changes:
             return changes
         if not await self.state.apply(changes, leader=self.me):
             log.warning("scheduler %s lost the leader lease before writing", self.me)
             self.is_leader = False
+            # `usage` already holds the unwritten changes: start over from Redis.
+            self.snapshot, self.usage = Snapshot(), Usage()
             return None
         self._remember(changes)
         return changes
 
     def _remember(self, changes: Changes) -> None:
         """Apply our own writes to the cached snapshot (we are their only writer)."""
-        snap = self.snapshot
+        snap = self.snapshot  # placements live in self.usage, which reconcile updated
         for p in changes.drop_placements:
-            snap.placements.pop(p.id, None)
             snap.states.pop(p.id, None)
         for node_id in changes.dead_nodes:
             snap.node_ids.discard(node_id)
             snap.nodes.pop(node_id, None)
-        for p in changes.put_placements:
-            snap.placements[p.id] = p
         for request in changes.put_requests:
             if request.id in snap.requests:
                 snap.requests[request.id] = request
