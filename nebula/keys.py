@@ -71,5 +71,9 @@ def endpoint(placement_id: str) -> str:
 # API keys for /v1, stored hashed: hash sha256(key) hex -> JSON {name, rate_per_s, created_at}.
 API_KEYS = PREFIX + "api-keys"
 
+# Every Nebula process's /metrics address, for Prometheus' discovery:
+# hash "kind:id" -> JSON {kind, id, address, expires_at}; entries past expires_at are dead.
+METRICS_TARGETS = PREFIX + "metrics-targets"
+
 # Scheduler leadership: SET NX PX, value = the leader's identity.
 SCHEDULER_LEADER = PREFIX + "scheduler:leader"

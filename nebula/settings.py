@@ -118,6 +118,18 @@ class Settings(BaseSettings):
         1.0, gt=0, description="KV cache per engine on CPU nodes (VLLM_CPU_KVCACHE_SPACE)."
     )
 
+    # Metrics.
+    metrics_address: str = Field(
+        "127.0.0.1",
+        description="Address the scheduler's and agent's /metrics listen on and advertise.",
+    )
+    scheduler_metrics_port: int = Field(
+        9180, ge=0, le=65535, description="The scheduler's /metrics port (0: any free port)."
+    )
+    agent_metrics_port: int = Field(
+        9181, ge=0, le=65535, description="The node agent's /metrics port (0: any free port)."
+    )
+
     # Router.
     router_host: str = Field("127.0.0.1", description="Address the router listens on.")
     router_port: int = Field(8080, ge=1, le=65535, description="Port for /v1, /admin, /metrics.")

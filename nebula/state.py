@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import secrets
 import time
 import uuid
@@ -122,6 +123,8 @@ class Changes:
     gone_requests: list[ModelRequest] = field(default_factory=list)
     events: list[tuple[str, str, Status]] = field(default_factory=list)  # request, text, status
     dead_nodes: list[str] = field(default_factory=list)
+    # Not written: what could not be placed this pass (request id -> reasons), for metrics.
+    pending: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return any(
@@ -452,6 +455,28 @@ class State:
             raw = await self.redis.mget([keys.endpoint(i) for i in ids]) if ids else []
         endpoints = [Endpoint.from_json(r) for r in raw if r]
         return endpoints, set(models), [ApiKey.from_json(k) for k in api_keys]
+
+    # ------------------------------------------------------------ metrics targets
+
+    async def register_metrics(self, kind: str, ident: str, address: str, ttl_s: float) -> None:
+        """Advertise a process's /metrics (HOST:PORT) for `ttl_s`; refresh before it lapses."""
+        entry = {"kind": kind, "id": ident, "address": address, "expires_at": time.time() + ttl_s}
+        async with self._reachable():
+            await self.redis.hset(keys.METRICS_TARGETS, f"{kind}:{ident}", json.dumps(entry))
+
+    async def metrics_targets(self) -> list[dict[str, Any]]:
+        """Live processes' /metrics addresses; lapsed entries are removed."""
+        now = time.time()
+        async with self._reachable():
+            raw = await self.redis.hgetall(keys.METRICS_TARGETS)
+            entries = {field: json.loads(value) for field, value in raw.items()}
+            dead = [field for field, e in entries.items() if e["expires_at"] < now]
+            if dead:
+                await self.redis.hdel(keys.METRICS_TARGETS, *dead)
+        return sorted(
+            (e for e in entries.values() if e["expires_at"] >= now),
+            key=lambda e: (e["kind"], e["id"]),
+        )
 
     # ----------------------------------------------------------------- API keys
 

@@ -42,6 +42,7 @@ class Behaviour:
 BEHAVIOUR = web.AppKey("behaviour", Behaviour)
 RUNNING = web.AppKey("running", list)  # one-element list: requests in progress
 SERVED = web.AppKey("served", list)  # one-element list: /v1 requests that reached us
+TOKENS = web.AppKey("tokens", list)  # [prompt, generation] tokens, like vLLM's counters
 MODEL = web.AppKey("model", str)
 API_KEY = web.AppKey("api_key", str)
 DIMENSIONS = web.AppKey("dimensions", int)
@@ -116,6 +117,8 @@ async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
     created = int(time.time())
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:16]
     kind = "chat.completion" if chat else "text_completion"
+    app[TOKENS][0] += len(prompt.split())
+    app[TOKENS][1] += len(words)
     usage = {
         "prompt_tokens": len(prompt.split()),
         "completion_tokens": len(words),
@@ -244,6 +247,15 @@ async def metrics(request: web.Request) -> web.Response:
         "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
         "# TYPE vllm:num_requests_waiting gauge\n"
         f'vllm:num_requests_waiting{{model_name="{model}"}} 0\n'
+        "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n"
+        "# TYPE vllm:kv_cache_usage_perc gauge\n"
+        f'vllm:kv_cache_usage_perc{{model_name="{model}"}} {min(1.0, running / 16):.4f}\n'
+        "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.\n"
+        "# TYPE vllm:prompt_tokens_total counter\n"
+        f'vllm:prompt_tokens_total{{model_name="{model}"}} {request.app[TOKENS][0]}\n'
+        "# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
+        "# TYPE vllm:generation_tokens_total counter\n"
+        f'vllm:generation_tokens_total{{model_name="{model}"}} {request.app[TOKENS][1]}\n'
     )
     return web.Response(text=text, content_type="text/plain")
 
@@ -274,6 +286,7 @@ def make_app(
     app[BEHAVIOUR] = behaviour or Behaviour()
     app[RUNNING] = [0]
     app[SERVED] = [0]
+    app[TOKENS] = [0, 0]
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)

@@ -39,6 +39,11 @@ engine = "test"
 cpu_memory_gib = 1
 engine_args = ["--fail-start", "OSError: boom, weights not found"]
 
+[models.gpu_chat]
+model = "test/needs-a-gpu"
+engine = "test"
+gpu_memory_utilization = 0.5
+
 [models.tiny_embedding]
 model = "test/tiny-embedding"
 engine = "test"
@@ -90,6 +95,8 @@ class Cluster:
             "NEBULA_ENGINE_PORT_MAX": str(base + 49),
             "NEBULA_ENGINE_API_KEY": ENGINE_KEY,
             "NEBULA_LOG_LEVEL": "INFO",
+            "NEBULA_SCHEDULER_METRICS_PORT": "0",
+            "NEBULA_AGENT_METRICS_PORT": "0",
             **(extra_env or {}),
         }
         self.settings = Settings(redis_url=redis_url, node_id="node-a", state_dir=folder / "state")

@@ -53,6 +53,7 @@ async def test_every_command_against_a_live_stack(stack: Cluster) -> None:
         "tiny_chat",
         "slow_chat",
         "broken_chat",
+        "gpu_chat",
         "tiny_embedding",
     }
     assert "tiny_chat" in ok(cli(stack, "catalog", "list"))
@@ -103,7 +104,11 @@ async def test_errors_have_one_line_and_exit_codes_scripts_can_trust(stack: Clus
 
     fails(1, "'llama' is not in the catalog", "model", "load", "llama")
     fails(
-        1, "known models: broken_chat, slow_chat, tiny_chat, tiny_embedding", "model", "load", "x"
+        1,
+        "known models: broken_chat, gpu_chat, slow_chat, tiny_chat, tiny_embedding",
+        "model",
+        "load",
+        "x",
     )
     fails(1, "replicas must be between 1 and 256", "model", "load", "tiny_chat", "--replicas", "0")
     ok(cli(stack, "model", "load", "tiny_embedding"))

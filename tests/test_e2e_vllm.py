@@ -9,8 +9,11 @@ prepares both.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import openai
@@ -95,6 +98,18 @@ async def test_both_default_models_on_vllm_cpu(
         )
         assert routed.choices[0].message.content
         assert len(via.embeddings.create(model=EMBED, input="x").data[0].embedding) == 384
+        # vLLM's own metrics, found through the discovery endpoint Prometheus uses.
+        with urllib.request.urlopen(router.url + "/admin/sd", timeout=10) as r:
+            groups = json.load(r)
+        engines = {g["labels"]["model"]: g["targets"][0] for g in groups
+                   if g["labels"]["nebula_component"] == "engine"}  # fmt: skip
+        assert set(engines) == {CHAT, EMBED}
+        assert {g["labels"]["nebula_component"] for g in groups} >= {"scheduler", "agent", "router"}
+        for model, target in engines.items():
+            with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            for name in ("vllm:num_requests_running", "vllm:kv_cache_usage_perc"):
+                assert re.search(rf'^{name}{{[^}}]*model_name="{model}"', text, re.M), (model, name)
         running = vllm_processes()
         assert running, "no vLLM process while both models were Ready"
         for api in (chat_api, embed_api, via):

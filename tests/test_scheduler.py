@@ -260,6 +260,7 @@ def spawn_scheduler(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
         "NEBULA_LEADER_TTL_S": "1.5",
         "NEBULA_SCHEDULER_INTERVAL_S": "0.2",
         "NEBULA_LOG_LEVEL": "INFO",
+        "NEBULA_SCHEDULER_METRICS_PORT": "0",
     }
     return spawn([sys.executable, "-m", "nebula.daemons", "scheduler"], log, env)
 

@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from nebula import keys
+from nebula.agent import metrics
 from nebula.agent.engines import engine_program, program_name
 from nebula.agent.supervisor import Supervisor, SupervisorUnavailable
 from nebula.agent.telemetry import Telemetry
 from nebula.errors import InvalidRequest, StateUnavailable
 from nebula.loops import jittered, run_loops
+from nebula.metrics import advertise, serve_metrics
 from nebula.models import Desired, Endpoint, Phase, Placement, PlacementState
 from nebula.settings import Settings
 from nebula.state import State
@@ -98,13 +100,24 @@ class Agent:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=probe_timeout))
         try:
             await self._restore()
+            port = serve_metrics(
+                self.settings.metrics_address,
+                self.settings.agent_metrics_port,
+                "NEBULA_AGENT_METRICS_PORT",
+            )
+            address = f"{self.settings.metrics_address}:{port}"
+            log.info("agent metrics on http://%s/metrics", address)
             await run_loops(
                 {
                     "heartbeat": self._heartbeat_loop,
                     "converge": self._converge_loop,
                     "listen": self._listen_loop,
+                    "advertise": lambda: advertise(
+                        self.state, "agent", self.node_id, address,
+                        self.settings.heartbeat_interval_s,
+                    ),
                 }
-            )
+            )  # fmt: skip
         finally:
             for engine in self.engines.values():
                 if engine.retiring is not None:
@@ -115,6 +128,7 @@ class Agent:
         while True:
             try:
                 node = await asyncio.to_thread(self.telemetry.sample, self.settings)
+                metrics.record_node(node)
                 await self.state.heartbeat(node, self.settings.node_ttl_s)
             except StateUnavailable as exc:
                 log.warning("heartbeat: %s", exc.message)
@@ -260,11 +274,14 @@ class Agent:
 
     async def _probe(self, engine: Engine) -> bool:
         assert self._session is not None
+        started = time.perf_counter()
         try:
             async with self._session.get(self._url(engine.placement) + "/health") as r:
                 return r.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False
+        finally:
+            metrics.PROBE_SECONDS.labels(self.node_id).observe(time.perf_counter() - started)
 
     async def _publish(self, engine: Engine) -> None:
         p = engine.placement
@@ -297,6 +314,14 @@ class Agent:
             await self.sup.stop(engine.name)
 
     async def _report(self) -> None:
+        metrics.record_engines(
+            self.node_id,
+            {
+                pid: (e.placement.model, e.phase, e.restarts)
+                for pid, e in self.engines.items()
+                if pid not in self.stopped
+            },
+        )
         changes = {}
         for pid, engine in self.engines.items():
             if pid in self.stopped:

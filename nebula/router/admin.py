@@ -217,6 +217,24 @@ async def delete_key(request: web.Request) -> web.Response:
     return web.json_response({"deleted": request.match_info["name"]})
 
 
+async def discovery(request: web.Request) -> web.Response:
+    """Prometheus HTTP service discovery: every live engine and every Nebula process."""
+    groups: list[dict[str, Any]] = []
+    table = request.app[TABLE]
+    for model in table.served():
+        for e in table.endpoints(model):
+            host = e.url.split("://", 1)[-1].rstrip("/")
+            labels = {"nebula_component": "engine", "model": model, "node": e.node,
+                      "placement": e.placement_id}  # fmt: skip
+            groups.append({"targets": [host], "labels": labels})
+    for target in await request.app[STATE].metrics_targets():
+        labels = {"nebula_component": target["kind"], "nebula_id": target["id"]}
+        if target["kind"] == "agent":
+            labels["node"] = target["id"]
+        groups.append({"targets": [target["address"]], "labels": labels})
+    return web.json_response(groups)
+
+
 def add_routes(app: web.Application, keys: Keys) -> None:
     """The admin API under /admin; reads STATE, CATALOG, TABLE and INFLIGHT from `app`."""
     routes = [
@@ -231,6 +249,7 @@ def add_routes(app: web.Application, keys: Keys) -> None:
         ("GET", "/keys", list_keys),
         ("POST", "/keys", create_key),
         ("DELETE", "/keys/{name}", delete_key),
+        ("GET", "/sd", discovery),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, "/admin" + path, guarded(keys, handler))

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from nebula.catalog import Catalog, load_catalog
 from nebula.errors import ConfigError
+from nebula.metrics import advertise
 from nebula.router import admin
 from nebula.router.auth import Keys, bearer
 from nebula.router.openai_errors import error
@@ -81,8 +82,18 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
                 await asyncio.sleep(1.0)
 
         sampler = asyncio.create_task(sample(), name="in-flight-sampler")
+        host = (
+            settings.node_address
+            if settings.router_host in ("0.0.0.0", "::")
+            else (settings.router_host)
+        )
+        address = f"{host}:{settings.router_port}"
+        advertiser = asyncio.create_task(
+            advertise(app[admin.STATE], "router", address, address, settings.heartbeat_interval_s),
+            name="metrics-advertiser",
+        )
         yield
-        for task in (refresher, sampler):
+        for task in (refresher, sampler, advertiser):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

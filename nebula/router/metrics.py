@@ -34,6 +34,12 @@ IN_FLIGHT = Gauge(
     ["model"],
     multiprocess_mode="livesum",
 )
+ENDPOINTS = Gauge(
+    "nebula_router_endpoints",
+    "Healthy replicas in this router's routing table (sampled every second).",
+    ["model"],
+    multiprocess_mode="max",
+)
 RETRIES = Counter(
     "nebula_router_retries",
     "Requests sent again to another replica after a failure before the first byte.",

@@ -112,6 +112,7 @@ class Proxy:
             )
         for model, n in per_model.items():
             metrics.IN_FLIGHT.labels(model).set(n)
+            metrics.ENDPOINTS.labels(model).set(len(self.table.endpoints(model)))
 
     def _done(self, model: str, route: str, status: int) -> None:
         self.labels.requests(model, route, status).inc()

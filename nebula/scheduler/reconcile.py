@@ -144,6 +144,7 @@ def reconcile(
         ch.events.append((p.request_id, text, Status.SCHEDULED))
     focus.update(p.request_id for p in result.new)
     focus.update(result.pending)
+    ch.pending = result.pending
 
     # Statuses.
     for request_id in sorted(focus):

@@ -18,6 +18,8 @@ import uuid
 
 from nebula.errors import StateUnavailable
 from nebula.loops import jittered, run_loops
+from nebula.metrics import advertise, serve_metrics
+from nebula.scheduler import metrics
 from nebula.scheduler.reconcile import needs_placement, reconcile, usage_of
 from nebula.scheduler.usage import Usage
 from nebula.settings import Settings
@@ -44,8 +46,23 @@ class Scheduler:
 
     async def run(self) -> None:
         log.info("scheduler %s starting", self.me)
+        port = serve_metrics(
+            self.settings.metrics_address,
+            self.settings.scheduler_metrics_port,
+            "NEBULA_SCHEDULER_METRICS_PORT",
+        )
+        address = f"{self.settings.metrics_address}:{port}"
+        log.info("scheduler metrics on http://%s/metrics", address)
         try:
-            await run_loops({"reconcile": self._reconcile_loop, "listen": self._listen_loop})
+            await run_loops(
+                {
+                    "reconcile": self._reconcile_loop,
+                    "listen": self._listen_loop,
+                    "advertise": lambda: advertise(
+                        self.state, "scheduler", self.me, address, self.interval
+                    ),
+                }
+            )
         finally:
             if self.is_leader:
                 with contextlib.suppress(StateUnavailable):
@@ -88,8 +105,10 @@ class Scheduler:
             log.info("scheduler %s %s leader", self.me, "became" if held else "is no longer")
         became_leader = held and not self.is_leader
         self.is_leader = held
+        metrics.LEADER.set(1 if held else 0)
         if not held:
             return None
+        started = time.perf_counter()
         now = time.time()
         full = became_leader or now - self._last_full > FULL_RESYNC_S
         snap = await self.state.read_cluster(self.snapshot, full=full)
@@ -109,11 +128,13 @@ class Scheduler:
         changes = reconcile(
             snap, ceiling=self.settings.memory_ceiling, now=now, full=full, usage=self.usage
         )
+        metrics.record(snap, changes.pending)
         if full:
             # Tens of thousands of long-lived objects (requests, placements) were just
             # read; keep the collector from walking them again on every later pass.
             gc.freeze()
         if not changes:
+            metrics.PASS_SECONDS.observe(time.perf_counter() - started)
             return changes
         if not await self.state.apply(changes, leader=self.me):
             log.warning("scheduler %s lost the leader lease before writing", self.me)
@@ -122,6 +143,7 @@ class Scheduler:
             self.snapshot, self.usage = Snapshot(), Usage()
             return None
         self._remember(changes)
+        metrics.PASS_SECONDS.observe(time.perf_counter() - started)
         return changes
 
     def _remember(self, changes: Changes) -> None:

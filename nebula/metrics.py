@@ -1,0 +1,41 @@
+"""Serving a daemon's Prometheus metrics, and keeping it discoverable.
+
+Every Nebula process exposes `nebula_*` metrics on /metrics and advertises the
+address in Redis (`nebula:metrics-targets`), refreshed like a heartbeat, so the
+router's HTTP service-discovery endpoint can hand Prometheus every process and
+every engine as they come and go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import start_http_server
+
+from nebula.errors import ConfigError, StateUnavailable
+from nebula.state import State
+
+log = logging.getLogger(__name__)
+
+
+def serve_metrics(address: str, port: int, setting: str) -> int:
+    """Start /metrics in a thread; the port it listens on (`port` 0: any free one)."""
+    try:
+        server, _ = start_http_server(port, addr=address)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot serve metrics on {address}:{port} ({exc.strerror}); set {setting} "
+            "(0 picks a free port)"
+        ) from None
+    return int(server.server_port)
+
+
+async def advertise(state: State, kind: str, ident: str, address: str, interval_s: float) -> None:
+    """Keep this process's /metrics address in Redis while it runs."""
+    while True:
+        try:
+            await state.register_metrics(kind, ident, address, ttl_s=3 * interval_s)
+        except StateUnavailable as exc:
+            log.debug("metrics advertisement: %s", exc.message)
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,63 @@
+"""The scheduler's Prometheus metrics (`nebula_scheduler_*`)."""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+
+from prometheus_client import Gauge, Histogram
+
+from nebula.models import Status
+from nebula.state import Snapshot
+
+LEADER = Gauge("nebula_scheduler_leader", "1 while this scheduler holds the leader lease.")
+PASS_SECONDS = Histogram(
+    "nebula_scheduler_pass_seconds",
+    "Time of one reconcile pass (read, plan, write), as leader.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+REQUESTS = Gauge("nebula_scheduler_requests", "Model requests by status.", ["status"])
+PENDING = Gauge(
+    "nebula_scheduler_pending_replicas",
+    "Replicas that fit nowhere, by model and reason.",
+    ["model", "reason"],
+)
+NODES = Gauge(
+    "nebula_scheduler_nodes", "Nodes by state (alive, cordoned, draining, dead).", ["state"]
+)
+
+_pending_labels: set[tuple[str, str]] = set()
+
+
+def reason_kind(text: str) -> str:
+    """A short, bounded label for a pending reason."""
+    if "no live nodes" in text:
+        return "no_nodes"
+    if "cordoned" in text:
+        return "cordoned"
+    if "GPU" in text:
+        return "no_gpu_room"
+    return "no_cpu_room"
+
+
+def record(snap: Snapshot, pending: dict[str, tuple[str, ...]]) -> None:
+    """Set the gauges from a pass's snapshot and its pending replicas."""
+    counts = Tally(r.status.value for r in snap.requests.values())
+    for status in Status:
+        REQUESTS.labels(status.value).set(counts.get(status.value, 0))
+    cordoned, draining = snap.marks
+    NODES.labels("alive").set(len(snap.alive))
+    NODES.labels("dead").set(len(snap.node_ids - snap.alive))
+    NODES.labels("cordoned").set(len(cordoned & snap.alive))
+    NODES.labels("draining").set(len(draining & snap.alive))
+    now: Tally[tuple[str, str]] = Tally()
+    for request_id, reasons in pending.items():
+        request = snap.requests.get(request_id)
+        if request is not None:
+            for reason in reasons:
+                now[request.model, reason_kind(reason)] += 1
+    for labels in _pending_labels - now.keys():
+        PENDING.remove(*labels)
+    for labels, n in now.items():
+        PENDING.labels(*labels).set(n)
+    _pending_labels.clear()
+    _pending_labels.update(now)
