@@ -9,9 +9,11 @@ Redis being unreachable is a `StateUnavailable` error, never a raw traceback.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -38,6 +40,8 @@ from nebula.models import (
     PlacementState,
     Status,
 )
+
+log = logging.getLogger(__name__)
 
 MAX_REPLICAS = 256
 
@@ -195,6 +199,20 @@ class State:
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()
+
+    async def wake_on(self, event: asyncio.Event, channel: str, retry_s: float) -> None:
+        """Set `event` on every message on `channel`, forever; resubscribe after a loss.
+
+        Loops that use it also poll, so while Redis is away they only lose latency.
+        """
+        while True:
+            try:
+                async with self.subscribe(channel) as pubsub:
+                    async for _ in pubsub.listen():
+                        event.set()
+            except Exception as exc:  # connection errors of every kind (redis-py's own too)
+                log.debug("subscription to %s lost (%s)", channel, exc)
+            await asyncio.sleep(retry_s)
 
     # ----------------------------------------------------------- model requests
 

@@ -111,7 +111,11 @@ class Agent:
                 {
                     "heartbeat": self._heartbeat_loop,
                     "converge": self._converge_loop,
-                    "listen": self._listen_loop,
+                    "listen": lambda: self.state.wake_on(
+                        self._wake,
+                        keys.node_channel(self.node_id),
+                        self.settings.probe_interval_s,
+                    ),
                     "advertise": lambda: advertise(
                         self.state, "agent", self.node_id, address,
                         self.settings.heartbeat_interval_s,
@@ -151,16 +155,6 @@ class Agent:
                 interval = min(interval, STARTING_PROBE_S)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
-
-    async def _listen_loop(self) -> None:
-        while True:
-            try:
-                async with self.state.subscribe(keys.node_channel(self.node_id)) as pubsub:
-                    async for _ in pubsub.listen():
-                        self._wake.set()
-            except Exception as exc:  # connection errors of every kind: poll meanwhile
-                log.debug("node channel lost (%s)", exc)
-            await asyncio.sleep(self.settings.probe_interval_s)
 
     async def _restore(self) -> None:
         """Carry restart counts and failures over an agent restart."""

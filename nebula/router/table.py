@@ -13,6 +13,7 @@ import logging
 import time
 from collections import defaultdict
 
+from nebula import keys
 from nebula.errors import StateUnavailable
 from nebula.models import ApiKey, Endpoint
 from nebula.state import State
@@ -56,17 +57,9 @@ class RoutingTable:
         """Refresh on every change event, and every `interval_s` regardless."""
         wake = asyncio.Event()
 
-        async def listen() -> None:
-            while True:
-                try:
-                    async with state.subscribe() as pubsub:
-                        async for _ in pubsub.listen():
-                            wake.set()
-                except Exception as exc:  # connection errors of every kind: poll meanwhile
-                    log.debug("event subscription lost (%s)", exc)
-                await asyncio.sleep(interval_s)
-
-        listener = asyncio.create_task(listen(), name="routing-events")
+        listener = asyncio.create_task(
+            state.wake_on(wake, keys.EVENTS_CHANNEL, interval_s), name="routing-events"
+        )
         try:
             while True:
                 wake.clear()

@@ -16,6 +16,7 @@ import socket
 import time
 import uuid
 
+from nebula import keys
 from nebula.errors import StateUnavailable
 from nebula.loops import jittered, run_loops
 from nebula.metrics import advertise, serve_metrics
@@ -57,7 +58,9 @@ class Scheduler:
             await run_loops(
                 {
                     "reconcile": self._reconcile_loop,
-                    "listen": self._listen_loop,
+                    "listen": lambda: self.state.wake_on(
+                        self._wake, keys.EVENTS_CHANNEL, self.interval
+                    ),
                     "advertise": lambda: advertise(
                         self.state, "scheduler", self.me, address, self.interval
                     ),
@@ -83,18 +86,6 @@ class Scheduler:
                 log.warning("%s; retrying", exc.message)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), jittered(self.interval))
-
-    async def _listen_loop(self) -> None:
-        while True:
-            try:
-                async with self.state.subscribe() as pubsub:
-                    async for _ in pubsub.listen():
-                        self._wake.set()
-            except (StateUnavailable, OSError, ConnectionError) as exc:
-                log.debug("event subscription lost (%s); polling until it is back", exc)
-            except Exception as exc:  # redis-py raises its own errors from listen()
-                log.debug("event subscription lost (%s); polling until it is back", exc)
-            await asyncio.sleep(jittered(self.interval))
 
     async def step(self) -> Changes | None:
         """One pass: renew or take the lease, then, as leader, read, reconcile and write."""
