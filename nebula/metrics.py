@@ -19,8 +19,8 @@ from nebula.state import State
 log = logging.getLogger(__name__)
 
 
-def serve_metrics(address: str, port: int, setting: str) -> int:
-    """Start /metrics in a thread; the port it listens on (`port` 0: any free one)."""
+def serve_metrics(address: str, port: int, setting: str, what: str) -> str:
+    """Start /metrics in a thread; HOST:PORT it listens on (`port` 0: any free one)."""
     try:
         server, _ = start_http_server(port, addr=address)
     except OSError as exc:
@@ -28,7 +28,9 @@ def serve_metrics(address: str, port: int, setting: str) -> int:
             f"cannot serve metrics on {address}:{port} ({exc.strerror}); set {setting} "
             "(0 picks a free port)"
         ) from None
-    return int(server.server_port)
+    listening = f"{address}:{server.server_port}"
+    log.info("%s metrics on http://%s/metrics", what, listening)
+    return listening
 
 
 async def advertise(state: State, kind: str, ident: str, address: str, interval_s: float) -> None:

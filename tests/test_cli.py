@@ -128,9 +128,9 @@ async def test_errors_have_one_line_and_exit_codes_scripts_can_trust(stack: Clus
     )
     fails(4, "broken_chat failed: replica on node-a (CPU) failed: could not start", "model",
           "load", "broken_chat", "--wait", "--timeout", "60")  # fmt: skip
-    ok(cli(stack, "model", "load", "slow_chat"))
-    fails(5, "gave up waiting", "model", "wait", "slow_chat", "--timeout", "0")
-    fails(4, "broken_chat failed", "model", "wait", "broken_chat", "slow_chat", "--timeout", "9")
+    ok(cli(stack, "model", "load", "gpu_chat"))  # stays Pending: no GPU here
+    fails(5, "gave up waiting", "model", "wait", "gpu_chat", "--timeout", "1")
+    fails(4, "broken_chat failed", "model", "wait", "broken_chat", "gpu_chat", "--timeout", "9")
 
 
 class Terminal:

@@ -100,13 +100,12 @@ class Agent:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=probe_timeout))
         try:
             await self._restore()
-            port = serve_metrics(
+            address = serve_metrics(
                 self.settings.metrics_address,
                 self.settings.agent_metrics_port,
                 "NEBULA_AGENT_METRICS_PORT",
+                "agent",
             )
-            address = f"{self.settings.metrics_address}:{port}"
-            log.info("agent metrics on http://%s/metrics", address)
             await run_loops(
                 {
                     "heartbeat": self._heartbeat_loop,

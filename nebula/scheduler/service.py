@@ -47,13 +47,12 @@ class Scheduler:
 
     async def run(self) -> None:
         log.info("scheduler %s starting", self.me)
-        port = serve_metrics(
+        address = serve_metrics(
             self.settings.metrics_address,
             self.settings.scheduler_metrics_port,
             "NEBULA_SCHEDULER_METRICS_PORT",
+            "scheduler",
         )
-        address = f"{self.settings.metrics_address}:{port}"
-        log.info("scheduler metrics on http://%s/metrics", address)
         try:
             await run_loops(
                 {
