@@ -315,7 +315,6 @@ class PlacementState:
     restarts: int = 0
     message: str = ""
     updated_at: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -325,7 +324,6 @@ class PlacementState:
                 "restarts": self.restarts,
                 "message": self.message,
                 "updated_at": self.updated_at,
-                "extra": self.extra,
             }
         )
 
@@ -338,7 +336,6 @@ class PlacementState:
             restarts=int(data.get("restarts", 0)),
             message=data.get("message", ""),
             updated_at=float(data.get("updated_at", 0.0)),
-            extra=data.get("extra") or {},
         )
 
 

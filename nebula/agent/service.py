@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import aiohttp
 
@@ -321,19 +321,9 @@ class Agent:
                 continue
             now = engine.report()
             before = self.reported.get(pid)
-            if before is None or (before.phase, before.pid, before.restarts, before.message) != (
-                now.phase,
-                now.pid,
-                now.restarts,
-                now.message,
-            ):
-                changes[pid] = PlacementState(
-                    phase=now.phase,
-                    pid=now.pid,
-                    restarts=now.restarts,
-                    message=now.message,
-                    updated_at=time.time(),
-                )
+            # Write only what changed (the timestamp alone is no change).
+            if before is None or replace(now, updated_at=before.updated_at) != before:
+                changes[pid] = replace(now, updated_at=time.time())
         if changes:
             await self.state.set_placement_states(self.node_id, changes)
             self.reported.update(changes)

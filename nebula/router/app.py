@@ -27,7 +27,7 @@ from nebula.errors import ConfigError
 from nebula.metrics import advertise
 from nebula.router import admin
 from nebula.router.auth import Keys, bearer
-from nebula.router.openai_errors import error
+from nebula.router.openai_errors import invalid_api_key
 from nebula.router.proxy import Proxy
 from nebula.router.table import RoutingTable
 from nebula.settings import Settings
@@ -104,8 +104,7 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
 
     async def models(request: web.Request) -> web.Response:
         if keys.client(bearer(request.headers.get("Authorization")), table.api_keys) is None:
-            return error(401, "missing or invalid API key; send Authorization: Bearer KEY",
-                         "invalid_api_key")  # fmt: skip
+            return invalid_api_key()
         data = [
             {"id": m, "object": "model", "created": 0, "owned_by": "nebula"} for m in table.served()
         ]

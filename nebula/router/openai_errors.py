@@ -36,6 +36,12 @@ def error(
     )
 
 
+def invalid_api_key() -> web.Response:
+    return error(
+        401, "missing or invalid API key; send Authorization: Bearer KEY", "invalid_api_key"
+    )
+
+
 def stream_error_event(message: str, code: str) -> bytes:
     """An SSE event that ends a broken stream: an error, never a made-up finish_reason."""
     return b"data: " + json.dumps(error_body(502, message, code)).encode() + b"\n\n"

@@ -22,7 +22,7 @@ from nebula.models import Endpoint
 from nebula.router import metrics
 from nebula.router.auth import Keys, RateLimiter, bearer
 from nebula.router.balance import LeastOutstanding, Policy
-from nebula.router.openai_errors import error, stream_error_event
+from nebula.router.openai_errors import error, invalid_api_key, stream_error_event
 from nebula.router.table import RoutingTable
 from nebula.settings import Settings
 
@@ -124,8 +124,7 @@ class Proxy:
         key = self.keys.client(bearer(request.headers.get("Authorization")), self.table.api_keys)
         if key is None:
             self._done("", route, 401)
-            return error(401, "missing or invalid API key; send Authorization: Bearer KEY",
-                         "invalid_api_key")  # fmt: skip
+            return invalid_api_key()
         if key is not True:
             rate = key.rate_per_s or self.keys.default_rate  # type: ignore[union-attr]
             if rate:
