@@ -6,7 +6,6 @@ reason; nothing of a bad catalog is used.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -16,35 +15,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from nebula.engine_flags import check_api_args, check_catalog_args
 from nebula.errors import CatalogError, InvalidRequest, NotFound
 from nebula.models import ModelSpec, Task
+from nebula.names import NAME_RE, NAME_RULE, has_control, shown
 
 OVERRIDABLE = frozenset(
     {"gpu_memory_utilization", "cpu_memory_gib", "tensor_parallel_size", "engine_args"}
 )
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-# Arguments Nebula sets itself on every engine; an entry that sets them would
-# fight the placement (ports, devices, memory) or the router's key.
-RESERVED_ARGS = frozenset(
-    {
-        "--host",
-        "--port",
-        "--served-model-name",
-        "--api-key",
-        "--gpu-memory-utilization",
-        "--tensor-parallel-size",
-        "-tp",
-    }
-)
-
-
-def reserved_arg(args: list[str] | tuple[str, ...]) -> str | None:
-    """The first argument Nebula reserves for itself, or None."""
-    for arg in args:
-        if arg.split("=", 1)[0] in RESERVED_ARGS:
-            return arg
-    return None
 
 
 class CatalogEntry(BaseModel):
@@ -61,13 +39,21 @@ class CatalogEntry(BaseModel):
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     engine_args: list[str] = Field(default_factory=list)
 
+    @field_validator("model")
+    @classmethod
+    def _plain_model(cls, model: str) -> str:
+        if has_control(model):
+            raise ValueError(f"{shown(model)} holds a control character")
+        return model
+
     @field_validator("engine_args")
     @classmethod
-    def _no_reserved_args(cls, args: list[str]) -> list[str]:
-        bad = reserved_arg(args)
-        if bad:
-            raise ValueError(f"{bad} is set by Nebula itself; remove it from engine_args")
-        return args
+    def _normal_args(cls, args: list[str]) -> list[str]:
+        # One spelling (`--max_model_len=8` is `--max-model-len 8`), none of Nebula's own.
+        try:
+            return list(check_catalog_args(args))
+        except InvalidRequest as exc:
+            raise ValueError(exc.message.removeprefix("engine_args: ")) from None
 
     @model_validator(mode="after")
     def _needs_memory(self) -> CatalogEntry:
@@ -136,7 +122,12 @@ class Catalog(Mapping[str, ModelSpec]):
                 f"cannot override {', '.join(sorted(unknown))}; "
                 f"overridable: {', '.join(sorted(OVERRIDABLE))}"
             )
-        merged = {**spec.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "engine_args" in given:
+            # Over the network only allowlisted flags, after the catalog's own: for a
+            # flag given in both, the engine's parser takes the later one.
+            given["engine_args"] = [*spec.engine_args, *check_api_args(given["engine_args"])]
+        merged = {**spec.to_dict(), **given}
         merged.pop("name")
         try:
             entry = CatalogEntry(**merged)
@@ -163,10 +154,7 @@ def parse_catalog(text: str, source: str) -> Catalog:
     specs: dict[str, ModelSpec] = {}
     for name, raw in models.items():
         if not NAME_RE.match(name):
-            raise CatalogError(
-                f"catalog {source}, entry {name!r}: a name is 1-64 letters, digits, '.', '_' "
-                "or '-', starting with a letter or digit"
-            )
+            raise CatalogError(f"catalog {source}, entry {name!r}: a name is {NAME_RULE}")
         if not isinstance(raw, dict):
             raise CatalogError(f"catalog {source}, entry {name!r}: must be a table")
         try:

@@ -150,6 +150,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # Logs, key files and configs this process (and what it starts) makes: not for
+    # other users of the machine.
+    os.umask(0o027)
     try:
         overrides = {
             setting: getattr(args, setting)

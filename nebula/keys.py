@@ -71,6 +71,13 @@ def endpoint(placement_id: str) -> str:
 # API keys for /v1, stored hashed: hash sha256(key) hex -> JSON {name, rate_per_s, created_at}.
 API_KEYS = PREFIX + "api-keys"
 
+
+def rate_limit(key_digest: str) -> str:
+    """String with a TTL: a client key's rate-limit state (GCRA's theoretical arrival
+    time, in ms), shared by every router worker and router."""
+    return f"{PREFIX}rate:{key_digest}"
+
+
 # Every Nebula process's /metrics address, for Prometheus' discovery:
 # hash "kind:id" -> JSON {kind, id, address, expires_at}; entries past expires_at are dead.
 METRICS_TARGETS = PREFIX + "metrics-targets"

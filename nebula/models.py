@@ -8,7 +8,7 @@ thousands of them per pass, and validation happens once, at the edges
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
@@ -348,13 +348,19 @@ class Endpoint:
     model: str
     node: str
     url: str  # base URL of the engine's OpenAI server, e.g. http://10.0.0.5:8100
+    task: str = ""  # chat or embedding; "" from an agent older than this field
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Endpoint:
-        return cls(**json.loads(raw))
+        # Fields a newer agent added are ignored, so a rolling upgrade never breaks routing.
+        data = json.loads(raw)
+        return cls(**{k: v for k, v in data.items() if k in _ENDPOINT_FIELDS})
+
+
+_ENDPOINT_FIELDS = frozenset(f.name for f in fields(Endpoint))
 
 
 @dataclass(frozen=True, slots=True)

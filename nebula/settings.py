@@ -13,7 +13,7 @@ import os
 import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -24,12 +24,27 @@ from pydantic_settings import (
 )
 
 from nebula.errors import ConfigError
+from nebula.names import NAME_RE, NAME_RULE
 
 CONFIG_CANDIDATES = (
     Path("nebula.toml"),
     Path("~/.config/nebula/nebula.toml").expanduser(),
     Path("/etc/nebula/nebula.toml"),
 )
+
+
+def redact(url: str) -> str:
+    """`url` without its password, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "(a URL that does not parse)"
+    if password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else "***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
 
 
 def config_file() -> Path | None:
@@ -137,9 +152,16 @@ class Settings(BaseSettings):
     api_keys: list[str] = Field(
         default_factory=list,
         description="Client keys for /v1 (comma-separated in the environment); more can be "
-        "created through the admin API. With none at all, /v1 is open.",
+        "created through the admin API. With none at all, /v1 is open on loopback only.",
     )
-    admin_key: str = Field("", description="Key for /admin; without one, /admin is open.")
+    admin_key: str = Field(
+        "", description="Key for /admin; without one, /admin is open on loopback only."
+    )
+    admin_read_keys: list[str] = Field(
+        default_factory=list,
+        description="Read-only keys for GET /admin/... (cluster, models, nodes, catalog, "
+        "Prometheus' discovery at /admin/sd); comma-separated in the environment.",
+    )
     engine_api_key: str = Field(
         "",
         description="Internal key the engines require; the router adds it, clients never see it.",
@@ -172,21 +194,31 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
-        parts = urlsplit(value)
+        # Messages show the URL without its password: they end up in logs and terminals.
+        shown = redact(value)
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - parsing the port is part of the check
+        except ValueError as exc:
+            raise ValueError(f"{shown!r} is not a valid URL ({exc})") from None
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ValueError(
-                f"{value!r} is not a Redis URL; use redis://HOST:PORT/DB, rediss://... or "
+                f"{shown!r} is not a Redis URL; use redis://HOST:PORT/DB, rediss://... or "
                 "unix:///path/to/redis.sock"
             )
         if parts.scheme != "unix" and not parts.hostname:
-            raise ValueError(f"{value!r} has no host; use redis://HOST:PORT/DB")
-        try:
-            parts.port  # noqa: B018 - parsing the port is the check
-        except ValueError as exc:
-            raise ValueError(f"{value!r} has a bad port: {exc}") from None
+            raise ValueError(f"{shown!r} has no host; use redis://HOST:PORT/DB")
         return value
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("node_id")
+    @classmethod
+    def _check_node_id(cls, value: str) -> str:
+        # It names Redis keys, a folder and supervisord's files.
+        if not NAME_RE.match(value):
+            raise ValueError(f"{value!r} is not a node id: use {NAME_RULE}")
+        return value
+
+    @field_validator("api_keys", "admin_read_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

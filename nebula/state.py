@@ -20,7 +20,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -40,6 +39,7 @@ from nebula.models import (
     PlacementState,
     Status,
 )
+from nebula.settings import redact
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +87,6 @@ return 1
 def digest(secret: str) -> str:
     """How keys are stored and compared: never the key itself."""
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def redact(url: str) -> str:
-    """`url` without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else "***@"
-    return urlunsplit(parts._replace(netloc=user + netloc))
 
 
 @dataclass

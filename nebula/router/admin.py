@@ -16,6 +16,7 @@ from aiohttp import web
 from nebula.catalog import Catalog
 from nebula.errors import InvalidRequest, NebulaError
 from nebula.models import Placement, PlacementState
+from nebula.names import check_name, check_ref
 from nebula.router.auth import Keys, bearer
 from nebula.router.openai_errors import error
 from nebula.router.table import RoutingTable
@@ -25,6 +26,7 @@ STATE = web.AppKey("state", State)
 CATALOG = web.AppKey("catalog", Catalog)
 TABLE = web.AppKey("table", RoutingTable)
 INFLIGHT = web.AppKey("inflight", dict)
+BODY_LIMIT = web.AppKey("body_limit", int)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -38,29 +40,39 @@ LOAD_FIELDS = {
 }
 
 
-def guarded(keys: Keys, handler: Handler) -> Handler:
-    """`handler` behind the admin key, with Nebula's errors in OpenAI's shape.
+def guarded(keys: Keys, handler: Handler, *, write: bool) -> Handler:
+    """`handler` behind the admin key (or a read-only key, for a route that only reads),
+    with Nebula's errors in OpenAI's shape.
 
     A wrapper per route, not a middleware: a middleware would run on every /v1
     request too.
     """
 
     async def guard(request: web.Request) -> web.StreamResponse:
-        if not keys.admin(bearer(request.headers.get("Authorization"))):
-            return error(401, "missing or invalid admin key; send Authorization: Bearer KEY",
+        if not keys.admin(bearer(request.headers.get("Authorization")), write=write):
+            return error(401, "missing or invalid admin key; send Authorization: Bearer KEY"
+                         + ("" if write else " (the admin key or a read-only key)"),
                          "invalid_admin_key")  # fmt: skip
         try:
+            for name, value in request.match_info.items():
+                check_ref(value, f"the {name} in the path")
             return await handler(request)
         except NebulaError as exc:
             headers = {"Retry-After": "5"} if exc.status == 503 else None
             return error(exc.status, exc.message, exc.code, headers)
+        except web.HTTPRequestEntityTooLarge:
+            limit = request.app[BODY_LIMIT]
+            return error(413, f"request body over the limit of {limit} bytes", "body_too_large")
 
     return guard
 
 
 async def _json(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
     try:
-        body = await request.json()
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"the body is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -132,6 +144,7 @@ async def load_model(request: web.Request) -> web.Response:
     name = body.get("model")
     if not isinstance(name, str) or not name:
         raise InvalidRequest("`model` must name a catalog model (see GET /admin/catalog)")
+    check_name(name, "`model`")
     replicas = body.get("replicas", 1)
     overrides = {k: v for k, v in body.items() if k not in ("model", "replicas")}
     spec = request.app[CATALOG].resolve(name, overrides)
@@ -203,10 +216,11 @@ async def create_key(request: web.Request) -> web.Response:
             f"unknown field(s) {', '.join(sorted(unknown))}; allowed: name, rate_per_s"
         )
     name, rate = body.get("name"), body.get("rate_per_s")
-    if not isinstance(name, str):
-        raise InvalidRequest("`name` must be a string")
-    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float)):
-        raise InvalidRequest("`rate_per_s` must be a number")
+    name = check_name(name, "`name`")
+    if rate is not None and (
+        isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1e6
+    ):
+        raise InvalidRequest("`rate_per_s` must be a number above 0 (at most 1e6), or null")
     secret = await request.app[STATE].create_api_key(name, rate)
     # The only time the key is shown: it is stored hashed.
     return web.json_response({"name": name, "rate_per_s": rate, "key": secret}, status=201)
@@ -252,4 +266,6 @@ def add_routes(app: web.Application, keys: Keys) -> None:
         ("GET", "/sd", discovery),
     ]
     for method, path, handler in routes:
-        app.router.add_route(method, "/admin" + path, guarded(keys, handler))
+        # Reading the list of key names needs the full admin key too.
+        write = method != "GET" or path == "/keys"
+        app.router.add_route(method, "/admin" + path, guarded(keys, handler, write=write))

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import sys
@@ -24,50 +24,44 @@ from aiohttp import web
 
 from nebula.catalog import Catalog, load_catalog
 from nebula.errors import ConfigError
+from nebula.exposure import engine_key, is_loopback
 from nebula.metrics import advertise
-from nebula.router import admin
+from nebula.names import shown
+from nebula.router import admin, metrics
 from nebula.router.auth import Keys, bearer
-from nebula.router.openai_errors import invalid_api_key
-from nebula.router.proxy import Proxy
+from nebula.router.openai_errors import error, invalid_api_key
+from nebula.router.protocol import Runner
+from nebula.router.proxy import FORWARDED, OTHER, Proxy
 from nebula.router.table import RoutingTable
 from nebula.settings import Settings
 from nebula.state import State
 
 log = logging.getLogger(__name__)
 
-# vLLM's routes outside /v1 that also carry a `model` in their body.
-PASSTHROUGH = (
-    "/tokenize",
-    "/detokenize",
-    "/pooling",
-    "/classify",
-    "/score",
-    "/rerank",
-    "/v2/rerank",
-)
-
 PROXY = web.AppKey("proxy", Proxy)
 
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+# Dot segments and encoded slashes or dots: a path that could mean another path
+# once something downstream decodes or normalises it.
+SUSPECT_PATH = re.compile(r"(^|/)\.{1,2}(/|$)|%2[ef]|%5c|\\", re.IGNORECASE)
 
 
 def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Application:
-    keys = Keys(settings.api_keys, settings.admin_key, settings.default_rate_per_s)
+    keys = Keys(
+        settings.api_keys,
+        settings.admin_key,
+        settings.default_rate_per_s,
+        open_allowed=is_loopback(settings.router_host) or settings.trusted_network,
+        read_keys=settings.admin_read_keys,
+    )
     table = RoutingTable()
-    proxy = Proxy(settings, table, keys)
+    proxy = Proxy(settings, table, keys, engine_key=engine_key(settings, create=False))
     app = web.Application(client_max_size=settings.body_limit_bytes)
     app[admin.STATE] = State(settings.redis_url, event_history=settings.event_history)
     app[admin.CATALOG] = catalog or load_catalog(settings.catalog_path)
     app[admin.TABLE] = table
     app[admin.INFLIGHT] = proxy.inflight
     app[PROXY] = proxy
+    app[admin.BODY_LIMIT] = settings.body_limit_bytes
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await proxy.start()
@@ -102,13 +96,24 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
 
     app.cleanup_ctx.append(lifetime)
 
+    def model_object(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "nebula"}
+
     async def models(request: web.Request) -> web.Response:
         if keys.client(bearer(request.headers.get("Authorization")), table.api_keys) is None:
             return invalid_api_key()
-        data = [
-            {"id": m, "object": "model", "created": 0, "owned_by": "nebula"} for m in table.served()
-        ]
+        data = [model_object(m) for m in table.served()]
         return web.json_response({"object": "list", "data": data})
+
+    async def model(request: web.Request) -> web.Response:
+        """`GET /v1/models/{id}`: the OpenAI SDK's `models.retrieve`."""
+        if keys.client(bearer(request.headers.get("Authorization")), table.api_keys) is None:
+            return invalid_api_key()
+        name = request.match_info["id"]
+        if name not in table.by_model:
+            return error(404, f"model {shown(name)} is not served here; served models: "
+                         f"{', '.join(table.served()) or 'none'}", "model_not_found")  # fmt: skip
+        return web.json_response(model_object(name))
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response(
@@ -132,12 +137,34 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
         )
 
     app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/{tail:.*}", proxy.handle)
-    for path in PASSTHROUGH:
-        app.router.add_post(path, proxy.handle)
+    app.router.add_get("/v1/models/{id}", model)
+    for path in FORWARDED:
+        app.router.add_post(path, proxy.handler(path))
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_endpoint)
     admin.add_routes(app, keys)
+
+    async def unrouted(request: web.Request) -> web.Response:
+        """Every path and method nothing else serves: an OpenAI-shaped 400, 404 or 405."""
+        allowed: set[str] = set()
+        for resource in app.router.resources():
+            if resource is not catch_all:
+                allowed |= (await resource.resolve(request))[1]
+        if SUSPECT_PATH.search(request.raw_path.split("?", 1)[0]):
+            status, text, code = 400, "the path holds dot segments or encoded slashes or dots; "\
+                "send the route's plain path", "invalid_path"  # fmt: skip
+        elif allowed:
+            status, text, code = 405, f"{request.method} is not allowed on this route; " \
+                f"allowed: {', '.join(sorted(allowed))}", "method_not_allowed"  # fmt: skip
+        else:
+            status, text, code = 404, "no such route; Nebula serves " \
+                f"{', '.join(sorted(FORWARDED))}, /v1/models, /admin/..., /health and " \
+                "/metrics (see docs/api.md)", "unknown_route"  # fmt: skip
+        metrics.REQUESTS.labels("", OTHER, str(status)).inc()
+        return error(status, text, code)
+
+    # Last: the routes above match first.
+    catch_all = app.router.add_route("*", "/{tail:.*}", unrouted).resource
     return app
 
 
@@ -175,7 +202,7 @@ def _bind(settings: Settings) -> socket.socket:
 
 async def _serve_one(settings: Settings) -> None:
     app = build_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = Runner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.SockSite(runner, _bind(settings))
     await site.start()

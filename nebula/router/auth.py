@@ -1,15 +1,19 @@
-"""Client keys for /v1, the admin key for /admin, and per-key request rates.
+"""Client keys for /v1; the admin key and read-only keys for /admin.
 
 Keys are compared by their SHA-256 digest (configured keys are hashed at
 start, stored keys are stored hashed), so no plaintext key is kept past start
 and none is ever logged.
+
+Fail closed: with no key at all, /v1 and /admin are open only on a router
+that listens on loopback (or is told its network is trusted). The check is
+made at every request against the keys known at that moment, so deleting
+the last stored key closes a router that listens beyond loopback instead of
+opening it.
 """
 
 from __future__ import annotations
 
 import hmac
-import time
-from dataclasses import dataclass
 
 from nebula.models import ApiKey
 from nebula.state import digest
@@ -25,53 +29,37 @@ def bearer(header: str | None) -> str | None:
     return token.strip()
 
 
-@dataclass
-class _Bucket:
-    tokens: float
-    at: float
-
-
-class RateLimiter:
-    """A token bucket per key: `rate` requests per second, bursts up to max(1, rate)."""
-
-    def __init__(self) -> None:
-        self._buckets: dict[str, _Bucket] = {}
-
-    def allow(self, key: str, rate: float, now: float | None = None) -> float:
-        """0 if the request may go now, else the seconds until it could."""
-        now = time.monotonic() if now is None else now
-        burst = max(1.0, rate)
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = _Bucket(tokens=burst, at=now)
-        bucket.tokens = min(burst, bucket.tokens + (now - bucket.at) * rate)
-        bucket.at = now
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
-            return 0.0
-        return (1.0 - bucket.tokens) / rate
-
-
 DIGEST_CACHE = 4096
 
 
 class Keys:
     """Who may call /v1 and /admin."""
 
-    def __init__(self, configured: list[str], admin_key: str, default_rate: float | None) -> None:
+    def __init__(
+        self,
+        configured: list[str],
+        admin_key: str,
+        default_rate: float | None,
+        *,
+        open_allowed: bool = True,
+        read_keys: list[str] | None = None,
+    ) -> None:
         self.configured = {
             digest(k): ApiKey(name=f"configured-{i}", digest=digest(k), rate_per_s=default_rate)
             for i, k in enumerate(configured)
         }
         self._admin = digest(admin_key) if admin_key else ""
+        self._readers = frozenset(digest(k) for k in read_keys or ())
+        # Whether no key at all may mean "open": only on loopback or a trusted network.
+        self.open_allowed = open_allowed
         # token -> digest, so the hot path hashes each client's key once, not per request.
         self._digests: dict[str, str] = {}
         self.default_rate = default_rate
 
     def client(self, token: str | None, stored: dict[str, ApiKey]) -> ApiKey | bool | None:
-        """The caller's key; True when /v1 is open (no keys at all); None when refused."""
+        """The caller's key; True when /v1 is open (no keys, and allowed); None when refused."""
         if not self.configured and not stored:
-            return True
+            return True if self.open_allowed else None
         if token is None:
             return None
         hashed = self._digests.get(token)
@@ -83,9 +71,15 @@ class Keys:
 
     @property
     def admin_open(self) -> bool:
-        return not self._admin
+        return not self._admin and self.open_allowed
 
-    def admin(self, token: str | None) -> bool:
-        if not self._admin:
+    def admin(self, token: str | None, *, write: bool = True) -> bool:
+        """May `token` call an admin route (a read-only one when not `write`)?"""
+        if self.admin_open:
             return True
-        return token is not None and hmac.compare_digest(digest(token), self._admin)
+        if token is None:
+            return False
+        hashed = digest(token)
+        if self._admin and hmac.compare_digest(hashed, self._admin):
+            return True
+        return not write and any(hmac.compare_digest(hashed, r) for r in self._readers)

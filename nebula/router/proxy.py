@@ -18,15 +18,44 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from nebula.models import Endpoint
+from nebula.models import Endpoint, Task
+from nebula.names import shown
 from nebula.router import metrics
-from nebula.router.auth import Keys, RateLimiter, bearer
+from nebula.router.auth import Keys, bearer
 from nebula.router.balance import LeastOutstanding, Policy
 from nebula.router.openai_errors import error, invalid_api_key, stream_error_event
+from nebula.router.ratelimit import ClusterLimiter
 from nebula.router.table import RoutingTable
 from nebula.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# The engine routes the router forwards, each with the task its model must have
+# (None: any). Nothing else reaches an engine: the upstream path is always one of
+# these strings, never the client's path.
+FORWARDED: dict[str, Task | None] = {
+    "/v1/chat/completions": Task.CHAT,
+    "/v1/completions": Task.CHAT,
+    "/v1/embeddings": Task.EMBEDDING,
+    # vLLM's routes that also carry a `model` in their body.
+    "/tokenize": None,
+    "/detokenize": None,
+    "/pooling": None,
+    "/classify": None,
+    "/score": None,
+    "/v1/score": None,
+    "/rerank": None,
+    "/v1/rerank": None,
+    "/v2/rerank": None,
+}
+TASK_ROUTES = {
+    Task.CHAT: "/v1/chat/completions or /v1/completions",
+    Task.EMBEDDING: "/v1/embeddings",
+}
+# Metric labels for requests refused before their key was checked, and for those
+# of a model nobody loaded: one series each, whatever the client sent.
+UNAUTHENTICATED = "unauthenticated"
+OTHER = "other"
 
 # Engine response headers worth passing on; the rest describe the hop (connection,
 # length, server, date) and aiohttp sets its own.
@@ -74,12 +103,14 @@ class Proxy:
         table: RoutingTable,
         keys: Keys,
         policy: Policy | None = None,
+        *,
+        engine_key: str = "",
     ) -> None:
         self.settings = settings
         self.table = table
         self.keys = keys
         self.policy = policy or LeastOutstanding()
-        self.limiter = RateLimiter()
+        self.limiter = ClusterLimiter(settings.redis_url)
         self.inflight: dict[str, int] = defaultdict(int)  # placement id -> requests in flight
         self.session: aiohttp.ClientSession | None = None
         self.labels = Labels()
@@ -89,8 +120,9 @@ class Proxy:
             sock_read=settings.first_byte_timeout_s,
         )
         self.upstream_headers = {"Content-Type": "application/json"}
-        if settings.engine_api_key:
-            self.upstream_headers["Authorization"] = f"Bearer {settings.engine_api_key}"
+        key = engine_key or settings.engine_api_key
+        if key:
+            self.upstream_headers["Authorization"] = f"Bearer {key}"
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
@@ -102,6 +134,7 @@ class Proxy:
     async def stop(self) -> None:
         if self.session is not None:
             await self.session.close()
+        await self.limiter.close()
 
     def sample_in_flight(self) -> None:
         """Set the in-flight gauge from the per-replica counts (on a timer, not per request)."""
@@ -117,18 +150,25 @@ class Proxy:
     def _done(self, model: str, route: str, status: int) -> None:
         self.labels.requests(model, route, status).inc()
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    def handler(self, route: str) -> Any:
+        """The request handler for one of the `FORWARDED` routes."""
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self.handle(request, route)
+
+        return handle
+
+    async def handle(self, request: web.Request, route: str) -> web.StreamResponse:
         started = time.perf_counter()
-        route = request.path
         # Who is asking.
         key = self.keys.client(bearer(request.headers.get("Authorization")), self.table.api_keys)
         if key is None:
-            self._done("", route, 401)
+            self._done("", UNAUTHENTICATED, 401)
             return invalid_api_key()
         if key is not True:
             rate = key.rate_per_s or self.keys.default_rate  # type: ignore[union-attr]
             if rate:
-                wait = self.limiter.allow(key.digest, rate)  # type: ignore[union-attr]
+                wait = await self.limiter.allow(key.digest, rate)  # type: ignore[union-attr]
                 if wait:
                     self._done("", route, 429)
                     return error(
@@ -168,11 +208,21 @@ class Proxy:
                     {"Retry-After": "5"},
                 )
             served = ", ".join(self.table.served()) or "none"
-            self._done("", route, 404)
-            return error(404, f"model {model!r} is not served here; served models: {served}",
-                         "model_not_found")  # fmt: skip
+            self._done(OTHER, route, 404)
+            return error(404, f"model {shown(model)} is not served here; served models: "
+                         f"{served}", "model_not_found")  # fmt: skip
+        wanted = FORWARDED[route]
+        task = candidates[0].task
+        if wanted is not None and task and task != wanted:
+            self._done(model, route, 400)
+            return error(
+                400,
+                f"model {model!r} is a {task} model; {route} needs a {wanted.value} model "
+                f"(send {task} requests to {TASK_ROUTES.get(Task(task), 'its own route')})",
+                "wrong_model_task",
+            )
         latency, ttft = self.labels.get(model, route)
-        response = await self._forward(request, body, model, candidates, started, ttft)
+        response = await self._forward(request, route, body, model, candidates, started, ttft)
         latency.observe(time.perf_counter() - started)
         self._done(model, route, response.status)
         return response
@@ -180,6 +230,7 @@ class Proxy:
     async def _forward(
         self,
         request: web.Request,
+        path: str,
         body: bytes,
         model: str,
         candidates: list[Endpoint],
@@ -188,7 +239,6 @@ class Proxy:
     ) -> web.StreamResponse:
         assert self.session is not None
         settings = self.settings
-        path = request.raw_path  # path and query, as the client sent them
         tried: set[str] = set()
         last_error = "no replica answered"
         for attempt in range(settings.max_retries + 1):
