@@ -86,7 +86,9 @@ async def _agent(settings: Settings) -> None:
 
 async def _node(settings: Settings) -> None:
     from nebula.agent.node import exec_supervisord
+    from nebula.exposure import node_engine_key
 
+    node_engine_key(settings)  # an open engine beyond loopback is refused before anything
     await _wait_for_redis(settings)  # a wrong URL fails here, not in a restart loop
     exec_supervisord(settings)
 
