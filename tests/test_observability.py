@@ -25,6 +25,7 @@ from tests.helpers import free_port, spawn, stop, wait_for_port
 ROOT = Path(__file__).parents[1]
 DASHBOARDS = ROOT / "dashboards"
 ADMIN_KEY = "obs-admin-key"
+READ_KEY = "obs-read-key"  # what Prometheus holds: it can read, not change
 # Panels about GPUs have no data on a machine without one.
 GPU_ONLY = re.compile(r"nebula_node_gpu_")
 
@@ -59,7 +60,7 @@ def alert_exprs() -> list[tuple[str, str]]:
 @pytest.fixture
 async def stack(redis_url: str, tmp_path: Path) -> AsyncIterator[Cluster]:
     cluster = Cluster(redis_url, tmp_path)
-    cluster.start_router(NEBULA_ADMIN_KEY=ADMIN_KEY)
+    cluster.start_router(NEBULA_ADMIN_KEY=ADMIN_KEY, NEBULA_ADMIN_READ_KEYS=READ_KEY)
     yield cluster
     cluster.close()
 
@@ -101,14 +102,14 @@ async def test_prometheus_scrapes_everything_and_every_query_runs(
     )  # fmt: skip
 
     # Prometheus, scraping every second through the router's discovery endpoint.
-    key_file = tmp_path / "admin.key"
-    key_file.write_text(ADMIN_KEY)
+    key_file = tmp_path / "admin-read.key"
+    key_file.write_text(READ_KEY)
     config = (DASHBOARDS / "prometheus.yml").read_text()
     config = config.replace("scrape_interval: 15s", "scrape_interval: 1s")
     config = config.replace("evaluation_interval: 15s", "evaluation_interval: 1s")
     config = config.replace("refresh_interval: 15s", "refresh_interval: 1s")
     config = config.replace("http://127.0.0.1:8080", stack.router.url)
-    config = config.replace("/etc/nebula/admin.key", str(key_file))
+    config = config.replace("/etc/nebula/admin-read.key", str(key_file))
     config = config.replace("- alerts.yml", f"- {DASHBOARDS / 'alerts.yml'}")
     (tmp_path / "prometheus.yml").write_text(config)
     port = free_port()
