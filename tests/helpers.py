@@ -65,6 +65,32 @@ class RedisServer:
             self.proc = None
 
 
+def http_bytes(
+    method: str,
+    url: str,
+    body: object = None,
+    key: str | None = None,
+    raw: bytes | None = None,
+    timeout: float = 20,
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request with a JSON body (or `raw` bytes) and a bearer key: status, headers,
+    body, whatever the status."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
 def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start a process with its output in `log`."""
     import os

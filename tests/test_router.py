@@ -19,7 +19,7 @@ import pytest
 from nebula.catalog import load_catalog
 from nebula.models import Endpoint
 from nebula.state import State
-from tests.helpers import EngineProcess, RedisServer, RouterProcess, stop
+from tests.helpers import EngineProcess, RedisServer, RouterProcess, http_bytes, stop
 
 CHAT = "smollm2_135m_chat"
 EMBED = "minilm_l6_embedding"
@@ -35,16 +35,8 @@ def http(
     key: str | None = CLIENT_KEY,
     raw: bytes | None = None,
 ) -> tuple[int, dict[str, str], dict]:  # type: ignore[type-arg]
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, method=method)
-    req.add_header("Content-Type", "application/json")
-    if key:
-        req.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, dict(r.headers), json.loads(r.read() or b"{}")
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), json.loads(e.read() or b"{}")
+    status, headers, answer = http_bytes(method, url, body, key, raw, timeout=10)
+    return status, headers, json.loads(answer or b"{}")
 
 
 async def publish(

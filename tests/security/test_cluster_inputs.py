@@ -11,8 +11,6 @@ import stat
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import xmlrpc.client
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ from supervisor.xmlrpc import SupervisorTransport
 from nebula.models import Status
 from nebula.state import State
 from tests.cluster import Cluster
-from tests.helpers import RouterProcess
+from tests.helpers import RouterProcess, http_bytes
 from tests.security.conftest import ADMIN_KEY, CLIENT_KEY, READ_KEY, raw_http, router_env
 
 MARKER = Path("/tmp/nebula-security-pwned")
@@ -44,15 +42,8 @@ SAFE = ["--max-model-len", "256", "--enforce-eager", "--dtype", "auto", "--seed"
 
 
 def post(url: str, body: object, key: str = ADMIN_KEY, method: str = "POST") -> tuple[int, bytes]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method)
-    req.add_header("Content-Type", "application/json")
-    req.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(req, timeout=20) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+    status, _, answer = http_bytes(method, url, body, key)
+    return status, answer
 
 
 def supervisor_programs(cluster: Cluster) -> set[str]:

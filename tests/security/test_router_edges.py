@@ -22,7 +22,7 @@ from yarl import URL
 
 from nebula.state import State
 from tests.cluster import wait_for
-from tests.helpers import EngineProcess, RedisServer, RouterProcess
+from tests.helpers import EngineProcess, RedisServer, RouterProcess, http_bytes
 from tests.security.conftest import (
     ADMIN_KEY,
     CHAT,
@@ -40,16 +40,7 @@ from tests.security.conftest import (
 def http(
     method: str, url: str, body: object = None, key: str | None = CLIENT_KEY, raw: bytes = b""
 ) -> tuple[int, dict[str, str], bytes]:
-    data = raw or (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, method=method)
-    req.add_header("Content-Type", "application/json")
-    if key:
-        req.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(req, timeout=20) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+    return http_bytes(method, url, body, key, raw or None)
 
 
 def openai_error(body: bytes) -> dict[str, object]:
