@@ -38,6 +38,8 @@ class CatalogEntry(BaseModel):
     cpu_memory_gib: float | None = Field(None, gt=0)
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     engine_args: list[str] = Field(default_factory=list)
+    # Longest wait for in-flight requests on unload; the node's drain_timeout_s if unset.
+    drain_timeout_s: float | None = Field(None, ge=0, le=86400)
 
     @field_validator("model")
     @classmethod
@@ -74,6 +76,7 @@ class CatalogEntry(BaseModel):
             cpu_memory_gib=self.cpu_memory_gib,
             tensor_parallel_size=self.tensor_parallel_size,
             engine_args=tuple(self.engine_args),
+            drain_timeout_s=self.drain_timeout_s,
         )
 
 

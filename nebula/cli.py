@@ -1,7 +1,8 @@
 """nebula-cli: operate a Nebula cluster through its admin API.
 
     nebula-cli cluster status
-    nebula-cli model list | load NAME [--replicas N] [--wait] | unload REF [--wait] | show REF
+    nebula-cli model list | load NAME [--replicas N] [--wait] | unload REF [--wait]
+                     [--drain-timeout S | --now] | show REF
     nebula-cli model wait REF...
     nebula-cli node list | cordon NODE | uncordon NODE | drain NODE
     nebula-cli catalog list
@@ -259,7 +260,8 @@ def model_wait(client: AdminClient, args: argparse.Namespace, out: Output) -> in
 
 
 def model_unload(client: AdminClient, args: argparse.Namespace, out: Output) -> int:
-    unloading = client.unload(args.ref)
+    drain = 0.0 if args.now else args.drain_timeout
+    unloading = client.unload(args.ref, drain)
     if not out.as_json:
         out.line(f"unloading {unloading['model']} ({unloading['id']})")
     if args.wait:
@@ -411,6 +413,15 @@ def parser(prog: str = "nebula-cli") -> argparse.ArgumentParser:
     unload = model_sub.add_parser("unload", parents=[common], help="drain, stop and free a model")
     unload.add_argument("ref", metavar="NAME|ID")
     unload.add_argument("--wait", action="store_true", help="show progress until gone")
+    drain = unload.add_mutually_exclusive_group()
+    drain.add_argument(
+        "--drain-timeout", type=float, metavar="SECONDS",
+        help="longest wait for in-flight requests before stopping (default: the catalog's "
+        "drain_timeout_s for the model, else the node's, 600 s)",
+    )  # fmt: skip
+    drain.add_argument(
+        "--now", action="store_true", help="stop at once: in-flight answers are cut off"
+    )
     unload.add_argument("--timeout", type=float, default=300, help="--wait limit in seconds")
     unload.set_defaults(run=model_unload)
     show = model_sub.add_parser("show", parents=[common], help="placements, states, events")

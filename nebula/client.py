@@ -108,8 +108,11 @@ class AdminClient:
     def show(self, ref: str) -> dict[str, Any]:
         return dict(self.call("GET", "/admin/models/" + urllib.parse.quote(ref, safe="")))
 
-    def unload(self, ref: str) -> dict[str, Any]:
-        return dict(self.call("DELETE", "/admin/models/" + urllib.parse.quote(ref, safe="")))
+    def unload(self, ref: str, drain_timeout_s: float | None = None) -> dict[str, Any]:
+        path = "/admin/models/" + urllib.parse.quote(ref, safe="")
+        if drain_timeout_s is not None:
+            path += f"?drain_timeout_s={drain_timeout_s:g}"
+        return dict(self.call("DELETE", path))
 
     def nodes(self) -> list[dict[str, Any]]:
         return list(self.call("GET", "/admin/nodes")["nodes"])

@@ -78,8 +78,10 @@ async def _router(settings: Settings) -> None:
 
 
 async def _agent(settings: Settings) -> None:
+    from nebula.agent.launch import die_with_parent
     from nebula.agent.service import serve
 
+    die_with_parent()  # a node is one unit: no orphan agent if supervisord is killed
     await _wait_for_redis(settings)
     await serve(settings)
 
@@ -89,7 +91,10 @@ async def _node(settings: Settings) -> None:
     from nebula.exposure import node_engine_key
 
     node_engine_key(settings)  # an open engine beyond loopback is refused before anything
-    await _wait_for_redis(settings)  # a wrong URL fails here, not in a restart loop
+    await _wait_for_redis(settings)
+    from nebula.agent.node import remove_stale_programs
+
+    await remove_stale_programs(settings)  # a wrong URL fails here, not in a restart loop
     exec_supervisord(settings)
 
 

@@ -18,6 +18,8 @@ def node_channel(node_id: str) -> str:
 # Model requests (desired state).
 REQUESTS = PREFIX + "requests"  # set of request ids
 MODELS = PREFIX + "models"  # hash: served model name -> request id (one request per model)
+# Set of served model names being unloaded (routers tell clients so, instead of "retry").
+UNLOADING = PREFIX + "unloading"
 # Set of request ids changed by someone other than the scheduler (load, unload):
 # the scheduler re-reads just these each pass instead of every request.
 REQUESTS_DIRTY = PREFIX + "requests:dirty"

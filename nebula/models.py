@@ -68,6 +68,7 @@ class ModelSpec:
     cpu_memory_gib: float | None = None  # RAM on a CPU node
     tensor_parallel_size: int = 1
     engine_args: tuple[str, ...] = ()
+    drain_timeout_s: float | None = None  # on unload; the node's setting when None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -76,8 +77,13 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        # Fields a newer writer added are ignored (rolling upgrades).
+        known = {k: v for k, v in data.items() if k in _SPEC_FIELDS}
         args = tuple(data["engine_args"])
-        return cls(**{**data, "task": Task(data["task"]), "engine_args": args})
+        return cls(**{**known, "task": Task(data["task"]), "engine_args": args})
+
+
+_SPEC_FIELDS = frozenset(f.name for f in fields(ModelSpec))
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +98,10 @@ class ModelRequest:
     created_at: float = 0.0
     updated_at: float = 0.0
     ever_ready: bool = False  # tells Degraded (lost replicas) from Loading (not there yet)
+    drain_timeout_s: float | None = None  # asked with the unload; else the spec's or node's
+    failures: int = 0  # replicas that failed and were replaced (or given up on)
+    retry_at: float = 0.0  # no replacement is placed before this time (back-off)
+    last_failure: str = ""  # why the last replica failed (its log's last lines)
 
     @property
     def model(self) -> str:
@@ -108,6 +118,10 @@ class ModelRequest:
             "created_at": repr(self.created_at),
             "updated_at": repr(self.updated_at),
             "ever_ready": "1" if self.ever_ready else "0",
+            "drain_timeout_s": "" if self.drain_timeout_s is None else repr(self.drain_timeout_s),
+            "failures": str(self.failures),
+            "retry_at": repr(self.retry_at),
+            "last_failure": self.last_failure,
         }
 
     @classmethod
@@ -121,6 +135,10 @@ class ModelRequest:
             created_at=float(data["created_at"]),
             updated_at=float(data["updated_at"]),
             ever_ready=data.get("ever_ready") == "1",
+            drain_timeout_s=float(data["drain_timeout_s"]) if data.get("drain_timeout_s") else None,
+            failures=int(data.get("failures") or 0),
+            retry_at=float(data.get("retry_at") or 0.0),
+            last_failure=data.get("last_failure", ""),
         )
 
     def public(self) -> dict[str, Any]:
@@ -260,6 +278,7 @@ class Placement:
     devices: tuple[int, ...] = ()  # GPU indices; empty on a CPU node
     desired: Desired = Desired.RUN
     created_at: float = 0.0
+    drain_timeout_s: float | None = None  # set with `stop` when an unload asked for one
 
     @property
     def model(self) -> str:
@@ -274,8 +293,8 @@ class Placement:
     def ram_gib(self) -> float:
         return 0.0 if self.devices else (self.spec.cpu_memory_gib or 0.0)
 
-    def stopped(self) -> Placement:
-        return replace(self, desired=Desired.STOP)
+    def stopped(self, drain_timeout_s: float | None = None) -> Placement:
+        return replace(self, desired=Desired.STOP, drain_timeout_s=drain_timeout_s)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -288,6 +307,7 @@ class Placement:
                 "devices": list(self.devices),
                 "desired": self.desired.value,
                 "created_at": self.created_at,
+                "drain_timeout_s": self.drain_timeout_s,
             }
         )
 
@@ -303,6 +323,7 @@ class Placement:
             devices=tuple(data["devices"]),
             desired=Desired(data["desired"]),
             created_at=float(data["created_at"]),
+            drain_timeout_s=data.get("drain_timeout_s"),
         )
 
 

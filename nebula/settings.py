@@ -75,10 +75,32 @@ class Settings(BaseSettings):
         2.0, gt=0, description="Seconds between a node agent's heartbeats."
     )
     node_ttl_s: float = Field(
-        8.0, gt=0, description="Heartbeat TTL: a node silent this long is dead (3-5 heartbeats)."
+        8.0,
+        gt=0,
+        description="Heartbeat TTL: a node silent this long is dead (3-5 heartbeats). Also "
+        "the TTL of its endpoints, and the scheduler's grace after an outage or a new leader.",
+    )
+    agent_restart_allowance_s: float = Field(
+        3.0,
+        ge=0,
+        description="Time an agent restart may take (supervisord restarts it at once; about "
+        "1-2 s measured): node_ttl_s must cover it plus a heartbeat, so that a restarted "
+        "agent is never taken for a dead node.",
     )
     scheduler_interval_s: float = Field(
         2.0, gt=0, description="Seconds between reconcile passes when nothing wakes the scheduler."
+    )
+    max_replacements: int = Field(
+        3,
+        ge=0,
+        description="Failed replicas of one request replaced before giving up; the request "
+        "is Failed only when no replica of it runs.",
+    )
+    replacement_backoff_s: float = Field(
+        5.0,
+        ge=0,
+        description="Wait before replacing a failed replica; doubles with each failure "
+        "(at most 300 s).",
     )
     leader_ttl_s: float = Field(
         6.0, gt=0, description="Scheduler leader lease; a dead leader is replaced after this."
@@ -118,10 +140,19 @@ class Settings(BaseSettings):
         1.0, gt=0, description="Seconds between engine health probes (and convergence passes)."
     )
     drain_timeout_s: float = Field(
-        30.0, ge=0, description="Longest wait for an engine's requests to finish on unload."
+        600.0,
+        ge=0,
+        description="Longest wait for an engine's requests to finish on unload (a catalog "
+        "entry or the unload may set another); as long as first_byte_timeout_s, so that any "
+        "answer the router waits for can finish.",
     )
     max_restarts: int = Field(
         3, ge=0, description="Engine crashes tolerated before its placement is marked Failed."
+    )
+    restart_decay_s: float = Field(
+        600.0,
+        gt=0,
+        description="An engine healthy this long has its crash count reset to 0.",
     )
     engine_start_timeout_s: float = Field(
         900.0, gt=0, description="Longest wait for a new engine to answer its health probe."
@@ -187,6 +218,12 @@ class Settings(BaseSettings):
     routing_refresh_s: float = Field(
         1.0, gt=0, description="Routing table refresh when no change event arrives."
     )
+    health_max_table_age_s: float = Field(
+        60.0,
+        gt=0,
+        description="/health fails (503) when the routing table is older than this "
+        "(Redis away that long): the router still serves, but a load balancer should know.",
+    )
     default_rate_per_s: float | None = Field(
         None, gt=0, description="Requests per second per client key, unless the key sets its own."
     )
@@ -250,6 +287,14 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"node_ttl_s {self.node_ttl_s} must exceed heartbeat_interval_s "
                 f"{self.heartbeat_interval_s} (3 to 5 times it is usual)"
+            )
+        room = self.heartbeat_interval_s + self.agent_restart_allowance_s
+        if self.node_ttl_s < room:
+            raise ValueError(
+                f"node_ttl_s {self.node_ttl_s:g} leaves no room for an agent restart: it "
+                f"must be at least heartbeat_interval_s + agent_restart_allowance_s = "
+                f"{room:g}, or a restarting agent's node is declared dead and its engines "
+                "replaced"
             )
         return self
 

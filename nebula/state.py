@@ -79,7 +79,8 @@ local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return 0 end
 if current == 'Unloading' and ARGV[1] ~= 'Unloading' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'message', ARGV[2], 'updated_at', ARGV[3],
-           'ever_ready', ARGV[4])
+           'ever_ready', ARGV[4], 'failures', ARGV[5], 'retry_at', ARGV[6],
+           'last_failure', ARGV[7])
 return 1
 """
 
@@ -167,6 +168,16 @@ class State:
                 f"cannot reach Redis at {redact(self.url)} ({exc}); is it running? "
                 "Check NEBULA_REDIS_URL"
             ) from None
+        except WatchError:
+            raise  # a lost optimistic-lock race: the caller retries or gives up
+        except RedisError as exc:
+            # READONLY (a replica, or a master demoted by Sentinel), OOM, LOADING, a
+            # script or type error: the store cannot do this now. One error for every
+            # caller, so no loop dies of a kind of Redis error it did not expect.
+            raise StateUnavailable(
+                f"Redis at {redact(self.url)} refused the operation "
+                f"({type(exc).__name__}: {str(exc)[:200]})"
+            ) from None
 
     async def ping(self) -> None:
         async with self._reachable():
@@ -246,8 +257,9 @@ class State:
                 except WatchError:
                     continue
 
-    async def delete_request(self, ref: str) -> ModelRequest:
-        """Unload: mark the request `Unloading`; its engines are stopped, then it is gone."""
+    async def delete_request(self, ref: str, drain_timeout_s: float | None = None) -> ModelRequest:
+        """Unload: mark the request `Unloading`; its engines are drained (for at most
+        `drain_timeout_s`, when given) and stopped, then it is gone."""
         async with self._reachable(), self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -260,22 +272,25 @@ class State:
                     if request.status is Status.UNLOADING:
                         return request
                     now = time.time()
+                    fields = {
+                        "status": Status.UNLOADING.value,
+                        "message": "unload asked: draining and stopping replicas",
+                        "updated_at": repr(now),
+                        "drain_timeout_s": ""
+                        if drain_timeout_s is None
+                        else repr(float(drain_timeout_s)),
+                    }
                     pipe.multi()
-                    pipe.hset(
-                        keys.request(request_id),
-                        mapping={
-                            "status": Status.UNLOADING.value,
-                            "message": "unload asked: draining and stopping replicas",
-                            "updated_at": repr(now),
-                        },
-                    )
+                    pipe.hset(keys.request(request_id), mapping=fields)
                     pipe.sadd(keys.REQUESTS_DIRTY, request_id)
-                    self._event(pipe, request_id, "unload asked", Status.UNLOADING)
+                    pipe.sadd(keys.UNLOADING, request.model)
+                    drain = (
+                        "" if drain_timeout_s is None else f" (drain at most {drain_timeout_s:g}s)"
+                    )
+                    self._event(pipe, request_id, "unload asked" + drain, Status.UNLOADING)
                     pipe.publish(keys.EVENTS_CHANNEL, "request")
                     await pipe.execute()
-                    return ModelRequest.from_hash(
-                        {**raw, "status": Status.UNLOADING.value, "updated_at": repr(now)}
-                    )
+                    return ModelRequest.from_hash({**raw, **fields})
                 except WatchError:
                     continue
 
@@ -451,18 +466,21 @@ class State:
             pipe.publish(keys.EVENTS_CHANNEL, "endpoints")
             await pipe.execute()
 
-    async def routing(self) -> tuple[list[Endpoint], set[str], list[ApiKey]]:
-        """What a router needs, in two round trips: live endpoints, loaded models, API keys."""
+    async def routing(self) -> tuple[list[Endpoint], set[str], list[ApiKey], set[str]]:
+        """What a router needs, in two round trips: live endpoints, loaded models, API keys,
+        models being unloaded."""
         now_ms = int(time.time() * 1000)
         async with self._reachable():
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.zrangebyscore(keys.ENDPOINTS, now_ms, "+inf")
                 pipe.hkeys(keys.MODELS)
                 pipe.hvals(keys.API_KEYS)
-                ids, models, api_keys = await pipe.execute()
+                pipe.smembers(keys.UNLOADING)
+                ids, models, api_keys, unloading = await pipe.execute()
             raw = await self.redis.mget([keys.endpoint(i) for i in ids]) if ids else []
         endpoints = [Endpoint.from_json(r) for r in raw if r]
-        return endpoints, set(models), [ApiKey.from_json(k) for k in api_keys]
+        api = [ApiKey.from_json(k) for k in api_keys]
+        return endpoints, set(models), api, set(unloading)
 
     # ------------------------------------------------------------ metrics targets
 
@@ -676,6 +694,9 @@ class State:
                         fields["message"],
                         fields["updated_at"],
                         fields["ever_ready"],
+                        fields["failures"],
+                        fields["retry_at"],
+                        fields["last_failure"],
                     )
                 for request_id, text, status in changes.events:
                     self._event(pipe, request_id, text, status)
@@ -685,6 +706,7 @@ class State:
                     pipe.srem(keys.REQUESTS_DIRTY, request.id)
                     # Safe: a model name maps to its request until that request is gone.
                     pipe.hdel(keys.MODELS, request.model)
+                    pipe.srem(keys.UNLOADING, request.model)
                 pipe.publish(keys.EVENTS_CHANNEL, "placements")
                 touched = {p.node for p in changes.put_placements}
                 touched.update(p.node for p in changes.drop_placements)

@@ -37,6 +37,7 @@ def settings(redis_url: str, tmp_path: Path) -> Settings:
         node_id="test-node",
         heartbeat_interval_s=0.2,
         node_ttl_s=1.0,
+        agent_restart_allowance_s=0.5,  # no agent restarts here: simulated nodes only
         scheduler_interval_s=0.2,
         leader_ttl_s=1.5,
         state_dir=tmp_path / "state",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ def test_gpu_chat_engine(tmp_path: Path) -> None:
     program = engine_program(p, settings(tmp_path))
     assert program.name == "engine-abc"
     assert program.command == (
+        sys.executable, "-m", "nebula.agent.launch",  # dies with supervisord
         "/opt/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server",
         "--model", "Qwen/Qwen2.5-0.5B-Instruct",
         "--served-model-name", "qwen2_5_0_5b_chat",

@@ -139,7 +139,14 @@ async def test_dead_node_replicas_are_rescheduled(
         await b.beat()
         await asyncio.sleep(0.1)
         assert time.monotonic() < deadline, "cpu-a's heartbeat key did not expire"
-    await scheduler.step()
+    # The scheduler became leader moments ago: it spares silent nodes for one node TTL
+    # (grace, not panic), then declares cpu-a dead.
+    deadline = time.monotonic() + 10
+    while not await b.placements():
+        await b.beat()
+        await scheduler.step()
+        await asyncio.sleep(0.1)
+        assert time.monotonic() < deadline, "cpu-a was never declared dead"
     [moved] = await b.placements()
     assert moved.request_id == request.id
     messages = [e["message"] for e in await state.events(request.id)]
@@ -200,20 +207,31 @@ async def test_cordon_blocks_new_placements_and_uncordon_frees(
         await state.set_cordon("ghost", cordoned=True)
 
 
-async def test_engine_that_cannot_start_fails_the_request_with_its_log(
+async def test_a_failed_replica_is_replaced_and_the_request_fails_only_when_none_can_run(
     state: State, settings: Settings
 ) -> None:
+    settings = settings.model_copy(update={"max_replacements": 1, "replacement_backoff_s": 0})
     node = NodeSim(state, cpu_node("cpu-1"))
     await node.beat()
     scheduler = Scheduler(state, settings)
     request = await state.create_request(CHAT, 1)
     await scheduler.step()
     [p] = await node.placements()
-    await node.report(p.id, Phase.FAILED, "exited 3 times; last log: OSError: model not found")
+    log = "exited 3 times; last log: OSError: model not found"
+    await node.report(p.id, Phase.FAILED, log)
+    await scheduler.step()  # the failed replica is stopped, a replacement placed
+    status, message = await status_of(state, request.id)
+    assert status is not Status.FAILED
+    assert "replacing it" in message and log in message
+    await node.converge(Phase.STOPPED)  # the agent stops what is no longer wanted
+    await scheduler.step()
+    [again] = [q for q in await node.placements() if q.desired is Desired.RUN]
+    assert again.id != p.id
+    await node.report(again.id, Phase.FAILED, log)
     await scheduler.step()
     assert await status_of(state, request.id) == (
         Status.FAILED,
-        "replica on cpu-1 (CPU) failed: exited 3 times; last log: OSError: model not found",
+        f"no replica can run: 2 failed; last: {log}",
     )
 
 

@@ -45,6 +45,11 @@ def placement_of(name: str) -> str | None:
     return name.removeprefix("engine-") if name.startswith("engine-") else None
 
 
+def launcher() -> list[str]:
+    """The prefix that ties an engine's life to supervisord's (see nebula.agent.launch)."""
+    return [sys.executable, "-m", "nebula.agent.launch"]
+
+
 def model_source(placement: Placement, settings: Settings) -> str:
     """A prepared folder on this node when the catalog names one and it exists, else the model."""
     spec = placement.spec
@@ -67,7 +72,7 @@ def engine_program(placement: Placement, settings: Settings) -> Program:
     env = {"PYTHONUNBUFFERED": "1"}
     if spec.engine == "test":
         command = [
-            python, "-m", "nebula.testengine",
+            *launcher(), python, "-m", "nebula.testengine",
             "--host", settings.node_address, "--port", str(placement.port),
             "--model", spec.name, *spec.engine_args,
         ]  # fmt: skip
@@ -75,7 +80,7 @@ def engine_program(placement: Placement, settings: Settings) -> Program:
         return Program(program_name(placement.id), tuple(command), env, inherited)
 
     command = [
-        python, "-m", VLLM_SERVER,
+        *launcher(), python, "-m", VLLM_SERVER,
         "--model", model_source(placement, settings),
         "--served-model-name", spec.name,
         "--host", settings.node_address,

@@ -73,6 +73,33 @@ def render_config(settings: Settings) -> NodePaths:
     return paths
 
 
+async def remove_stale_programs(settings: Settings) -> list[str]:
+    """Delete the program files of placements this node should no longer run, before
+    supervisord starts (it would start them at once): after a crash the scheduler may
+    have moved them elsewhere, and their ports may be given to new placements."""
+    from nebula.agent.engines import program_name
+    from nebula.models import Desired
+    from nebula.state import State
+
+    paths = NodePaths.of(settings)
+    if not paths.programs.is_dir():
+        return []
+    async with State(settings.redis_url) as state:
+        wanted = {
+            program_name(p.id)
+            for p in await state.node_placements(settings.node_id)
+            if p.desired is Desired.RUN
+        }
+    removed = []
+    for path in sorted(paths.programs.glob("*.conf")):
+        if path.stem not in wanted:
+            path.unlink(missing_ok=True)
+            removed.append(path.stem)
+    if removed:
+        print(f"nebula node: removed stale engine programs {', '.join(removed)}", file=sys.stderr)
+    return removed
+
+
 def exec_supervisord(settings: Settings) -> None:
     """Replace this process with the node's supervisord (it runs the agent and engines)."""
     # supervisord, the agent and (through `%(ENV_...)s` in program files) the engines

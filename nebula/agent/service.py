@@ -51,6 +51,7 @@ class Engine:
     restarts: int = 0
     failed: bool = False
     healthy_once: bool = False
+    healthy_since: float | None = None  # start of the current healthy stretch
     published: bool = False
     retiring: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -62,6 +63,14 @@ class Engine:
         return PlacementState(
             phase=self.phase, pid=self.pid, restarts=self.restarts, message=self.message
         )
+
+
+def drain_timeout(placement: Placement, settings: Settings) -> float:
+    """The unload's own timeout, else the catalog's for the model, else the node's."""
+    for value in (placement.drain_timeout_s, placement.spec.drain_timeout_s):
+        if value is not None:
+            return float(value)
+    return settings.drain_timeout_s
 
 
 def running_requests(metrics_text: str) -> int:
@@ -91,6 +100,7 @@ class Agent:
         self.reported: dict[str, PlacementState] = {}
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
+        self._redis_lost = False  # set by a failed Redis call, cleared by a heartbeat
 
     # ------------------------------------------------------------------ loops
 
@@ -133,17 +143,39 @@ class Agent:
                 node = await asyncio.to_thread(self.telemetry.sample, self.settings)
                 metrics.record_node(node)
                 await self.state.heartbeat(node, self.settings.node_ttl_s)
+                if self._redis_lost:
+                    self._back_from_outage()
             except StateUnavailable as exc:
-                log.warning("heartbeat: %s", exc.message)
+                # The engines keep running: nothing on this node needs Redis to serve.
+                if not self._redis_lost:
+                    log.warning("heartbeat: %s; engines keep running", exc.message)
+                self._redis_lost = True
             await asyncio.sleep(jittered(self.settings.heartbeat_interval_s))
+
+    def _back_from_outage(self) -> None:
+        """Redis is back (perhaps a new one, from its AOF): announce every endpoint again,
+        at once, so routers see them before the ones they remember lapse."""
+        self._redis_lost = False
+        log.info("state store reachable again; re-announcing this node's endpoints")
+        for engine in self.engines.values():
+            engine.published = False
+        self._wake.set()
 
     async def _converge_loop(self) -> None:
         while True:
             self._wake.clear()
             try:
                 await self.converge()
-            except (StateUnavailable, SupervisorUnavailable) as exc:
+            except StateUnavailable as exc:
+                if not self._redis_lost:
+                    log.warning("converge: %s", exc.message)
+                self._redis_lost = True
+            except SupervisorUnavailable as exc:
                 log.warning("converge: %s", exc.message)
+            except Exception:
+                # Anything else (an XML-RPC fault, a bug): the engines are still running;
+                # keep the node's agent alive and try again next pass.
+                log.exception("converge failed; retrying next pass")
             # An engine on its way up is probed often, so Ready follows its start
             # closely; a settled node is probed every probe_interval_s.
             starting = any(
@@ -240,9 +272,19 @@ class Agent:
         pid = int(info.get("pid") or 0) or None  # type: ignore[call-overload]
         if pid is not None and engine.pid is not None and pid != engine.pid:
             engine.restarts += 1
+            engine.healthy_since = None
             log.warning("engine %s restarted (pid %s -> %s)", engine.name, engine.pid, pid)
         if pid is not None:
             engine.pid = pid
+        if (
+            engine.restarts
+            and engine.healthy_since is not None
+            and now - engine.healthy_since > self.settings.restart_decay_s
+        ):
+            # Healthy for a good while: old crashes no longer count towards Failed.
+            log.info("engine %s healthy for %.0fs: restart count reset", engine.name,
+                     now - engine.healthy_since)  # fmt: skip
+            engine.restarts = 0
         if statename == "FATAL":
             await self._fail(engine, f"could not start: {self._tail(engine)}")
             return
@@ -257,8 +299,11 @@ class Agent:
         if healthy:
             engine.phase, engine.message = Phase.HEALTHY, "serving"
             engine.healthy_once = True
+            if engine.healthy_since is None:
+                engine.healthy_since = now
             await self._publish(engine)
             return
+        engine.healthy_since = None
         if engine.published:
             await self.state.withdraw_endpoint(engine.placement.id)
             engine.published = False
@@ -296,8 +341,10 @@ class Agent:
             url=self._url(p),
             task=p.spec.task.value,
         )
-        # The TTL spans a few probes: a dead agent's endpoints lapse on their own.
-        ttl = max(3 * self.settings.probe_interval_s, 2.0)
+        # The node's TTL: a dead node's endpoints lapse with it, and an agent restart
+        # (which fits in the node TTL, see settings) does not withdraw them. A failed
+        # probe withdraws at once, whatever the TTL.
+        ttl = self.settings.node_ttl_s
         await self.state.publish_endpoint(endpoint, ttl, announce=not engine.published)
         if not engine.published:
             log.info("engine %s healthy: endpoint %s published", engine.name, endpoint.url)
@@ -364,14 +411,16 @@ class Agent:
                 # Routers drop the endpoint on the withdrawal event; the wait covers one
                 # that polls instead.
                 await asyncio.sleep(self.settings.routing_refresh_s)
-                deadline = time.monotonic() + self.settings.drain_timeout_s
+                timeout = drain_timeout(engine.placement, self.settings)
+                deadline = time.monotonic() + timeout
                 while time.monotonic() < deadline:
                     running = await self._running(engine.placement)
                     if not running:  # none left, or the engine is gone
                         break
                     await asyncio.sleep(0.25)
                 else:
-                    log.warning("engine %s: drain timeout, stopping with requests left", name)
+                    log.warning("engine %s: drain timeout (%gs) reached, stopping with "
+                                "requests left", name, timeout)  # fmt: skip
             await self.sup.remove(name)
             self.sup.delete(name)
             engine.phase, engine.message, engine.pid = Phase.STOPPED, "stopped", None
@@ -387,8 +436,15 @@ class Agent:
             self.reported.pop(pid, None)
         except (StateUnavailable, SupervisorUnavailable) as exc:
             # Try again on a later pass.
-            log.warning("retiring %s: %s", name, exc.message)
+            log.warning("retiring %s: %s; retrying", name, exc.message)
             engine.retiring = None
+            self._wake.set()
+        except Exception:
+            # Whatever went wrong, the next pass tries again: an unload never sticks.
+            log.exception("retiring %s failed; retrying", name)
+            engine.retiring = None
+            await asyncio.sleep(self.settings.probe_interval_s)
+            self._wake.set()
 
 
 async def serve(settings: Settings) -> None:

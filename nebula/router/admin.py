@@ -164,7 +164,17 @@ async def show_model(request: web.Request) -> web.Response:
 
 
 async def unload_model(request: web.Request) -> web.Response:
-    unloading = await request.app[STATE].delete_request(request.match_info["ref"])
+    """`?drain_timeout_s=N` bounds the wait for in-flight requests (0: stop now)."""
+    raw = request.query.get("drain_timeout_s")
+    drain = None
+    if raw is not None:
+        try:
+            drain = float(raw)
+        except ValueError:
+            drain = -1.0
+        if not 0 <= drain <= 86400:
+            raise InvalidRequest("drain_timeout_s must be seconds from 0 (stop now) to 86400")
+    unloading = await request.app[STATE].delete_request(request.match_info["ref"], drain)
     return web.json_response(unloading.public(), status=202)
 
 

@@ -53,7 +53,7 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
         open_allowed=is_loopback(settings.router_host) or settings.trusted_network,
         read_keys=settings.admin_read_keys,
     )
-    table = RoutingTable()
+    table = RoutingTable(merge_after_outage_s=settings.node_ttl_s)
     proxy = Proxy(settings, table, keys, engine_key=engine_key(settings, create=False))
     app = web.Application(client_max_size=settings.body_limit_bytes)
     app[admin.STATE] = State(settings.redis_url, event_history=settings.event_history)
@@ -116,13 +116,25 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
         return web.json_response(model_object(name))
 
     async def health(request: web.Request) -> web.Response:
+        """200 while the router can route; 503 once its table is older than
+        `health_max_table_age_s` (it still serves from it, but a load balancer should
+        prefer a router that can see the cluster)."""
+        age = table.age()
+        stale = age > settings.health_max_table_age_s
+        if stale:
+            status = f"failing: routing table {age:.0f}s old (state store unreachable)"
+        elif not table.fresh:
+            status = "degraded: state store unreachable, routing from the last table"
+        else:
+            status = "ok"
         return web.json_response(
             {
-                "status": "ok" if table.fresh else "degraded: state store unreachable",
+                "status": status,
                 "models": len(table.by_model),
                 "endpoints": sum(len(v) for v in table.by_model.values()),
-                "table_age_s": round(time.time() - table.refreshed_at, 3),
-            }
+                "table_age_s": round(age, 3) if age != float("inf") else None,
+            },
+            status=503 if stale else 200,
         )
 
     async def metrics_endpoint(request: web.Request) -> web.Response:
@@ -220,7 +232,7 @@ async def _serve_one(settings: Settings) -> None:
         await runner.cleanup()
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """Linux: this worker gets SIGTERM when the process that started it dies."""
     try:
         import ctypes
@@ -230,15 +242,20 @@ def _die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
     except OSError:  # not Linux: the parent's own shutdown still stops workers
         pass
-    if os.getppid() == 1:  # the parent died before we got here
+    # Compared with the parent's own pid, not with 1: as PID 1 in a container the
+    # parent *is* 1, and a worker that checked for 1 would exit at once.
+    if os.getppid() != parent:  # the parent died before the signal was armed
         sys.exit(0)
 
 
-def _worker(settings: Settings) -> None:
+def _worker(settings: Settings, parent: int) -> None:
     from nebula.daemons import run_async
 
-    _die_with_parent()
+    _die_with_parent(parent)
     run_async(_serve_one(settings))
+
+
+RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10, 30)
 
 
 async def serve(settings: Settings) -> None:
@@ -247,26 +264,42 @@ async def serve(settings: Settings) -> None:
         await _serve_one(settings)
         return
     ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(settings,), name=f"router-{i}")
-        for i in range(settings.router_workers)
-    ]
-    for proc in procs:
+    me = os.getpid()
+
+    def start(i: int) -> multiprocessing.process.BaseProcess:
+        proc = ctx.Process(target=_worker, args=(settings, me), name=f"router-{i}")
         proc.start()
+        return proc
+
+    procs = [start(i) for i in range(settings.router_workers)]
+    crashes = [0] * len(procs)
+    restart_at = [0.0] * len(procs)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        while not stop.is_set() and all(p.is_alive() for p in procs):
+        while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
+            now = time.monotonic()
+            for i, proc in enumerate(procs):
+                if proc.is_alive() or stop.is_set():
+                    continue
+                if not restart_at[i]:
+                    # A worker died: the others keep serving; start another after a
+                    # back-off that grows if it keeps dying.
+                    delay = RESTART_BACKOFF_S[min(crashes[i], len(RESTART_BACKOFF_S) - 1)]
+                    log.error("router worker %s died (exit %s); restarting in %gs",
+                              proc.name, proc.exitcode, delay)  # fmt: skip
+                    crashes[i] += 1
+                    restart_at[i] = now + delay
+                elif now >= restart_at[i]:
+                    restart_at[i] = 0.0
+                    procs[i] = start(i)
     finally:
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()
         for proc in procs:
             await asyncio.to_thread(proc.join, 10)
-    dead = [p.name for p in procs if p.exitcode not in (0, -signal.SIGTERM)]
-    if dead and not stop.is_set():
-        raise RuntimeError(f"router worker(s) {', '.join(dead)} died")

@@ -199,6 +199,14 @@ class Proxy:
                          "missing_model")  # fmt: skip
         candidates = self.table.endpoints(model)
         if not candidates:
+            if model in self.table.unloading:
+                self._done(model, route, 503)
+                return error(
+                    503,
+                    f"model {model!r} is being unloaded; it serves no new requests. Load it "
+                    f"again (nebula-cli model load {model}) to use it",
+                    "model_unloading",
+                )
             if model in self.table.models:
                 self._done(model, route, 503)
                 return error(
@@ -257,16 +265,20 @@ class Proxy:
                     headers=self.upstream_headers,
                     timeout=self.timeout,
                 )
-            except (aiohttp.ClientConnectionError, aiohttp.ClientOSError) as exc:
-                self.inflight[endpoint.placement_id] -= 1
-                metrics.UPSTREAM_ERRORS.labels(model, "connect").inc()
-                last_error = f"replica on {endpoint.node} unreachable ({type(exc).__name__})"
-                continue
-            except TimeoutError:
+            except aiohttp.SocketTimeoutError:
+                # Sent, and no answer in time: the engine may be working on it, so it is
+                # never sent again (aiohttp's timeouts subclass its connection errors:
+                # this clause must come first).
                 self.inflight[endpoint.placement_id] -= 1
                 metrics.UPSTREAM_ERRORS.labels(model, "timeout").inc()
                 return error(504, f"replica on {endpoint.node} sent nothing for "
                              f"{settings.first_byte_timeout_s:g}s", "upstream_timeout")  # fmt: skip
+            except (aiohttp.ClientConnectionError, aiohttp.ClientOSError, TimeoutError) as exc:
+                # Not connected (refused, reset before an answer, connect timeout): retry.
+                self.inflight[endpoint.placement_id] -= 1
+                metrics.UPSTREAM_ERRORS.labels(model, "connect").inc()
+                last_error = f"replica on {endpoint.node} unreachable ({type(exc).__name__})"
+                continue
             retryable = len(tried) < len(candidates) and attempt < settings.max_retries
             try:
                 if upstream.status in (401, 403):
@@ -294,6 +306,11 @@ class Proxy:
                 # replica that dies now is retried like one that never answered).
                 try:
                     data = await upstream.read()
+                except aiohttp.SocketTimeoutError:
+                    metrics.UPSTREAM_ERRORS.labels(model, "timeout").inc()
+                    timeout = settings.first_byte_timeout_s
+                    return error(504, f"replica on {endpoint.node} stopped sending for "
+                                 f"{timeout:g}s", "upstream_timeout")  # fmt: skip
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     metrics.UPSTREAM_ERRORS.labels(model, "broken_stream").inc()
                     last_error = f"replica on {endpoint.node} broke off ({type(exc).__name__})"
@@ -335,12 +352,19 @@ class Proxy:
             metrics.UPSTREAM_ERRORS.labels(model, "broken_stream").inc()
             reason = type(exc).__name__
             log.warning("stream from %s broke: %s", upstream.url.host, reason)
-            await response.write(
-                stream_error_event(
+            if model in self.table.unloading:
+                # The unload's drain timeout stopped the engine under this stream.
+                event = stream_error_event(
+                    f"model {model!r} was unloaded and its drain timeout ended this answer "
+                    "before it was complete",
+                    "model_unloaded",
+                )
+            else:
+                event = stream_error_event(
                     f"the replica's stream broke off ({reason}); the answer is incomplete",
                     "upstream_broken",
                 )
-            )
+            await response.write(event)
         else:
             self._count_usage(model, last)
         await response.write_eof()

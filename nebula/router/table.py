@@ -3,6 +3,12 @@
 Refreshed from Redis on a change event and on a short timer, never per
 request. When Redis cannot be reached, the last table keeps serving: the
 engines are still there, and a dead one is caught by the proxy's retry.
+
+After an outage the first reads may find endpoints missing that are only
+late: their keys lapsed while Redis was away (or were lost with it) and the
+agents have not republished them yet. So for one endpoint TTL after an
+outage the table merges (what it had, plus what it reads) instead of
+replacing itself, and never goes blank because Redis came back.
 """
 
 from __future__ import annotations
@@ -22,12 +28,16 @@ log = logging.getLogger(__name__)
 
 
 class RoutingTable:
-    def __init__(self) -> None:
+    def __init__(self, merge_after_outage_s: float = 8.0) -> None:
         self.by_model: dict[str, list[Endpoint]] = {}
         self.models: set[str] = set()  # loaded (requested) models, healthy or not
+        self.unloading: set[str] = set()  # models being unloaded
         self.api_keys: dict[str, ApiKey] = {}  # digest -> key
         self.refreshed_at = 0.0
         self.fresh = False  # False until the first read, and while Redis is away
+        self.merge_after_outage_s = merge_after_outage_s
+        self._merge_until = 0.0
+        self._ever_read = False
 
     def endpoints(self, model: str) -> list[Endpoint]:
         return self.by_model.get(model, [])
@@ -35,23 +45,53 @@ class RoutingTable:
     def served(self) -> list[str]:
         return sorted(self.by_model)
 
-    def load(self, endpoints: list[Endpoint], models: set[str], api_keys: list[ApiKey]) -> None:
+    def load(
+        self,
+        endpoints: list[Endpoint],
+        models: set[str],
+        api_keys: list[ApiKey],
+        unloading: set[str] | None = None,
+    ) -> None:
+        now = time.time()
+        if now < self._merge_until:
+            # Just after an outage: keep what agents have not republished yet, except
+            # for models no longer loaded at all.
+            seen = {e.placement_id for e in endpoints}
+            endpoints = endpoints + [
+                e
+                for model in models - (unloading or set())
+                for e in self.by_model.get(model, [])
+                if e.placement_id not in seen
+            ]
         by_model: dict[str, list[Endpoint]] = defaultdict(list)
         for endpoint in sorted(endpoints, key=lambda e: e.placement_id):
             by_model[endpoint.model].append(endpoint)
         self.by_model = dict(by_model)
         self.models = models | set(by_model)
+        self.unloading = unloading or set()
         self.api_keys = {k.digest: k for k in api_keys}
-        self.refreshed_at = time.time()
+        self.refreshed_at = now
         self.fresh = True
+        self._ever_read = True
+
+    def age(self) -> float:
+        return time.time() - self.refreshed_at if self._ever_read else float("inf")
 
     async def refresh(self, state: State) -> None:
         try:
-            self.load(*await state.routing())
+            read = await state.routing()
         except StateUnavailable as exc:
             if self.fresh:
                 log.warning("%s; routing from the last table", exc.message)
+            if self._ever_read:
+                self._merge_until = float("inf")  # until the first read after the outage
             self.fresh = False
+            return
+        if self._merge_until == float("inf"):
+            self._merge_until = time.time() + self.merge_after_outage_s
+            log.info("state store back; merging the routing table for %.1fs",
+                     self.merge_after_outage_s)  # fmt: skip
+        self.load(*read)
 
     async def keep_fresh(self, state: State, interval_s: float) -> None:
         """Refresh on every change event, and every `interval_s` regardless."""
@@ -63,7 +103,12 @@ class RoutingTable:
         try:
             while True:
                 wake.clear()
-                await self.refresh(state)
+                try:
+                    await self.refresh(state)
+                except Exception:
+                    # Never die silently: /health reports the table's age, and a
+                    # refresher that stopped would freeze it.
+                    log.exception("routing table refresh failed; retrying")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), interval_s)
         finally:

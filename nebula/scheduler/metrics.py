@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from nebula.models import Status
 from nebula.state import Snapshot
@@ -25,7 +25,21 @@ NODES = Gauge(
     "nebula_scheduler_nodes", "Nodes by state (alive, cordoned, draining, dead).", ["state"]
 )
 
+NODES_LOST = Counter(
+    "nebula_scheduler_nodes_lost",
+    "Nodes declared dead (heartbeat lapsed past node_ttl_s and any grace); their replicas "
+    "are rescheduled.",
+)
+
 _pending_labels: set[tuple[str, str]] = set()
+
+
+def clear() -> None:
+    """Drop the cluster gauges: a scheduler that is not the leader has no picture of it."""
+    REQUESTS.clear()
+    NODES.clear()
+    PENDING.clear()
+    _pending_labels.clear()
 
 
 def reason_kind(text: str) -> str:

@@ -299,11 +299,15 @@ def _reason(request: ModelRequest, cordoned: int, live: int) -> str:
 
 
 def wanting(
-    requests: Iterable[ModelRequest], usage: Usage, draining: dict[str, bool]
+    requests: Iterable[ModelRequest],
+    usage: Usage,
+    draining: dict[str, bool],
+    now: float | None = None,
 ) -> list[tuple[ModelRequest, int]]:
     """Placeable requests with fewer replicas than they ask for, oldest first, with the
     number missing. `draining` maps each live node to whether it is draining;
-    replicas on draining or dead nodes do not count.
+    replicas on draining or dead nodes do not count. With `now`, a request whose
+    replacement back-off (`retry_at`) runs past it waits.
     """
     # Replicas on dead or draining nodes do not count; usually there are none, and
     # then a request's count is one lookup.
@@ -311,7 +315,7 @@ def wanting(
     totals = usage.run_total
     todo = []
     for r in requests:
-        if r.status in PLACEABLE:
+        if r.status in PLACEABLE and (now is None or r.retry_at <= now):
             active = usage.active(r.id, draining) if excluded else totals.get(r.id, 0)
             if r.replicas > active:
                 todo.append((r, r.replicas - active))
@@ -329,8 +333,12 @@ def plan(
     usage: Usage | None = None,
     now: float = 0.0,
     new_id: Callable[[], str] = default_id,
+    spared: frozenset[str] = frozenset(),
 ) -> Plan:
     """Place every missing replica of every placeable request that fits.
+
+    Replicas on `spared` nodes (silent, but within the scheduler's grace) count as
+    running, though nothing new is placed there.
 
     `nodes` are the live nodes; `placements` the current ones on them (others are
     ignored); `confirmed` the ids of placements whose engine runs and so shows in
@@ -339,7 +347,12 @@ def plan(
     """
     if usage is None:
         usage = Usage.of(placements, confirmed)
-    todo = wanting(requests, usage, {node.id: node.draining for node in nodes})
+    todo = wanting(
+        requests,
+        usage,
+        {**dict.fromkeys(spared, False), **{n.id: n.draining for n in nodes}},
+        now=now,
+    )
     if not todo:  # the steady state: nothing to place, no index to build
         return Plan(new=())
     cluster = _Cluster(nodes, usage, ceiling, [r for r, _ in todo])

@@ -8,6 +8,7 @@ second time.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from nebula.models import (
     Desired,
@@ -53,12 +54,23 @@ def reconcile(
     full: bool = True,
     usage: Usage | None = None,
     new_id: Callable[[], str] = default_id,
+    spared: frozenset[str] = frozenset(),
+    max_replacements: int = 3,
+    backoff_s: float = 1.0,
 ) -> Changes:
     """The writes that bring the cluster closer to what its requests ask for.
 
     `usage` holds the current placements (built from the snapshot when not
     given); the pass updates it to match the changes it returns, so a caller
     that keeps one must drop it if those changes are not written.
+
+    A replica whose engine failed is stopped and replaced (elsewhere if there is
+    room), after a back-off that doubles from `backoff_s`; after
+    `max_replacements` failures no more are tried, and the request is `Failed`
+    only when no replica of it runs.
+
+    Nodes in `spared` have no heartbeat but are not declared dead (the scheduler's
+    grace after an outage or a change of leader): their placements stay.
 
     With `full` false, only requests that something touched since the last pass
     (their hash, their placements' states, their nodes' death or drain) are
@@ -79,9 +91,10 @@ def reconcile(
             usage.confirm(pid, state is not None and state.phase in CONFIRMED_PHASES)
 
     # Dead nodes: their placements are gone with them, and get rescheduled below.
-    ch.dead_nodes = sorted(snap.node_ids - snap.alive)
+    # `spared` nodes are silent but in their grace: neither dead nor used for new work.
+    ch.dead_nodes = sorted(snap.node_ids - snap.alive - spared)
     focus: set[str] = set(requests) | set(usage.by_request) if full else set(snap.dirty_requests)
-    for node_id in usage.by_node.keys() - live.keys():
+    for node_id in usage.by_node.keys() - live.keys() - spared:
         for pid in sorted(usage.by_node[node_id]):
             p = usage.placements[pid]
             focus.add(p.request_id)
@@ -94,7 +107,8 @@ def reconcile(
     for node_id in (snap.dirty_nodes | draining) & usage.by_node.keys():
         focus.update(usage.placements[pid].request_id for pid in usage.by_node[node_id])
 
-    # Retire placements: stopped ones are deleted, unwanted ones asked to stop.
+    # Retire placements: stopped ones are deleted, unwanted or failed ones asked to stop.
+    bumped: dict[str, ModelRequest] = {}  # requests with a replica that failed this pass
     for request_id in sorted(focus):
         request = requests.get(request_id)
         placed = [usage.placements[pid] for pid in sorted(usage.by_request.get(request_id, ()))]
@@ -114,14 +128,26 @@ def reconcile(
                     usage.drop(p.id)
                 continue
             reason = None
+            state = states.get(p.id)
             if request is None:
                 reason = "its model request is gone"
             elif request.status is Status.UNLOADING:
                 reason = "unloading"
+            elif (
+                state is not None
+                and state.phase is Phase.FAILED
+                and request.status is not Status.FAILED
+            ):
+                why = state.message or "no reason given"
+                reason = f"it failed: {why}"
+                request = bumped[request.id] = _failed_once(
+                    bumped.get(request.id, request), why, now, max_replacements, backoff_s
+                )
             elif p.node in draining and healthy_off_drain >= request.replicas:
                 reason = f"node {p.node} draining, replacement healthy"
             if reason is not None:
-                stopped = p.stopped()
+                unloading = request is not None and request.status is Status.UNLOADING
+                stopped = p.stopped(request.drain_timeout_s if unloading and request else None)
                 usage.put(stopped)
                 ch.put_placements.append(stopped)
                 if request is not None:
@@ -131,11 +157,12 @@ def reconcile(
     # Place what is missing.
     result = plan(
         list(live.values()),
-        list(requests.values()),
+        [bumped.get(r.id, r) for r in requests.values()],
         usage=usage,
         ceiling=ceiling,
         now=now,
         new_id=new_id,
+        spared=spared,
     )
     for p in result.new:
         usage.put(p, confirmed=False)
@@ -148,28 +175,33 @@ def reconcile(
 
     # Statuses.
     for request_id in sorted(focus):
-        request = requests.get(request_id)
-        if request is None:
+        read = requests.get(request_id)
+        if read is None:
             continue
+        request = bumped.get(request_id, read)
         placed = [usage.placements[pid] for pid in usage.by_request.get(request_id, ())]
         if request.status is Status.UNLOADING and not placed:
             ch.gone_requests.append(request)
             continue
-        status, message = _status(request, placed, states, result.pending.get(request.id, ()))
-        if status is request.status and message == request.message:
+        status, message = _status(
+            request, placed, states, result.pending.get(request.id, ()), now, max_replacements
+        )
+        if status is read.status and message == read.message and request is read:
             continue
-        if not can_transition(request.status, status):
+        if not can_transition(read.status, status):
             continue
-        updated = ModelRequest(
-            id=request.id,
-            spec=request.spec,
-            replicas=request.replicas,
+        recovered = status is Status.READY
+        updated = replace(
+            request,
             status=status,
             message=message,
-            created_at=request.created_at,
             updated_at=now,
             ever_ready=request.ever_ready or status is Status.READY,
+            # Every replica healthy again: earlier failures no longer count.
+            failures=0 if recovered else request.failures,
+            retry_at=0.0 if recovered else request.retry_at,
         )
+        request = read
         ch.put_requests.append(updated)
         pending_changed = status is Status.PENDING and message != request.message
         if status is not request.status or pending_changed:
@@ -177,11 +209,25 @@ def reconcile(
     return ch
 
 
+def _failed_once(
+    request: ModelRequest, why: str, now: float, max_replacements: int, backoff_s: float
+) -> ModelRequest:
+    """`request` after one more of its replicas failed: counted, with the next back-off."""
+    failures = request.failures + 1
+    if failures > max_replacements:
+        retry_at = float("inf")  # given up: no more replacements
+    else:
+        retry_at = now + min(300.0, backoff_s * 2 ** (failures - 1))
+    return replace(request, failures=failures, retry_at=retry_at, last_failure=why[-1500:])
+
+
 def _status(
     request: ModelRequest,
     placed: list[Placement],
     states: dict[str, PlacementState],
     pending: tuple[str, ...],
+    now: float = 0.0,
+    max_replacements: int = 3,
 ) -> tuple[Status, str]:
     if request.status is Status.UNLOADING:
         return Status.UNLOADING, f"unloading: {len(placed)} replica(s) stopping"
@@ -189,23 +235,38 @@ def _status(
         return request.status, request.message
     running = [p for p in placed if p.desired is Desired.RUN]
     phases = [(p, states.get(p.id)) for p in running]
-    for p, state in phases:
-        if state is not None and state.phase is Phase.FAILED:
-            return (
-                Status.FAILED,
-                f"replica on {where(p)} failed: {state.message or 'no reason given'}",
-            )
     healthy = sum(1 for _, s in phases if s is not None and s.phase is Phase.HEALTHY)
+    alive = [p for p, s in phases if s is None or s.phase is not Phase.FAILED]
+    given_up = request.failures > max_replacements
+    if given_up and not alive:
+        return (
+            Status.FAILED,
+            f"no replica can run: {request.failures} failed; last: {request.last_failure}",
+        )
     waiting = "; ".join(pending)
     if healthy >= request.replicas:
         return Status.READY, f"{request.replicas}/{request.replicas} replicas healthy"
-    counts = f"{healthy}/{request.replicas} replicas healthy"
+    note = ""
+    if request.failures and given_up:
+        note = f"; {request.failures} replicas failed, no more replacements: {request.last_failure}"
+    elif request.failures:
+        note = (
+            f"; a replica failed, replacing it after a back-off (attempt "
+            f"{request.failures} of {max_replacements}): {request.last_failure}"
+        )
+    counts = f"{healthy}/{request.replicas} replicas healthy{note}"
     suffix = f"; {waiting}" if waiting else ""
-    if healthy:
-        status = Status.DEGRADED if request.ever_ready else Status.LOADING
-        return status, counts + suffix
-    if any(s is not None for _, s in phases):
+    if request.ever_ready:
+        # Served before: whatever is missing now (lost, failed, not yet replaced) is
+        # a degradation, not a first load.
+        return Status.DEGRADED, counts + suffix
+    if healthy or any(s is not None for _, s in phases):
         return Status.LOADING, counts + suffix
     if running:
-        return Status.SCHEDULED, f"{len(running)}/{request.replicas} replicas placed{suffix}"
+        return (
+            Status.SCHEDULED,
+            f"{len(running)}/{request.replicas} replicas placed{note}{suffix}",
+        )
+    if request.failures:
+        return Status.LOADING, counts + suffix
     return Status.PENDING, waiting or "waiting for the scheduler"

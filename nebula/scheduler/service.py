@@ -44,6 +44,13 @@ class Scheduler:
         self._last_full = 0.0
         self._telemetry_at = 0.0
         self._wake = asyncio.Event()
+        # Grace, not panic: right after taking the lease or after Redis comes back,
+        # a missing heartbeat may be one that has not been written again yet (a key
+        # that lapsed during the outage, or one lost with a Redis that restarted).
+        # Until this time no node is declared dead.
+        self._grace_until = 0.0
+        self._outage = False
+        self._was_exporting = False
 
     async def run(self) -> None:
         log.info("scheduler %s starting", self.me)
@@ -82,7 +89,14 @@ class Scheduler:
             try:
                 await self.step()
             except StateUnavailable as exc:
-                log.warning("%s; retrying", exc.message)
+                if not self._outage:
+                    log.warning("%s; retrying", exc.message)
+                self._outage = True
+            except Exception:
+                # A bug in one pass must not stop scheduling: log it, start the next
+                # pass from a full read.
+                log.exception("reconcile pass failed; starting over from a full read")
+                self.snapshot, self.usage, self._last_full = Snapshot(), Usage(), 0.0
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), jittered(self.interval))
 
@@ -96,10 +110,19 @@ class Scheduler:
         became_leader = held and not self.is_leader
         self.is_leader = held
         metrics.LEADER.set(1 if held else 0)
-        if not held:
-            return None
-        started = time.perf_counter()
         now = time.time()
+        if self._outage:
+            log.info("state store reachable again")
+            self._outage = False
+            self._grace_until = now + self.settings.node_ttl_s
+        if not held:
+            if self._was_exporting:
+                metrics.clear()  # a standby exports no stale picture of the cluster
+                self._was_exporting = False
+            return None
+        if became_leader:
+            self._grace_until = max(self._grace_until, now + self.settings.node_ttl_s)
+        started = time.perf_counter()
         full = became_leader or now - self._last_full > FULL_RESYNC_S
         snap = await self.state.read_cluster(self.snapshot, full=full)
         if full:
@@ -115,10 +138,22 @@ class Scheduler:
             self._telemetry_at = now
         else:
             await self.state.read_telemetry(snap, snap.alive - snap.nodes.keys())
+        spared = frozenset(snap.node_ids - snap.alive) if now < self._grace_until else frozenset()
+        if spared:
+            log.info("not declaring %s dead yet: %.1fs of grace left after an outage or a "
+                     "new leader", ", ".join(sorted(spared)), self._grace_until - now)  # fmt: skip
         changes = reconcile(
-            snap, ceiling=self.settings.memory_ceiling, now=now, full=full, usage=self.usage
+            snap,
+            ceiling=self.settings.memory_ceiling,
+            now=now,
+            full=full,
+            usage=self.usage,
+            spared=spared,
+            max_replacements=self.settings.max_replacements,
+            backoff_s=self.settings.replacement_backoff_s,
         )
         metrics.record(snap, changes.pending)
+        self._was_exporting = True
         if full:
             # Tens of thousands of long-lived objects (requests, placements) were just
             # read; keep the collector from walking them again on every later pass.
@@ -133,6 +168,9 @@ class Scheduler:
             self.snapshot, self.usage = Snapshot(), Usage()
             return None
         self._remember(changes)
+        if changes.dead_nodes:
+            metrics.NODES_LOST.inc(len(changes.dead_nodes))
+            log.warning("node(s) %s declared dead", ", ".join(changes.dead_nodes))
         metrics.PASS_SECONDS.observe(time.perf_counter() - started)
         return changes
 
