@@ -476,7 +476,16 @@ class State:
                 pipe.hkeys(keys.MODELS)
                 pipe.hvals(keys.API_KEYS)
                 pipe.smembers(keys.UNLOADING)
-                ids, models, api_keys, unloading = await pipe.execute()
+                # A replica (a master demoted by a failover, or a misconfiguration)
+                # still answers reads, but nobody can refresh what it holds: its
+                # endpoints lapse one by one. That is an outage, not a dying cluster.
+                pipe.execute_command("ROLE")
+                ids, models, api_keys, unloading, role = await pipe.execute()
+            if role and role[0] != "master":
+                raise StateUnavailable(
+                    f"Redis at {redact(self.url)} is a {role[0]} (read-only): no writer can "
+                    "refresh the routing state"
+                )
             raw = await self.redis.mget([keys.endpoint(i) for i in ids]) if ids else []
         endpoints = [Endpoint.from_json(r) for r in raw if r]
         api = [ApiKey.from_json(k) for k in api_keys]

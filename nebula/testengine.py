@@ -328,7 +328,11 @@ def main(argv: list[str] | None = None) -> None:
     app = make_app(
         args.model, api_key=args.api_key, dimensions=args.dimensions, behaviour=behaviour
     )
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    # Like vLLM, a stopped engine does not finish its answers: on SIGTERM, in-flight
+    # requests are cut after a moment (aiohttp would otherwise wait a minute for them).
+    web.run_app(
+        app, host=args.host, port=args.port, print=None, access_log=None, shutdown_timeout=0.5
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -28,12 +29,13 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 class RedisServer:
     """A throwaway redis-server; `stop()` and `start()` again on the same port and data."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, aof: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; run shell/test, which installs it")
         self.binary = binary
         self.folder = folder
+        self.aof = aof  # AOF everysec, as production runs it: kill -9 and restart keep data
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -50,7 +52,8 @@ class RedisServer:
                 "--bind", "127.0.0.1",
                 "--dir", str(self.folder),
                 "--save", "",
-                "--appendonly", "no",
+                "--appendonly", "yes" if self.aof else "no",
+                "--appendfsync", "everysec",
                 "--daemonize", "no",
                 "--loglevel", "warning",
             ],
@@ -60,9 +63,34 @@ class RedisServer:
 
     def stop(self) -> None:
         if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)  # in case a test paused it
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+    def kill(self) -> None:
+        """kill -9: no shutdown, no final fsync; only what the AOF had survives."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def command(self, *args: str) -> object:
+        import redis
+
+        client = redis.Redis(port=self.port, socket_timeout=5)
+        try:
+            return client.execute_command(*args)
+        finally:
+            client.close()
 
 
 def http_bytes(

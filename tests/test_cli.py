@@ -126,7 +126,7 @@ async def test_errors_have_one_line_and_exit_codes_scripts_can_trust(stack: Clus
         "model",
         "list",
     )
-    fails(4, "broken_chat failed: replica on node-a (CPU) failed: could not start", "model",
+    fails(4, "broken_chat failed: no replica can run: 2 failed; last: could not start", "model",
           "load", "broken_chat", "--wait", "--timeout", "60")  # fmt: skip
     ok(cli(stack, "model", "load", "gpu_chat"))  # stays Pending: no GPU here
     fails(5, "gave up waiting", "model", "wait", "gpu_chat", "--timeout", "1")

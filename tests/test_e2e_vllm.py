@@ -16,6 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import openai
 import pytest
 
@@ -37,6 +38,32 @@ def vllm_processes() -> list[str]:
         ["pgrep", "-af", "vllm[.]entrypoints|VLLM::"], capture_output=True, text=True
     ).stdout
     return out.splitlines()
+
+
+async def long_stream(url: str, first: asyncio.Event) -> tuple[int, bool]:
+    """A streamed answer of 300 tokens through the router: (chunks, ended with [DONE])."""
+    body = {
+        "model": CHAT,
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 300,
+        "ignore_eos": True,  # vLLM's: exactly max_tokens, so the stream is long
+        "stream": True,
+    }
+    chunks, done = 0, False
+    timeout = aiohttp.ClientTimeout(total=900)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.post(url + "/v1/chat/completions", json=body) as r,
+    ):
+        assert r.status == 200, await r.text()
+        async for line in r.content:
+            if line.startswith(b"data: [DONE]"):
+                done = True
+            elif line.startswith(b"data: "):
+                assert b'"error"' not in line, line
+                chunks += 1
+                first.set()
+    return chunks, done
 
 
 async def test_both_default_models_on_vllm_cpu(
@@ -115,12 +142,22 @@ async def test_both_default_models_on_vllm_cpu(
         for api in (chat_api, embed_api, via):
             api.close()
 
-        # Unload: no vLLM process left behind, and the memory given back.
+        # Unload while three long answers stream through the router: the drain waits
+        # for them (the default drain timeout, 600 s, covers any answer the router
+        # waits for), so every one ends with [DONE], none is cut.
+        started = [asyncio.Event() for _ in range(3)]
+        streams = [asyncio.create_task(long_stream(router.url, first)) for first in started]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
         unload_started = time.monotonic()
         await state.delete_request(chat_request.id)
         await state.delete_request(embed_request.id)
-        await cluster.gone(state, chat_request.id, timeout=120)
-        await cluster.gone(state, embed_request.id, timeout=120)
+        answers = await asyncio.gather(*streams)
+        streamed_s = time.monotonic() - unload_started
+        for chunks, done in answers:
+            assert done, f"a stream was cut after {chunks} chunks"
+            assert chunks >= 250, f"only {chunks} chunks"  # ~300 tokens, ignore_eos
+        await cluster.gone(state, chat_request.id, timeout=300)
+        await cluster.gone(state, embed_request.id, timeout=300)
         unload_s = time.monotonic() - unload_started
         deadline = time.monotonic() + 30
         while vllm_processes() and time.monotonic() < deadline:
@@ -133,6 +170,7 @@ async def test_both_default_models_on_vllm_cpu(
         print(
             f"\nvLLM CPU: {CHAT} Ready in {ready_at[chat_request.id]:.0f}s, "
             f"{EMBED} Ready in {ready_at[embed_request.id]:.0f}s (loaded together); "
+            f"3 streams of 300 tokens finished {streamed_s:.1f}s into the unload; "
             f"unload -> gone {unload_s:.1f}s, last vLLM process gone {gone_s:.1f}s; "
             f"RAM available {available_before} MiB before, {available_after} MiB after"
         )

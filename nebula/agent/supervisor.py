@@ -69,8 +69,11 @@ def render(program: Program, logs_dir: Path, max_restarts: int) -> str:
     for name, value in sorted(program.environment.items()):
         if not ENV_NAME_RE.match(name):
             raise UnsafeProgram(f"{shown(name)} is not an environment variable name")
-        quoted = _value(value, f"environment {name}").replace("\\", "\\\\").replace('"', '\\"')
-        pairs.append(f'{name}="{quoted}"')
+        # supervisord splits environment= with its own quoting rules; values with quotes
+        # or backslashes do not survive them intact, so none is written.
+        if any(c in value for c in "\"'\\"):
+            raise UnsafeProgram(f"environment {name} holds a quote or a backslash")
+        pairs.append(f'{name}="{_value(value, f"environment {name}")}"')
     for name, source in sorted(program.inherited.items()):
         # Copied from supervisord's own environment when it starts the engine, so
         # the value (a key) is never written to the file.

@@ -149,7 +149,7 @@ async def test_engines_are_closed_by_default_and_no_key_is_written_or_shown(
                      + secret.encode() + b"\r\n\r\n")  # fmt: skip
             post(router.url + "/v1/chat/completions", body, key=secret + "x")
         post(router.url + "/admin/cluster", None, key=READ_KEY, method="GET")
-        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
         written = [p for p in tmp_path.rglob("*") if p.is_file() and p != key_file]
         assert any(p.name == "agent.log" for p in written)
         assert any(p.parent == cluster.paths.programs for p in written)
