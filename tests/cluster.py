@@ -33,12 +33,6 @@ engine = "test"
 cpu_memory_gib = 1
 engine_args = ["--chunk-delay-ms", "300", "--tokens", "8"]
 
-[models.long_chat]
-model = "test/long-chat"
-engine = "test"
-cpu_memory_gib = 1
-engine_args = ["--chunk-delay-ms", "200", "--tokens", "40"]
-
 [models.broken_chat]
 model = "test/broken"
 engine = "test"

@@ -19,10 +19,18 @@ import pytest
 from nebula.errors import StateUnavailable
 from nebula.models import Phase, Status
 from nebula.state import State
-from tests.cluster import Cluster, wait_for
+from tests.cluster import TEST_CATALOG, Cluster, wait_for
 from tests.helpers import RedisServer, RouterProcess
 
 CLIENT_KEY = "sk-faults"
+# An answer longer than a short drain: 40 chunks 200 ms apart.
+LONG_CHAT = """
+[models.long_chat]
+model = "test/long-chat"
+engine = "test"
+cpu_memory_gib = 1
+engine_args = ["--chunk-delay-ms", "200", "--tokens", "40"]
+"""
 
 
 @pytest.fixture
@@ -65,7 +73,7 @@ class Node:
 
 @pytest.fixture
 async def node(own_redis: RedisServer, tmp_path: Path) -> AsyncIterator[Node]:
-    cluster = Cluster(own_redis.url, tmp_path)
+    cluster = Cluster(own_redis.url, tmp_path, catalog_text=TEST_CATALOG + LONG_CHAT)
     router = cluster.start_router(NEBULA_API_KEYS=CLIENT_KEY)
     state = State(own_redis.url)
     try:
