@@ -9,6 +9,15 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from prometheus_client import REGISTRY
+
+from nebula.catalog import load_catalog
+from nebula.scheduler.service import Scheduler
+from nebula.settings import Settings
+from nebula.state import State
+from tests.builders import cpu_node
+from tests.nodesim import NodeSim
+
 DASHBOARDS = Path(__file__).parents[2] / "dashboards"
 
 
@@ -26,3 +35,24 @@ def test_alert_rules_are_valid_and_fire_in_their_unit_tests() -> None:
     )  # fmt: skip
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "SUCCESS" in tested.stdout
+
+
+async def test_a_standby_scheduler_exports_no_stale_cluster_gauges(
+    state: State, settings: Settings
+) -> None:
+    node = NodeSim(state, cpu_node("cpu-a"))
+    await node.beat()
+    leader = Scheduler(state, settings, identity="first")
+    await state.create_request(load_catalog().get_spec("smollm2_135m_chat"), 1)
+    await leader.step()
+    assert REGISTRY.get_sample_value("nebula_scheduler_requests", {"status": "Pending"}) == 1
+    assert REGISTRY.get_sample_value("nebula_scheduler_nodes", {"state": "alive"}) == 1
+    # Another scheduler takes the lease (the first one was paused past its TTL).
+    await state.release("first")
+    assert await state.acquire_or_renew("second", 60, held=False)
+    await leader.step()
+    assert not leader.is_leader
+    assert REGISTRY.get_sample_value("nebula_scheduler_leader") == 0
+    for name, labels in [("nebula_scheduler_requests", {"status": "Pending"}),
+                         ("nebula_scheduler_nodes", {"state": "alive"})]:  # fmt: skip
+        assert REGISTRY.get_sample_value(name, labels) is None, f"{name} still exported"
