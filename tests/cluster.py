@@ -77,7 +77,9 @@ class Cluster:
         self.catalog_path = folder / "catalog.toml"
         self.catalog_path.write_text(catalog_text)
         self.catalog: Catalog = parse_catalog(catalog_text, str(self.catalog_path))
-        base = random.randrange(20000, 40000, 100)
+        # Below Linux's ephemeral range (32768+): there any outgoing connection may hold
+        # an engine's port for a while, and the engine fails to bind it.
+        base = random.randrange(20000, 32700, 100)
         self.env = {
             "NEBULA_REDIS_URL": redis_url,
             "NEBULA_NODE_ID": "node-a",
