@@ -87,6 +87,7 @@ async def test_killed_supervisord_takes_its_node_down_and_the_node_comes_back(
             node.cluster.folder / "node.log",
             env,
         )
+
         async def new_engines_healthy() -> bool:
             now = await node.engine_pids()
             return len(now) == 2 and not set(now.values()) & set(pids.values())
@@ -126,6 +127,7 @@ async def test_killed_agent_costs_no_request_and_no_engine(node: Node) -> None:
             await wait_for(back, 20, "supervisord to restart the agent")
             await asyncio.sleep(2)
         await asyncio.sleep(4)  # a whole node TTL after the last restart
+    print(f"\nagent killed 3 times: {load.total} requests, {len(load.failures)} failed")
     assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:5]}"
     assert load.total > 50
     assert await node.engine_pids() == pids

@@ -37,6 +37,10 @@ async def served_through(node: Node, fault: str) -> None:
         back = time.monotonic()
         # Through the return: stale keys found lapsed, the new leader's first pass.
         await asyncio.sleep(2 * 4.0)
+    print(
+        f"\nRedis {fault} for {OUTAGE_S:g}s: {load.total} requests, {load.results}, "
+        f"{len(load.failures)} failed"
+    )
     assert load.total - before > 50, load.results
     assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:5]}"
     assert await node.engine_pids() == pids, "an engine was restarted"

@@ -111,6 +111,7 @@ async def healthy(url: str) -> bool:
 async def test_a_dead_router_worker_is_replaced(redis_url: str, tmp_path: Path) -> None:
     router = RouterProcess(redis_url, tmp_path, workers=2)
     try:
+
         async def two_workers() -> bool:
             return len(children(router.proc.pid)) >= 2
 
@@ -207,4 +208,3 @@ async def test_unload_waits_for_streams_and_a_cut_stream_says_it_was_unloaded(
     last = json.loads(answer.strip().split("data: ")[-1])
     assert last["error"]["code"] == "model_unloaded", last
     await node.cluster.gone(node.state, request_id)
-
