@@ -43,7 +43,7 @@ def _setup_logging(settings: Settings) -> None:
 
 async def _wait_for_redis(settings: Settings) -> None:
     """Redis may start a moment after us (one Procfile); give it a short while."""
-    state = State(settings.redis_url)
+    state = State.of(settings)
     deadline = asyncio.get_running_loop().time() + STARTUP_WAIT_S
     try:
         while True:

@@ -23,6 +23,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from nebula.connection import is_sentinel, parse_sentinel
 from nebula.errors import ConfigError
 from nebula.names import NAME_RE, NAME_RULE
 
@@ -65,7 +66,14 @@ class Settings(BaseSettings):
 
     redis_url: str = Field(
         "redis://127.0.0.1:6380/0",
-        description="Redis holding all of Nebula's state (redis://, rediss:// or unix://).",
+        description="Redis holding all of Nebula's state: redis://, rediss://, unix://, or "
+        "redis+sentinel://HOST:26379,HOST:26379,.../MASTER_NAME[/DB] to follow the master "
+        "that Sentinel names through failovers.",
+    )
+    redis_sentinel_password: str = Field(
+        "",
+        description="The Sentinels' own password (requirepass in sentinel.conf), when they "
+        "have one; the master's goes in redis_url.",
     )
     node_id: str = Field(
         default_factory=socket.gethostname,
@@ -233,6 +241,12 @@ class Settings(BaseSettings):
     def _check_redis_url(cls, value: str) -> str:
         # Messages show the URL without its password: they end up in logs and terminals.
         shown = redact(value)
+        if is_sentinel(value):
+            try:
+                parse_sentinel(value)
+            except ValueError as exc:
+                raise ValueError(f"{shown!r} {exc}") from None
+            return value
         try:
             parts = urlsplit(value)
             parts.port  # noqa: B018 - parsing the port is part of the check
@@ -240,8 +254,8 @@ class Settings(BaseSettings):
             raise ValueError(f"{shown!r} is not a valid URL ({exc})") from None
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ValueError(
-                f"{shown!r} is not a Redis URL; use redis://HOST:PORT/DB, rediss://... or "
-                "unix:///path/to/redis.sock"
+                f"{shown!r} is not a Redis URL; use redis://HOST:PORT/DB, rediss://..., "
+                "unix:///path/to/redis.sock or redis+sentinel://HOST:26379,.../MASTER_NAME"
             )
         if parts.scheme != "unix" and not parts.hostname:
             raise ValueError(f"{shown!r} has no host; use redis://HOST:PORT/DB")

@@ -27,6 +27,7 @@ from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nebula import keys
+from nebula.connection import Connection
 from nebula.errors import Conflict, InvalidRequest, NotFound, StateUnavailable
 from nebula.models import (
     ApiKey,
@@ -39,7 +40,7 @@ from nebula.models import (
     PlacementState,
     Status,
 )
-from nebula.settings import redact
+from nebula.settings import Settings, redact
 
 log = logging.getLogger(__name__)
 
@@ -137,21 +138,39 @@ class Changes:
 class State:
     """Nebula's state in Redis."""
 
-    def __init__(self, url: str, *, event_history: int = 100) -> None:
+    def __init__(
+        self, url: str, *, event_history: int = 100, sentinel_password: str = ""
+    ) -> None:
         self.url = url
         self.event_history = event_history
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+        self.connection = Connection(
             url,
+            sentinel_password=sentinel_password,
             decode_responses=True,
             socket_connect_timeout=2.0,
             socket_timeout=5.0,
             health_check_interval=10,
         )
+        self.redis: aioredis.Redis = self.connection.client
+        # When the last call failed for want of a writable master (None: it worked).
+        self.unavailable_since: float | None = None
+        # Bumped on every change of master (Sentinel): writes made just before it may
+        # be lost, so loops treat it like the end of an outage (re-announce, grace).
+        self.master_epoch = 0
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
 
+    @classmethod
+    def of(cls, settings: Settings) -> State:
+        """The state store `settings` name (a plain Redis or a Sentinel-watched master)."""
+        return cls(
+            settings.redis_url,
+            event_history=settings.event_history,
+            sentinel_password=settings.redis_sentinel_password,
+        )
+
     async def close(self) -> None:
-        await self.redis.aclose()
+        await self.connection.close()
 
     async def __aenter__(self) -> State:
         return self
@@ -163,7 +182,9 @@ class State:
     async def _reachable(self) -> AsyncIterator[None]:
         try:
             yield
+            self.unavailable_since = None
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            self.unavailable_since = self.unavailable_since or time.time()
             raise StateUnavailable(
                 f"cannot reach Redis at {redact(self.url)} ({exc}); is it running? "
                 "Check NEBULA_REDIS_URL"
@@ -171,6 +192,7 @@ class State:
         except WatchError:
             raise  # a lost optimistic-lock race: the caller retries or gives up
         except RedisError as exc:
+            self.unavailable_since = self.unavailable_since or time.time()
             # READONLY (a replica, or a master demoted by Sentinel), OOM, LOADING, a
             # script or type error: the store cannot do this now. One error for every
             # caller, so no loop dies of a kind of Redis error it did not expect.

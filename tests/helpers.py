@@ -29,14 +29,17 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 class RedisServer:
     """A throwaway redis-server; `stop()` and `start()` again on the same port and data."""
 
-    def __init__(self, folder: Path, *, aof: bool = False) -> None:
+    def __init__(
+        self, folder: Path, *, aof: bool = False, extra: tuple[str, ...] = (), port: int = 0
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; run shell/test, which installs it")
         self.binary = binary
         self.folder = folder
         self.aof = aof  # AOF everysec, as production runs it: kill -9 and restart keep data
-        self.port = free_port()
+        self.extra = extra  # more redis-server arguments (--replicaof HOST PORT, ...)
+        self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -56,6 +59,7 @@ class RedisServer:
                 "--appendfsync", "everysec",
                 "--daemonize", "no",
                 "--loglevel", "warning",
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip

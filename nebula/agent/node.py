@@ -84,7 +84,7 @@ async def remove_stale_programs(settings: Settings) -> list[str]:
     paths = NodePaths.of(settings)
     if not paths.programs.is_dir():
         return []
-    async with State(settings.redis_url) as state:
+    async with State.of(settings) as state:
         wanted = {
             program_name(p.id)
             for p in await state.node_placements(settings.node_id)

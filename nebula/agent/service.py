@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import aiohttp
 
-from nebula import keys
+from nebula import keys, redis_health
 from nebula.agent import metrics
 from nebula.agent.engines import engine_program, program_name
 from nebula.agent.supervisor import Supervisor, SupervisorUnavailable
@@ -101,6 +101,7 @@ class Agent:
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._redis_lost = False  # set by a failed Redis call, cleared by a heartbeat
+        self._epoch = 0  # the state store's master epoch last announced to
 
     # ------------------------------------------------------------------ loops
 
@@ -129,6 +130,9 @@ class Agent:
                         self.state, "agent", self.node_id, address,
                         self.settings.heartbeat_interval_s,
                     ),
+                    "redis-health": lambda: redis_health.watch(
+                        self.state, self.settings.heartbeat_interval_s
+                    ),
                 }
             )  # fmt: skip
         finally:
@@ -143,7 +147,8 @@ class Agent:
                 node = await asyncio.to_thread(self.telemetry.sample, self.settings)
                 metrics.record_node(node)
                 await self.state.heartbeat(node, self.settings.node_ttl_s)
-                if self._redis_lost:
+                if self._redis_lost or self._epoch != self.state.master_epoch:
+                    self._epoch = self.state.master_epoch
                     self._back_from_outage()
             except StateUnavailable as exc:
                 # The engines keep running: nothing on this node needs Redis to serve.
@@ -452,7 +457,7 @@ async def serve(settings: Settings) -> None:
 
     paths = NodePaths.of(settings)
     supervisor = Supervisor(paths.socket, paths.programs, paths.logs)
-    state = State(settings.redis_url, event_history=settings.event_history)
+    state = State.of(settings)
     try:
         await Agent(state, settings, supervisor).run()
     finally:

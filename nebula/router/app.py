@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from nebula import redis_health
 from nebula.catalog import Catalog, load_catalog
 from nebula.errors import ConfigError
 from nebula.exposure import engine_key, is_loopback
@@ -56,7 +57,7 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
     table = RoutingTable(merge_after_outage_s=settings.node_ttl_s)
     proxy = Proxy(settings, table, keys, engine_key=engine_key(settings, create=False))
     app = web.Application(client_max_size=settings.body_limit_bytes)
-    app[admin.STATE] = State(settings.redis_url, event_history=settings.event_history)
+    app[admin.STATE] = State.of(settings)
     app[admin.CATALOG] = catalog or load_catalog(settings.catalog_path)
     app[admin.TABLE] = table
     app[admin.INFLIGHT] = proxy.inflight
@@ -86,8 +87,12 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
             advertise(app[admin.STATE], "router", address, address, settings.heartbeat_interval_s),
             name="metrics-advertiser",
         )
+        health = asyncio.create_task(
+            redis_health.watch(app[admin.STATE], settings.heartbeat_interval_s),
+            name="redis-health",
+        )
         yield
-        for task in (refresher, sampler, advertiser):
+        for task in (refresher, sampler, advertiser, health):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -184,7 +189,7 @@ async def check_exposure(settings: Settings) -> None:
     """Refuse to serve an open router beyond loopback unless told the network is trusted."""
     if is_loopback(settings.router_host) or settings.trusted_network:
         return
-    state = State(settings.redis_url)
+    state = State.of(settings)
     try:
         stored = await state.list_api_keys()
     finally:

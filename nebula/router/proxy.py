@@ -110,7 +110,7 @@ class Proxy:
         self.table = table
         self.keys = keys
         self.policy = policy or LeastOutstanding()
-        self.limiter = ClusterLimiter(settings.redis_url)
+        self.limiter = ClusterLimiter(settings.redis_url, settings.redis_sentinel_password)
         self.inflight: dict[str, int] = defaultdict(int)  # placement id -> requests in flight
         self.session: aiohttp.ClientSession | None = None
         self.labels = Labels()

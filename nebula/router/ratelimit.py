@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from nebula import keys
+from nebula.connection import Connection
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +75,20 @@ class LocalLimiter:
 class ClusterLimiter:
     """The same bucket shape as `LocalLimiter`, kept in Redis for the whole cluster."""
 
-    def __init__(self, redis_url: str) -> None:
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+    def __init__(self, redis_url: str, sentinel_password: str = "") -> None:
+        self.connection = Connection(
             redis_url,
+            sentinel_password=sentinel_password,
             socket_connect_timeout=REDIS_TIMEOUT_S,
             socket_timeout=REDIS_TIMEOUT_S,
         )
+        self.redis: aioredis.Redis = self.connection.client
         self._script = self.redis.register_script(_GCRA)
         self.local = LocalLimiter()
         self._local_until = 0.0
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        await self.connection.close()
 
     async def allow(self, key_digest: str, rate: float) -> float:
         """0 if a request with this key may go now, else the seconds until one could."""

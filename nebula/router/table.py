@@ -38,6 +38,7 @@ class RoutingTable:
         self.merge_after_outage_s = merge_after_outage_s
         self._merge_until = 0.0
         self._ever_read = False
+        self._epoch = 0  # the state store's master epoch of the last read
 
     def endpoints(self, model: str) -> list[Endpoint]:
         return self.by_model.get(model, [])
@@ -87,6 +88,11 @@ class RoutingTable:
                 self._merge_until = float("inf")  # until the first read after the outage
             self.fresh = False
             return
+        if self._epoch != state.master_epoch:
+            # A new master (failover): endpoints refreshed on the old one in its last
+            # moments may be missing here until their agents announce them again.
+            self._epoch = state.master_epoch
+            self._merge_until = float("inf")
         if self._merge_until == float("inf"):
             self._merge_until = time.time() + self.merge_after_outage_s
             log.info("state store back; merging the routing table for %.1fs",

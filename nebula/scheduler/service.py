@@ -16,7 +16,7 @@ import socket
 import time
 import uuid
 
-from nebula import keys
+from nebula import keys, redis_health
 from nebula.errors import StateUnavailable
 from nebula.loops import jittered, run_loops
 from nebula.metrics import advertise, serve_metrics
@@ -51,6 +51,7 @@ class Scheduler:
         self._grace_until = 0.0
         self._outage = False
         self._was_exporting = False
+        self._epoch = 0  # the state store's master epoch this scheduler has seen
 
     async def run(self) -> None:
         log.info("scheduler %s starting", self.me)
@@ -70,6 +71,7 @@ class Scheduler:
                     "advertise": lambda: advertise(
                         self.state, "scheduler", self.me, address, self.interval
                     ),
+                    "redis-health": lambda: redis_health.watch(self.state, self.interval),
                 }
             )
         finally:
@@ -111,9 +113,12 @@ class Scheduler:
         self.is_leader = held
         metrics.LEADER.set(1 if held else 0)
         now = time.time()
-        if self._outage:
-            log.info("state store reachable again")
+        if self._outage or self._epoch != self.state.master_epoch:
+            # Back from an outage, or on a new master (a failover may lose the last
+            # heartbeats written to the old one): grace before any node is dead.
+            log.info("state store reachable again" if self._outage else "new Redis master")
             self._outage = False
+            self._epoch = self.state.master_epoch
             self._grace_until = now + self.settings.node_ttl_s
         if not held:
             if self._was_exporting:
@@ -190,7 +195,7 @@ class Scheduler:
 
 
 async def serve(settings: Settings) -> None:
-    state = State(settings.redis_url, event_history=settings.event_history)
+    state = State.of(settings)
     try:
         await state.ping()
         await Scheduler(state, settings).run()
