@@ -22,12 +22,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nebula import keys
-from nebula.connection import Connection
+from nebula.connection import Connection, parse_sentinel
 from nebula.errors import Conflict, InvalidRequest, NotFound, StateUnavailable
 from nebula.models import (
     ApiKey,
@@ -183,6 +184,14 @@ class State:
         try:
             yield
             self.unavailable_since = None
+        except MasterNotFoundError:
+            self.unavailable_since = self.unavailable_since or time.time()
+            sentinels = ", ".join(f"{h}:{p}" for h, p in parse_sentinel(self.url).sentinels)
+            raise StateUnavailable(
+                f"no Sentinel ({sentinels}) names a master for "
+                f"{self.connection.master_name!r}: none answers, or none monitors that name; "
+                "check the Sentinels and NEBULA_REDIS_URL"
+            ) from None
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             self.unavailable_since = self.unavailable_since or time.time()
             raise StateUnavailable(

@@ -161,9 +161,11 @@ class Agent:
         """Redis is back (perhaps a new one, from its AOF): announce every endpoint again,
         at once, so routers see them before the ones they remember lapse."""
         self._redis_lost = False
-        log.info("state store reachable again; re-announcing this node's endpoints")
+        log.info("state store reachable again; re-announcing this node's endpoints and states")
         for engine in self.engines.values():
             engine.published = False
+        # Reports written just before the outage may be lost with it: write them all.
+        self.reported.clear()
         self._wake.set()
 
     async def _converge_loop(self) -> None:

@@ -120,6 +120,9 @@ class Scheduler:
             self._outage = False
             self._epoch = self.state.master_epoch
             self._grace_until = now + self.settings.node_ttl_s
+            # Our own last writes may be gone with the old master (AOF everysec,
+            # asynchronous replicas): re-read everything rather than trust the cache.
+            self._last_full = 0.0
         if not held:
             if self._was_exporting:
                 metrics.clear()  # a standby exports no stale picture of the cluster

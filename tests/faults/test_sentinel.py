@@ -5,7 +5,10 @@ master rejoins as a replica without any Nebula process restarting."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +19,7 @@ from nebula.state import State
 from tests.cluster import TEST_CATALOG, Cluster
 from tests.faults.conftest import CLIENT_KEY, Node, steady_load
 from tests.faults.sentinel import MASTER_NAME, SentinelTopology
+from tests.helpers import free_port
 
 TTL_S = 4.0
 
@@ -106,3 +110,21 @@ async def test_sentinel_failover_command_loses_nothing(
     ha: tuple[Node, SentinelTopology],
 ) -> None:
     await fail_over(*ha, "command")
+
+
+def test_a_sentinel_url_without_a_master_or_sentinels_is_one_clear_line(tmp_path: Path) -> None:
+    def run(url: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "NEBULA_REDIS_URL": url, "NEBULA_STATE_DIR": str(tmp_path),
+               "NEBULA_REDIS_SENTINEL_PASSWORD": "sentinel-secret"}  # fmt: skip
+        return subprocess.run([sys.executable, "-m", "nebula.daemons", "scheduler"],
+                              env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+    no_master = run("redis+sentinel://:master-secret@127.0.0.1:26379,127.0.0.1:26380")
+    assert no_master.returncode == 2
+    assert "names no master" in no_master.stderr and "master-secret" not in no_master.stderr
+    ports = [free_port(), free_port()]
+    nobody = run(f"redis+sentinel://127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/nebula")
+    assert nobody.returncode == 1
+    [line] = nobody.stderr.strip().splitlines()
+    assert f"no Sentinel (127.0.0.1:{ports[0]}, 127.0.0.1:{ports[1]}) names a master" in line
+    assert "sentinel-secret" not in nobody.stderr
