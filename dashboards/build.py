@@ -109,6 +109,18 @@ DASHBOARDS: dict[str, dict[str, Any]] = {
         "title": "Nebula / Traffic",
         "panels": [
             (
+                "Routing decisions (prefix affinity kept, overflowed by load)",
+                "reqps",
+                [
+                    (
+                        "sum by (model, decision) "
+                        "(rate(nebula_router_routing_decisions_total[1m]))",
+                        "{{model}}: {{decision}}",
+                    )
+                ],
+                "timeseries",
+            ),
+            (
                 "Requests per second",
                 "reqps",
                 [("sum by (model) (rate(nebula_router_requests_total[1m]))", "{{model}}")],
@@ -216,6 +228,18 @@ DASHBOARDS: dict[str, dict[str, Any]] = {
                 "Prompt tokens per second",
                 "none",
                 [("sum by (model) (rate(vllm:prompt_tokens_total[1m]))", "{{model}}")],
+                "timeseries",
+            ),
+            (
+                "Prefix cache hit rate (vLLM)",
+                "percentunit",
+                [
+                    (
+                        "sum by (model, placement) (rate(vllm:prefix_cache_hits_total[5m])) / "
+                        "sum by (model, placement) (rate(vllm:prefix_cache_queries_total[5m]))",
+                        "{{model}} {{placement}}",
+                    )
+                ],
                 "timeseries",
             ),
             (

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -231,6 +231,22 @@ class Settings(BaseSettings):
         gt=0,
         description="/health fails (503) when the routing table is older than this "
         "(Redis away that long): the router still serves, but a load balancer should know.",
+    )
+    routing_policy: Literal["prefix", "least_outstanding"] = Field(
+        "least_outstanding",
+        description="How chat and completion requests pick a replica: prefix (the replica "
+        "that likely holds the prompt's prefix in its KV cache, bounded by load) or "
+        "least_outstanding. Embeddings always use least_outstanding.",
+    )
+    prefix_load_factor: float = Field(
+        1.25,
+        ge=1.0,
+        le=10.0,
+        description="Prefix routing's load bound: a replica takes a prefix's requests while "
+        "it has at most this times the average load (KubeAI's default, 125 %).",
+    )
+    prefix_chars: int = Field(
+        256, ge=16, le=65536, description="Prompt characters hashed for prefix routing."
     )
     default_rate_per_s: float | None = Field(
         None, gt=0, description="Requests per second per client key, unless the key sets its own."

@@ -139,9 +139,7 @@ class Changes:
 class State:
     """Nebula's state in Redis."""
 
-    def __init__(
-        self, url: str, *, event_history: int = 100, sentinel_password: str = ""
-    ) -> None:
+    def __init__(self, url: str, *, event_history: int = 100, sentinel_password: str = "") -> None:
         self.url = url
         self.event_history = event_history
         self.connection = Connection(

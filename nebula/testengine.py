@@ -39,6 +39,9 @@ class Behaviour:
     die_after_chunks: int | None = None  # exit the process mid-stream, after N chunks
     unhealthy: bool = False  # /health answers 503
     tokens: int = 8  # the most words in an answer (max_tokens lowers it)
+    # A prefix cache like vLLM's: the first byte waits this long per 1,000 characters of
+    # the prompt that are not cached yet (0: no delay; the cache is kept either way).
+    prefill_ms_per_kchar: float = 0.0
 
 
 BEHAVIOUR = web.AppKey("behaviour", Behaviour)
@@ -48,6 +51,10 @@ TOKENS = web.AppKey("tokens", list)  # [prompt, generation] tokens, like vLLM's 
 MODEL = web.AppKey("model", str)
 API_KEY = web.AppKey("api_key", str)
 DIMENSIONS = web.AppKey("dimensions", int)
+PREFIX_CACHE = web.AppKey("prefix_cache", dict)  # block hash -> None, oldest first (LRU)
+PREFIX_STATS = web.AppKey("prefix_stats", list)  # [characters hit, characters queried]
+BLOCK_CHARS = 64  # like vLLM's blocks of 16 tokens, in characters
+CACHE_BLOCKS = 20_000
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
@@ -104,10 +111,44 @@ def _words(text: str, limit: int) -> list[str]:
     return [w + " " for w in words[:limit]] or ["… "]
 
 
+async def _prefill(app: web.Application, body: dict[str, Any], chat: bool) -> None:
+    """The prefix cache: count the prompt's cached leading blocks, wait for the rest."""
+    if chat:
+        text = "".join(
+            f"{m.get('role', '')}:{m.get('content', '')}\n"
+            for m in body.get("messages") or []
+            if isinstance(m, dict)
+        )
+    else:
+        text = str(body.get("prompt", ""))
+    cache = app[PREFIX_CACHE]
+    hit = 0
+    chain = hashlib.blake2b(digest_size=8)
+    keys = []
+    for start in range(0, len(text) - len(text) % BLOCK_CHARS, BLOCK_CHARS):
+        chain.update(text[start : start + BLOCK_CHARS].encode())
+        keys.append(chain.hexdigest())
+    for key in keys:
+        if key not in cache:
+            break
+        hit += BLOCK_CHARS
+    for key in keys:  # all of this prompt is cached now, most recent last
+        cache.pop(key, None)
+        cache[key] = None
+    while len(cache) > CACHE_BLOCKS:
+        cache.pop(next(iter(cache)))
+    app[PREFIX_STATS][0] += hit
+    app[PREFIX_STATS][1] += len(text)
+    per_kchar = app[BEHAVIOUR].prefill_ms_per_kchar
+    if per_kchar:
+        await asyncio.sleep((len(text) - hit) / 1000 * per_kchar / 1000)
+
+
 async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
     body = await _body(request)
     app = request.app
     behaviour = app[BEHAVIOUR]
+    await _prefill(app, body, chat)
     limit = min(int(body.get("max_tokens") or behaviour.tokens), behaviour.tokens)
     if chat:
         messages = body.get("messages") or []
@@ -258,12 +299,22 @@ async def metrics(request: web.Request) -> web.Response:
         "# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
         "# TYPE vllm:generation_tokens_total counter\n"
         f'vllm:generation_tokens_total{{model_name="{model}"}} {request.app[TOKENS][1]}\n'
+        "# HELP vllm:prefix_cache_queries_total Prefix cache queries (characters here).\n"
+        "# TYPE vllm:prefix_cache_queries_total counter\n"
+        f'vllm:prefix_cache_queries_total{{model_name="{model}"}} {request.app[PREFIX_STATS][1]}\n'
+        "# HELP vllm:prefix_cache_hits_total Prefix cache hits (characters here).\n"
+        "# TYPE vllm:prefix_cache_hits_total counter\n"
+        f'vllm:prefix_cache_hits_total{{model_name="{model}"}} {request.app[PREFIX_STATS][0]}\n'
     )
     return web.Response(text=text, content_type="text/plain")
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response({"served": request.app[SERVED][0], "pid": os.getpid()})
+    hit, queried = request.app[PREFIX_STATS]
+    return web.json_response(
+        {"served": request.app[SERVED][0], "pid": os.getpid(), "prefix_hit_chars": hit,
+         "prefix_query_chars": queried}
+    )  # fmt: skip
 
 
 async def set_behaviour(request: web.Request) -> web.Response:
@@ -288,6 +339,8 @@ def make_app(
     app[BEHAVIOUR] = behaviour or Behaviour()
     app[RUNNING] = [0]
     app[SERVED] = [0]
+    app[PREFIX_CACHE] = {}
+    app[PREFIX_STATS] = [0, 0]
     app[TOKENS] = [0, 0]
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
@@ -311,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fail-start", default="", help="print this and exit 1 at start")
     p.add_argument("--chunk-delay-ms", type=float, default=0.0)
     p.add_argument("--tokens", type=int, default=8)
+    p.add_argument("--prefill-ms-per-kchar", type=float, default=0.0)
     # vLLM's flags that the admin API may set change sizes, not behaviour, here:
     # accepted and ignored, so a load with overrides runs as it would on vLLM.
     for flag, check in API_FLAGS.items():
@@ -324,7 +378,11 @@ def main(argv: list[str] | None = None) -> None:
         print(args.fail_start, file=sys.stderr, flush=True)
         sys.exit(1)
     time.sleep(args.startup_delay_s)
-    behaviour = Behaviour(chunk_delay_ms=args.chunk_delay_ms, tokens=args.tokens)
+    behaviour = Behaviour(
+        chunk_delay_ms=args.chunk_delay_ms,
+        tokens=args.tokens,
+        prefill_ms_per_kchar=args.prefill_ms_per_kchar,
+    )
     app = make_app(
         args.model, api_key=args.api_key, dimensions=args.dimensions, behaviour=behaviour
     )

@@ -55,3 +55,9 @@ TOKENS = Counter(
     "Tokens reported in answers' usage, by kind (prompt, completion).",
     ["model", "kind"],
 )
+ROUTING = Counter(
+    "nebula_router_routing_decisions",
+    "How replicas were chosen: affinity (the prompt prefix's own replica), overflow (its "
+    "replica was over the load bound), least_outstanding (no prefix policy or no prompt).",
+    ["model", "decision"],
+)

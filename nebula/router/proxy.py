@@ -24,6 +24,7 @@ from nebula.router import metrics
 from nebula.router.auth import Keys, bearer
 from nebula.router.balance import LeastOutstanding, Policy
 from nebula.router.openai_errors import error, invalid_api_key, stream_error_event
+from nebula.router.prefix import PrefixAffinity, prefix_of
 from nebula.router.ratelimit import ClusterLimiter
 from nebula.router.table import RoutingTable
 from nebula.settings import Settings
@@ -110,10 +111,16 @@ class Proxy:
         self.table = table
         self.keys = keys
         self.policy = policy or LeastOutstanding()
+        self.prefix = (
+            PrefixAffinity(settings.prefix_load_factor, settings.prefix_chars)
+            if settings.routing_policy == "prefix"
+            else None
+        )
         self.limiter = ClusterLimiter(settings.redis_url, settings.redis_sentinel_password)
         self.inflight: dict[str, int] = defaultdict(int)  # placement id -> requests in flight
         self.session: aiohttp.ClientSession | None = None
         self.labels = Labels()
+        self._decisions: dict[tuple[str, str], Any] = {}
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=settings.connect_timeout_s,
@@ -146,6 +153,12 @@ class Proxy:
         for model, n in per_model.items():
             metrics.IN_FLIGHT.labels(model).set(n)
             metrics.ENDPOINTS.labels(model).set(len(self.table.endpoints(model)))
+
+    def decisions(self, model: str, decision: str) -> Any:
+        child = self._decisions.get((model, decision))
+        if child is None:
+            child = self._decisions[model, decision] = metrics.ROUTING.labels(model, decision)
+        return child
 
     def _done(self, model: str, route: str, status: int) -> None:
         self.labels.requests(model, route, status).inc()
@@ -229,8 +242,13 @@ class Proxy:
                 f"(send {task} requests to {TASK_ROUTES.get(Task(task), 'its own route')})",
                 "wrong_model_task",
             )
+        key = (
+            prefix_of(payload, self.prefix.chars)
+            if self.prefix is not None and wanted is Task.CHAT
+            else None
+        )
         latency, ttft = self.labels.get(model, route)
-        response = await self._forward(request, route, body, model, candidates, started, ttft)
+        response = await self._forward(request, route, body, model, candidates, started, ttft, key)
         latency.observe(time.perf_counter() - started)
         self._done(model, route, response.status)
         return response
@@ -244,6 +262,7 @@ class Proxy:
         candidates: list[Endpoint],
         started: float,
         ttft: Any,
+        key: str | None = None,
     ) -> web.StreamResponse:
         assert self.session is not None
         settings = self.settings
@@ -253,7 +272,12 @@ class Proxy:
             left = [c for c in candidates if c.placement_id not in tried] if tried else candidates
             if not left:
                 break
-            endpoint = self.policy.choose(left, self.inflight)
+            if key is not None and not attempt:
+                endpoint, own = self.prefix.choose(left, self.inflight, key)  # type: ignore[union-attr]
+                self.decisions(model, "affinity" if own else "overflow").inc()
+            else:
+                endpoint = self.policy.choose(left, self.inflight)
+                self.decisions(model, "least_outstanding").inc()
             tried.add(endpoint.placement_id)
             if attempt:
                 metrics.RETRIES.labels(model).inc()
