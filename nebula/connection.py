@@ -130,7 +130,12 @@ class Connection:
         """Drop every pooled connection: the next command connects to the master Sentinel
         names now. redis-py asks Sentinel only when it opens a connection, and a master
         demoted by `SENTINEL FAILOVER` may go on accepting writes for seconds."""
-        await self.client.connection_pool.disconnect()
+        pool = self.client.connection_pool
+        # Idle connections now; those in use at this moment when they come back to the
+        # pool (closing them under a command would break it).
+        for connection in list(getattr(pool, "_in_use_connections", ())):
+            connection.mark_for_reconnect()
+        await pool.disconnect(inuse_connections=False)
 
     async def close(self) -> None:
         await self.client.aclose()

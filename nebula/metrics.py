@@ -40,4 +40,7 @@ async def advertise(state: State, kind: str, ident: str, address: str, interval_
             await state.register_metrics(kind, ident, address, ttl_s=3 * interval_s)
         except StateUnavailable as exc:
             log.debug("metrics advertisement: %s", exc.message)
+        except Exception:
+            # Discovery is a convenience: it must never take its daemon down.
+            log.exception("metrics advertisement failed; retrying")
         await asyncio.sleep(interval_s)

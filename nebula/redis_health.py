@@ -58,7 +58,10 @@ async def watch(state: State, interval_s: float) -> None:
                     MASTER.labels(known).set(0)
                     log.warning("Redis master changed: %s -> %s (failover)", known, address)
                     # No command may go on to the old master over a pooled connection.
-                    await state.connection.reset()
+                    try:
+                        await state.connection.reset()
+                    except Exception as exc:  # closing a dead connection may fail: fine
+                        log.debug("resetting Redis connections: %s", exc)
                     state.master_epoch += 1
                 MASTER.labels(address).set(1)
                 known = address

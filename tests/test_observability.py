@@ -81,7 +81,7 @@ def test_promtool_accepts_the_rules_and_config() -> None:
         text=True,
     )
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 8 rules found" in rules.stdout
+    assert "SUCCESS: 9 rules found" in rules.stdout
 
 
 async def test_prometheus_scrapes_everything_and_every_query_runs(
@@ -174,7 +174,7 @@ async def test_prometheus_scrapes_everything_and_every_query_runs(
         # The rules are loaded and evaluated.
         with urllib.request.urlopen(f"{url}/api/v1/rules", timeout=5) as r:
             groups = json.load(r)["data"]["groups"]
-        assert len(groups[0]["rules"]) == 8
+        assert len(groups[0]["rules"]) == 9
         assert all(rule["health"] == "ok" for rule in groups[0]["rules"]), groups
     finally:
         stop(prometheus)
