@@ -7,7 +7,8 @@ build, prefix caching on by default), and two routers over the same replicas:
 one with `routing_policy=least_outstanding`, one with `prefix`. Each policy
 then serves the same workload in turn: N conversations, each with its own
 long system prompt (random words, a fresh set per policy so neither warms the
-other's cache), several turns each, two conversations at a time, answers of 8
+other's cache), several turns each, two conversations at a time in a shuffled
+order each turn (the same for both policies), answers of 8
 tokens, streamed. Reported per policy: time to first token p50/p90 over all
 turns and over the turns after the first, and vLLM's own prefix-cache hit
 rate (`vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total`, over
@@ -108,9 +109,14 @@ async def run_policy(url: str, engines: list[str], convs: list[list[dict[str, st
             prompts += tokens
             last_prompt[c] = tokens
 
+        rng = random.Random(7)  # the same order for both policies
         for t in range(turns):
-            for pair in range(0, len(convs), 2):
-                await asyncio.gather(*(one(c, t) for c in range(pair, min(pair + 2, len(convs)))))
+            # Users come back in any order: a fixed order would pair the same
+            # conversations each turn and give least-outstanding an accidental affinity.
+            order = list(range(len(convs)))
+            rng.shuffle(order)
+            for pair in range(0, len(order), 2):
+                await asyncio.gather(*(one(c, t) for c in order[pair : pair + 2]))
     after = [engine_counters(e) for e in engines]
     hits = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
     queries = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))

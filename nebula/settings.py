@@ -233,7 +233,7 @@ class Settings(BaseSettings):
         "(Redis away that long): the router still serves, but a load balancer should know.",
     )
     routing_policy: Literal["prefix", "least_outstanding"] = Field(
-        "least_outstanding",
+        "prefix",
         description="How chat and completion requests pick a replica: prefix (the replica "
         "that likely holds the prompt's prefix in its KV cache, bounded by load) or "
         "least_outstanding. Embeddings always use least_outstanding.",

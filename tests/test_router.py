@@ -88,6 +88,9 @@ async def router(redis_url: str, tmp_path: Path) -> AsyncIterator[RouterProcess]
         NEBULA_ADMIN_KEY=ADMIN_KEY,
         NEBULA_ENGINE_API_KEY=ENGINE_KEY,
         NEBULA_LOG_LEVEL="DEBUG",
+        # These tests are about balancing, retries and errors across replicas; prefix
+        # routing (the default) has its own, in tests/test_prefix_routing.py.
+        NEBULA_ROUTING_POLICY="least_outstanding",
     )
     yield proc
     assert proc.stop() == 0
