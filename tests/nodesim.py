@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from nebula.models import Desired, Node, Phase, Placement, PlacementState
+from nebula.models import Desired, Node, Phase, Placement, PlacementState, Status
 from nebula.state import State
 
 
@@ -36,3 +36,9 @@ class NodeSim:
         """Report every wanted engine in `phase` and every unwanted one Stopped."""
         for p in await self.placements():
             await self.report(p.id, phase if p.desired is Desired.RUN else Phase.STOPPED)
+
+
+async def status_of(state: State, ref: str) -> tuple[Status, str]:
+    """A model request's status and message, as the scheduler last wrote them."""
+    request = await state.get_request(ref)
+    return request.status, request.message

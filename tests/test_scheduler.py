@@ -22,16 +22,11 @@ from nebula.settings import Settings
 from nebula.state import State
 from tests.builders import cpu_node, gpu_node
 from tests.helpers import spawn
-from tests.nodesim import NodeSim
+from tests.nodesim import NodeSim, status_of
 
 CATALOG = load_catalog()
 CHAT = CATALOG.get_spec("smollm2_135m_chat")  # 5 GiB of RAM on a CPU node
 QWEN = CATALOG.get_spec("qwen2_5_0_5b_chat")  # 0.40 of a GPU
-
-
-async def status_of(state: State, ref: str) -> tuple[Status, str]:
-    request = await state.get_request(ref)
-    return request.status, request.message
 
 
 async def test_request_lifecycle_from_load_to_gone(

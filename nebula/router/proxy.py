@@ -78,6 +78,7 @@ class Labels:
     def __init__(self) -> None:
         self._cache: dict[tuple[str, str], Any] = {}
         self._requests: dict[tuple[str, str, int], Any] = {}
+        self._decisions: dict[tuple[str, str], Any] = {}
 
     def get(self, model: str, route: str) -> Any:
         entry = self._cache.get((model, route))
@@ -94,6 +95,12 @@ class Labels:
             child = self._requests[model, route, status] = metrics.REQUESTS.labels(
                 model, route, str(status)
             )
+        return child
+
+    def decision(self, model: str, decision: str) -> Any:
+        child = self._decisions.get((model, decision))
+        if child is None:
+            child = self._decisions[model, decision] = metrics.ROUTING.labels(model, decision)
         return child
 
 
@@ -120,16 +127,14 @@ class Proxy:
         self.inflight: dict[str, int] = defaultdict(int)  # placement id -> requests in flight
         self.session: aiohttp.ClientSession | None = None
         self.labels = Labels()
-        self._decisions: dict[tuple[str, str], Any] = {}
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=settings.connect_timeout_s,
             sock_read=settings.first_byte_timeout_s,
         )
         self.upstream_headers = {"Content-Type": "application/json"}
-        key = engine_key or settings.engine_api_key
-        if key:
-            self.upstream_headers["Authorization"] = f"Bearer {key}"
+        if engine_key:  # the configured key, or the one the node keeps (exposure.engine_key)
+            self.upstream_headers["Authorization"] = f"Bearer {engine_key}"
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
@@ -153,12 +158,6 @@ class Proxy:
         for model, n in per_model.items():
             metrics.IN_FLIGHT.labels(model).set(n)
             metrics.ENDPOINTS.labels(model).set(len(self.table.endpoints(model)))
-
-    def decisions(self, model: str, decision: str) -> Any:
-        child = self._decisions.get((model, decision))
-        if child is None:
-            child = self._decisions[model, decision] = metrics.ROUTING.labels(model, decision)
-        return child
 
     def _done(self, model: str, route: str, status: int) -> None:
         self.labels.requests(model, route, status).inc()
@@ -274,10 +273,10 @@ class Proxy:
                 break
             if key is not None and not attempt:
                 endpoint, own = self.prefix.choose(left, self.inflight, key)  # type: ignore[union-attr]
-                self.decisions(model, "affinity" if own else "overflow").inc()
+                self.labels.decision(model, "affinity" if own else "overflow").inc()
             else:
                 endpoint = self.policy.choose(left, self.inflight)
-                self.decisions(model, "least_outstanding").inc()
+                self.labels.decision(model, "least_outstanding").inc()
             tried.add(endpoint.placement_id)
             if attempt:
                 metrics.RETRIES.labels(model).inc()

@@ -20,14 +20,9 @@ from nebula.settings import Settings
 from nebula.state import State
 from tests.builders import cpu_node
 from tests.cluster import Cluster, wait_for
-from tests.nodesim import NodeSim
+from tests.nodesim import NodeSim, status_of
 
 CHAT = load_catalog().get_spec("smollm2_135m_chat")  # 5 GiB of RAM
-
-
-async def status_of(state: State, ref: str) -> tuple[Status, str]:
-    request = await state.get_request(ref)
-    return request.status, request.message
 
 
 async def test_a_ready_model_whose_replicas_are_all_lost_is_degraded(

@@ -9,11 +9,10 @@ import os
 import signal
 import subprocess
 import sys
-import xmlrpc.client
 
 import pytest
-from supervisor.xmlrpc import SupervisorTransport
 
+from nebula.agent.supervisor import Supervisor
 from nebula.models import Status
 from tests.cluster import wait_for
 from tests.faults.conftest import Node, steady_load
@@ -34,12 +33,9 @@ def alive(pid: int) -> bool:
 
 
 def agent_pid(node: Node) -> int:
-    transport = SupervisorTransport(None, None, f"unix://{node.cluster.paths.socket}")
-    proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
-    try:
-        return int(proxy.supervisor.getProcessInfo("nebula-agent")["pid"])
-    finally:
-        transport.close()
+    paths = node.cluster.paths
+    supervisor = Supervisor(paths.socket, paths.programs, paths.logs)
+    return int(supervisor._call("supervisor.getProcessInfo", "nebula-agent")["pid"])
 
 
 def engines_on(ports: range) -> list[str]:

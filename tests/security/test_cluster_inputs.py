@@ -11,15 +11,14 @@ import stat
 import subprocess
 import sys
 import time
-import xmlrpc.client
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from supervisor.xmlrpc import SupervisorTransport
 
+from nebula.agent.supervisor import Supervisor
 from nebula.models import Status
 from nebula.state import State
 from tests.cluster import Cluster
@@ -47,12 +46,9 @@ def post(url: str, body: object, key: str = ADMIN_KEY, method: str = "POST") -> 
 
 
 def supervisor_programs(cluster: Cluster) -> set[str]:
-    transport = SupervisorTransport(None, None, f"unix://{cluster.paths.socket}")
-    proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
-    try:
-        return {info["name"] for info in proxy.supervisor.getAllProcessInfo()}
-    finally:
-        transport.close()
+    paths = cluster.paths
+    supervisor = Supervisor(paths.socket, paths.programs, paths.logs)
+    return {info["name"] for info in supervisor._call("supervisor.getAllProcessInfo")}
 
 
 def own_programs_only(cluster: Cluster) -> None:
