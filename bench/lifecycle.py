@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from nebula.models import Status
-from nebula.state import State
+from nebula.store import State
 from tests.cluster import Cluster, wait_for
 from tests.helpers import RedisServer, free_port, spawn, stop
 
@@ -60,7 +60,7 @@ async def rounds(url: str, folder: Path, n: int) -> tuple[list[float], list[floa
     try:
 
         async def node_up() -> bool:
-            return bool(await state.list_nodes()) and bool(await state.leader())
+            return bool(await state.nodes.live()) and bool(await state.lease.holder())
 
         await wait_for(node_up, 30, "the node and the scheduler")
         loads, unloads = [], []
@@ -70,7 +70,7 @@ async def rounds(url: str, folder: Path, n: int) -> tuple[list[float], list[floa
             await cluster.status(state, request.id, Status.READY)
             loads.append(time.monotonic() - start)
             start = time.monotonic()
-            await state.delete_request(request.id)
+            await state.requests.delete(request.id)
             await cluster.gone(state, request.id)
             unloads.append(time.monotonic() - start)
         return loads, unloads

@@ -27,7 +27,7 @@ from nebula.scheduler.placement import plan
 from nebula.scheduler.service import Scheduler
 from nebula.scheduler.usage import Usage
 from nebula.settings import Settings
-from nebula.state import State
+from nebula.store import State
 from tests.helpers import RedisServer
 
 CEILING = 0.9
@@ -122,9 +122,9 @@ async def bench_cycle(url: str, nodes: list[Node], specs: list[tuple[ModelSpec, 
     await state.redis.flushall()
     settings = Settings(redis_url=url, leader_ttl_s=600, memory_ceiling=CEILING)
     for node in nodes:
-        await state.heartbeat(node, ttl_s=600)
+        await state.nodes.heartbeat(node, ttl_s=600)
     for spec, replicas in specs:
-        await state.create_request(spec, replicas)
+        await state.requests.create(spec, replicas)
     scheduler = Scheduler(state, settings)
 
     start = time.perf_counter()
@@ -136,7 +136,7 @@ async def bench_cycle(url: str, nodes: list[Node], specs: list[tuple[ModelSpec, 
     for p in scheduler.usage.placements.values():
         by_node.setdefault(p.node, {})[p.id] = PlacementState(phase=Phase.HEALTHY)
     for node_id, states in by_node.items():
-        await state.set_placement_states(node_id, states)
+        await state.placements.report(node_id, states)
     await scheduler.step()
     await scheduler.step()
     ready = sum(1 for r in scheduler.snapshot.requests.values() if r.status is Status.READY)
@@ -153,7 +153,7 @@ async def bench_cycle(url: str, nodes: list[Node], specs: list[tuple[ModelSpec, 
     one_trips = 0
     for i in range(5):
         spec = ModelSpec(name=f"extra-{i}", model="org/extra", gpu_memory_utilization=0.2)
-        await state.create_request(spec, 1)
+        await state.requests.create(spec, 1)
         with RoundTrips() as trips:
             start = time.perf_counter()
             changes = await scheduler.step()
@@ -163,7 +163,7 @@ async def bench_cycle(url: str, nodes: list[Node], specs: list[tuple[ModelSpec, 
     telemetry = []
     for _ in range(3):
         start = time.perf_counter()
-        await state.read_telemetry(scheduler.snapshot, scheduler.snapshot.alive)
+        await scheduler.cluster.read_telemetry(scheduler.snapshot, scheduler.snapshot.alive)
         telemetry.append(time.perf_counter() - start)
     await state.close()
     print(f"scheduler pass with Redis, {len(nodes)} nodes, {len(specs)} requests ({ready} Ready):")

@@ -33,7 +33,7 @@ import aiohttp
 
 from nebula.models import Status
 from nebula.settings import Settings
-from nebula.state import State
+from nebula.store import State
 from tests.cluster import Cluster, wait_for
 from tests.helpers import RedisServer, RouterProcess
 
@@ -151,7 +151,7 @@ async def main(args: argparse.Namespace) -> None:
             started = time.monotonic()
             await cluster.status(state, request.id, Status.READY, timeout=900)
             print(f"2 replicas of {MODEL} Ready in {time.monotonic() - started:.0f}s")
-            engines = sorted(e.url for e in (await state.routing())[0])
+            engines = sorted(e.url for e in (await state.endpoints.live()))
         for policy in ("least_outstanding", "prefix"):
             routers[policy] = cluster.start_router(NEBULA_ROUTING_POLICY=policy)
 

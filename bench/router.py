@@ -33,7 +33,7 @@ from pathlib import Path
 import aiohttp
 
 from nebula.models import Endpoint
-from nebula.state import State
+from nebula.store import State
 from tests.helpers import EngineProcess, RedisServer, RouterProcess, free_port, stop, wait_for_port
 
 KEY = "sk-bench"
@@ -151,7 +151,7 @@ def main() -> None:
                     ("bench-chat", f"http://127.0.0.1:{nginx_port}"),
                     ("bench-stream", engine.url),
                 ):
-                    await state.publish_endpoint(
+                    await state.endpoints.publish(
                         Endpoint(f"p-{model}", f"r-{model}", model, "bench", url), 3600,
                         announce=True,
                     )  # fmt: skip

@@ -26,7 +26,7 @@ from typing import Any
 from nebula import __version__
 from nebula.errors import ConfigError, NebulaError, StateUnavailable
 from nebula.settings import Settings, load_settings
-from nebula.state import State
+from nebula.store import State
 
 log = logging.getLogger("nebula")
 

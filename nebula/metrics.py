@@ -14,7 +14,7 @@ import logging
 from prometheus_client import start_http_server
 
 from nebula.errors import ConfigError, StateUnavailable
-from nebula.state import State
+from nebula.store import State
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ async def advertise(state: State, kind: str, ident: str, address: str, interval_
     """Keep this process's /metrics address in Redis while it runs."""
     while True:
         try:
-            await state.register_metrics(kind, ident, address, ttl_s=3 * interval_s)
+            await state.targets.register(kind, ident, address, ttl_s=3 * interval_s)
         except StateUnavailable as exc:
             log.debug("metrics advertisement: %s", exc.message)
         except Exception:

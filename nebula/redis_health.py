@@ -14,7 +14,7 @@ import time
 
 from prometheus_client import Counter, Gauge
 
-from nebula.state import State
+from nebula.store import State
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from nebula.agent.node import NodePaths
 from nebula.catalog import Catalog, parse_catalog
 from nebula.models import ModelRequest, Status
 from nebula.settings import Settings
-from nebula.state import State
+from nebula.store import State
 from tests.helpers import RouterProcess, spawn, stop
 
 T = TypeVar("T")
@@ -123,20 +123,20 @@ class Cluster:
         return self.router
 
     async def load(self, state: State, name: str, replicas: int = 1) -> ModelRequest:
-        return await state.create_request(self.catalog.get_spec(name), replicas)
+        return await state.requests.create(self.catalog.get_spec(name), replicas)
 
     async def status(
         self, state: State, ref: str, status: Status, timeout: float = 20
     ) -> ModelRequest:
         async def check() -> ModelRequest | None:
-            request = await state.get_request(ref)
+            request = await state.requests.get(ref)
             return request if request.status is status else None
 
         return await wait_for(check, timeout, f"{ref} to be {status.value}")
 
     async def gone(self, state: State, ref: str, timeout: float = 30) -> None:
         async def check() -> bool:
-            return ref not in {r.id for r in await state.list_requests()}
+            return ref not in {r.id for r in await state.requests.all()}
 
         await wait_for(check, timeout, f"{ref} to be gone")
 

@@ -7,7 +7,7 @@ import pytest
 import redis
 
 from nebula.settings import Settings
-from nebula.state import State
+from nebula.store import State
 from tests.helpers import RedisServer
 
 

@@ -10,7 +10,7 @@ import time
 from dataclasses import replace
 
 from nebula.models import Desired, Node, Phase, Placement, PlacementState, Status
-from nebula.state import State
+from nebula.store import State
 
 
 class NodeSim:
@@ -21,13 +21,13 @@ class NodeSim:
 
     async def beat(self) -> None:
         self.node = replace(self.node, heartbeat_at=time.time())
-        await self.state.heartbeat(self.node, self.ttl_s)
+        await self.state.nodes.heartbeat(self.node, self.ttl_s)
 
     async def placements(self) -> list[Placement]:
-        return sorted(await self.state.node_placements(self.node.id), key=lambda p: p.id)
+        return sorted(await self.state.placements.of_node(self.node.id), key=lambda p: p.id)
 
     async def report(self, placement_id: str, phase: Phase, message: str = "") -> None:
-        await self.state.set_placement_states(
+        await self.state.placements.report(
             self.node.id,
             {placement_id: PlacementState(phase=phase, message=message, updated_at=time.time())},
         )
@@ -40,5 +40,5 @@ class NodeSim:
 
 async def status_of(state: State, ref: str) -> tuple[Status, str]:
     """A model request's status and message, as the scheduler last wrote them."""
-    request = await state.get_request(ref)
+    request = await state.requests.get(ref)
     return request.status, request.message

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from nebula.models import Phase, Status
-from nebula.state import State
+from nebula.store import State
 from tests.cluster import ENGINE_KEY, Cluster, wait_for
 
 
@@ -45,12 +45,12 @@ def alive(pid: int) -> bool:
 
 
 async def endpoints(state: State) -> list:  # type: ignore[type-arg]
-    return (await state.routing())[0]
+    return await state.endpoints.live()
 
 
 async def engine_pid(state: State, node: str = "node-a") -> int:
     async def check() -> int | None:
-        states = await state.placement_states(node)
+        states = await state.placements.states(node)
         pids = [s.pid for s in states.values() if s.phase is Phase.HEALTHY and s.pid]
         return pids[0] if pids else None
 
@@ -74,7 +74,7 @@ async def test_load_ready_unload_gone(state: State, cluster: Cluster) -> None:
     assert [p.name for p in cluster.paths.programs.glob("*.conf")]
 
     started = time.monotonic()
-    await state.delete_request(request.id)
+    await state.requests.delete(request.id)
     await cluster.gone(state, request.id)
     unload_to_gone = time.monotonic() - started
     assert not alive(pid)
@@ -109,7 +109,7 @@ async def test_killed_engine_is_withdrawn_restarted_and_back(
 
     new_pid = await wait_for(back, 20, "the engine restarted and its endpoint back")
     assert new_pid != pid
-    assert (await state.placement_states("node-a")).popitem()[1].restarts == 1
+    assert (await state.placements.states("node-a")).popitem()[1].restarts == 1
     await cluster.status(state, request.id, Status.READY)
 
 
@@ -130,7 +130,7 @@ async def test_engine_that_cannot_start_fails_with_its_log(state: State, cluster
     await asyncio.sleep(1.5)  # and no more tries after Failed
     after = [log.read_text().count("test engine for broken_chat starting") for log in logs]
     assert after == starts and len(list(cluster.paths.logs.glob("engine-*.log"))) == 2
-    await state.delete_request(request.id)
+    await state.requests.delete(request.id)
     await cluster.gone(state, request.id)
 
 
@@ -148,7 +148,7 @@ async def test_agent_restart_adopts_running_engines(state: State, cluster: Clust
     await wait_for(new_agent, 15, "supervisord to restart the agent")
     await asyncio.sleep(2.0)  # several convergence passes of the new agent
     assert await engine_pid(state) == pid and alive(pid)
-    assert (await state.get_request(request.id)).status is Status.READY
+    assert (await state.requests.get(request.id)).status is Status.READY
 
 
 def _agent_pid(cluster: Cluster) -> int | None:
@@ -179,7 +179,7 @@ async def test_unload_drains_a_request_in_flight(state: State, cluster: Cluster)
 
     in_flight = asyncio.create_task(asyncio.to_thread(slow_stream))
     await asyncio.sleep(0.5)  # the answer is streaming: 7 words, 300 ms apart
-    await state.delete_request(request.id)
+    await state.requests.delete(request.id)
     answer = await in_flight
     assert answer.rstrip().endswith(b"data: [DONE]"), answer[-200:]
     assert b'"finish_reason": "stop"' in answer

@@ -23,7 +23,7 @@ import pytest
 from nebula.agent.telemetry import memory_mib
 from nebula.models import Status
 from nebula.settings import Settings
-from nebula.state import State
+from nebula.store import State
 from tests.cluster import ENGINE_KEY, Cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
@@ -96,7 +96,7 @@ async def test_both_default_models_on_vllm_cpu(
             ready_at[request_id] = time.monotonic() - started
 
         await asyncio.gather(ready(chat_request.id), ready(embed_request.id))
-        endpoints = {e.model: e for e in (await state.routing())[0]}
+        endpoints = {e.model: e for e in (await state.endpoints.live())}
         assert set(endpoints) == {CHAT, EMBED}
 
         # At the endpoints the agent published.
@@ -149,8 +149,8 @@ async def test_both_default_models_on_vllm_cpu(
         streams = [asyncio.create_task(long_stream(router.url, first)) for first in started]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
         unload_started = time.monotonic()
-        await state.delete_request(chat_request.id)
-        await state.delete_request(embed_request.id)
+        await state.requests.delete(chat_request.id)
+        await state.requests.delete(embed_request.id)
         answers = await asyncio.gather(*streams)
         streamed_s = time.monotonic() - unload_started
         for chunks, done in answers:

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from nebula.models import Endpoint, Status
-from nebula.state import State
+from nebula.store import State
 from tests.cluster import Cluster
 from tests.helpers import free_port, spawn, stop, wait_for_port
 
@@ -96,7 +96,7 @@ async def test_prometheus_scrapes_everything_and_every_query_runs(
     # replica that is unreachable (retries and upstream errors).
     pending = await stack.load(state, "gpu_chat")
     await stack.status(state, pending.id, Status.PENDING)
-    await state.publish_endpoint(
+    await state.endpoints.publish(
         Endpoint("p-dead", chat.id, "tiny_chat", "node-a", "http://127.0.0.1:9"), 120,
         announce=True,
     )  # fmt: skip

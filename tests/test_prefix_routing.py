@@ -15,7 +15,7 @@ import pytest
 
 from nebula.models import Endpoint
 from nebula.router.prefix import PrefixAffinity, prefix_of
-from nebula.state import State
+from nebula.store import State
 from tests.cluster import wait_for
 from tests.helpers import EngineProcess, RouterProcess, stop
 
@@ -93,7 +93,7 @@ async def engines(tmp_path: Path) -> AsyncIterator[list[EngineProcess]]:
 async def publish(state: State, engines: list[EngineProcess]) -> None:
     for i, engine in enumerate(engines):
         endpoint = Endpoint(f"p{i}", "r", "chat", "n", engine.url, "chat")
-        await state.publish_endpoint(endpoint, 120, announce=True)
+        await state.endpoints.publish(endpoint, 120, announce=True)
 
 
 def stats(engine: EngineProcess) -> dict[str, int]:

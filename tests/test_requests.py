@@ -8,7 +8,7 @@ import redis
 from nebula.catalog import load_catalog
 from nebula.errors import Conflict, InvalidRequest, NotFound, StateUnavailable
 from nebula.models import Status
-from nebula.state import State
+from nebula.store import State
 
 CATALOG = load_catalog()
 
@@ -32,32 +32,35 @@ def dump(url: str) -> dict[str, object]:
 
 
 async def test_load_show_list_unload(state: State) -> None:
-    request = await state.create_request(CATALOG.get_spec("smollm2_135m_chat"), 2)
+    request = await state.requests.create(CATALOG.get_spec("smollm2_135m_chat"), 2)
     assert request.status is Status.PENDING
     assert request.id.startswith("smollm2_135m_chat-")
-    by_id = await state.get_request(request.id)
-    by_name = await state.get_request("smollm2_135m_chat")
+    by_id = await state.requests.get(request.id)
+    by_name = await state.requests.get("smollm2_135m_chat")
     assert by_id == by_name == request
-    assert [r.id for r in await state.list_requests()] == [request.id]
-    events = await state.events(request.id)
+    assert [r.id for r in await state.requests.all()] == [request.id]
+    events = await state.requests.events(request.id)
     assert [e["message"] for e in events] == ["load asked: 2 replica(s)"]
 
-    unloading = await state.delete_request("smollm2_135m_chat")
+    unloading = await state.requests.delete("smollm2_135m_chat")
     assert unloading.status is Status.UNLOADING
-    assert (await state.get_request(request.id)).status is Status.UNLOADING
+    assert (await state.requests.get(request.id)).status is Status.UNLOADING
     # Unload is never straight to gone, and asking twice is harmless.
-    again = await state.delete_request(request.id)
+    again = await state.requests.delete(request.id)
     assert again.status is Status.UNLOADING
-    assert [e["status"] for e in await state.events(request.id)] == ["Pending", "Unloading"]
+    assert [e["status"] for e in await state.requests.events(request.id)] == [
+        "Pending",
+        "Unloading",
+    ]
 
 
 async def test_loading_twice_is_a_conflict_that_changes_nothing(
     state: State, redis_url: str
 ) -> None:
-    first = await state.create_request(CATALOG.get_spec("minilm_l6_embedding"), 1)
+    first = await state.requests.create(CATALOG.get_spec("minilm_l6_embedding"), 1)
     before = dump(redis_url)
     with pytest.raises(Conflict, match=f"already loaded as request {first.id}"):
-        await state.create_request(CATALOG.get_spec("minilm_l6_embedding"), 3)
+        await state.requests.create(CATALOG.get_spec("minilm_l6_embedding"), 3)
     assert dump(redis_url) == before
 
 
@@ -65,12 +68,12 @@ async def test_loading_twice_is_a_conflict_that_changes_nothing(
 async def test_bad_replicas_change_nothing(state: State, redis_url: str, replicas: object) -> None:
     before = dump(redis_url)
     with pytest.raises(InvalidRequest, match="replicas must be"):
-        await state.create_request(CATALOG.get_spec("minilm_l6_embedding"), replicas)  # type: ignore[arg-type]
+        await state.requests.create(CATALOG.get_spec("minilm_l6_embedding"), replicas)  # type: ignore[arg-type]
     assert dump(redis_url) == before == {}
 
 
 async def test_unknown_model_and_bad_overrides_change_nothing(state: State, redis_url: str) -> None:
-    await state.create_request(CATALOG.get_spec("minilm_l6_embedding"), 1)
+    await state.requests.create(CATALOG.get_spec("minilm_l6_embedding"), 1)
     before = dump(redis_url)
     with pytest.raises(NotFound, match="'llama-9000' is not in the catalog"):
         CATALOG.get_spec("llama-9000")
@@ -80,21 +83,21 @@ async def test_unknown_model_and_bad_overrides_change_nothing(state: State, redi
     with pytest.raises(
         NotFound, match="no model request 'nope'; loaded models: minilm_l6_embedding"
     ):
-        await state.delete_request("nope")
+        await state.requests.delete("nope")
     with pytest.raises(NotFound):
-        await state.get_request("nope")
+        await state.requests.get("nope")
     assert dump(redis_url) == before
 
 
 async def test_event_history_is_capped(state: State, redis_url: str) -> None:
-    request = await state.create_request(CATALOG.get_spec("minilm_l6_embedding"), 1)
+    request = await state.requests.create(CATALOG.get_spec("minilm_l6_embedding"), 1)
     client = redis.asyncio.Redis.from_url(redis_url)
     async with client.pipeline(transaction=False) as pipe:
         for i in range(50):
-            state._event(pipe, request.id, f"event {i}", Status.PENDING)
+            state.requests.stage_event(pipe, request.id, f"event {i}", Status.PENDING)
         await pipe.execute()
     await client.aclose()
-    events = await state.events(request.id)
+    events = await state.requests.events(request.id)
     assert len(events) == 20  # the fixture's event_history
     assert events[-1]["message"] == "event 49"
 
@@ -102,12 +105,12 @@ async def test_event_history_is_capped(state: State, redis_url: str) -> None:
 async def test_unreachable_redis_is_a_clear_error() -> None:
     state = State("redis://127.0.0.1:1/0")
     with pytest.raises(StateUnavailable, match=r"cannot reach Redis at redis://127\.0\.0\.1:1/0"):
-        await state.list_requests()
+        await state.requests.all()
     await state.close()
 
 
 def test_passwords_never_appear_in_messages() -> None:
-    from nebula.state import redact
+    from nebula.settings import redact
 
     assert redact("redis://:s3cret@h:6379/0") == "redis://***@h:6379/0"
     assert redact("redis://user:s3cret@h:6379/0") == "redis://user:***@h:6379/0"

@@ -18,7 +18,7 @@ import pytest
 
 from nebula.catalog import load_catalog
 from nebula.models import Endpoint
-from nebula.state import State
+from nebula.store import State
 from tests.helpers import EngineProcess, RedisServer, RouterProcess, http_bytes, stop
 
 CHAT = "smollm2_135m_chat"
@@ -42,7 +42,7 @@ def http(
 async def publish(
     state: State, engine: EngineProcess, placement_id: str, ttl_s: float = 60
 ) -> None:
-    await state.publish_endpoint(
+    await state.endpoints.publish(
         Endpoint(
             placement_id=placement_id,
             request_id=f"req-{engine.model}",
@@ -173,7 +173,7 @@ async def test_error_classes_through_the_openai_client(
         client(router).chat.completions.create(model="gpt-9", messages=messages)
 
     # A loaded model with no healthy replica: 503 with Retry-After.
-    await state.create_request(load_catalog().get_spec(EMBED), 1)
+    await state.requests.create(load_catalog().get_spec(EMBED), 1)
     time.sleep(0.5)
     with pytest.raises(openai.InternalServerError) as err:
         client(router).embeddings.create(model=EMBED, input="x")

@@ -18,8 +18,9 @@ from nebula.catalog import load_catalog
 from nebula.models import Desired, Phase, Status
 from nebula.scheduler.reconcile import reconcile
 from nebula.scheduler.service import Scheduler
+from nebula.scheduler.store import ClusterStore
 from nebula.settings import Settings
-from nebula.state import State
+from nebula.store import State
 from tests.builders import cpu_node, gpu_node
 from tests.helpers import spawn
 from tests.nodesim import NodeSim, status_of
@@ -35,7 +36,7 @@ async def test_request_lifecycle_from_load_to_gone(
     node = NodeSim(state, cpu_node("cpu-1"))
     await node.beat()
     scheduler = Scheduler(state, settings)
-    request = await state.create_request(CHAT, 1)
+    request = await state.requests.create(CHAT, 1)
 
     await scheduler.step()
     [placement] = await node.placements()
@@ -52,7 +53,7 @@ async def test_request_lifecycle_from_load_to_gone(
     assert await status_of(state, request.id) == (Status.READY, "1/1 replicas healthy")
     assert not await scheduler.step()  # level-triggered: nothing left to do
 
-    await state.delete_request(request.id)
+    await state.requests.delete(request.id)
     await scheduler.step()
     [stopping] = await node.placements()
     assert stopping.desired is Desired.STOP
@@ -61,7 +62,7 @@ async def test_request_lifecycle_from_load_to_gone(
     await node.converge()
     await scheduler.step()
     assert await node.placements() == []
-    assert await state.list_requests() == []
+    assert await state.requests.all() == []
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     left = sorted(client.keys("*"))
     client.close()
@@ -73,11 +74,11 @@ async def test_event_history_tells_the_story(state: State, settings: Settings) -
     node = NodeSim(state, cpu_node("cpu-1"))
     await node.beat()
     scheduler = Scheduler(state, settings)
-    request = await state.create_request(CHAT, 1)
+    request = await state.requests.create(CHAT, 1)
     await scheduler.step()
     await node.converge(Phase.HEALTHY)
     await scheduler.step()
-    messages = [e["message"] for e in await state.events(request.id)]
+    messages = [e["message"] for e in await state.requests.events(request.id)]
     assert messages == [
         "load asked: 1 replica(s)",
         "Scheduled on cpu-1 (CPU), port 8100",
@@ -89,7 +90,7 @@ async def test_event_history_tells_the_story(state: State, settings: Settings) -
 async def test_pending_with_reason_until_room_appears(state: State, settings: Settings) -> None:
     await NodeSim(state, cpu_node("cpu-1")).beat()
     scheduler = Scheduler(state, settings)
-    request = await state.create_request(QWEN, 2)
+    request = await state.requests.create(QWEN, 2)
     await scheduler.step()
     assert await status_of(state, request.id) == (
         Status.PENDING,
@@ -106,12 +107,12 @@ async def test_unload_while_pending_goes_straight_through_unloading(
     state: State, settings: Settings
 ) -> None:
     scheduler = Scheduler(state, settings)
-    request = await state.create_request(QWEN, 1)
+    request = await state.requests.create(QWEN, 1)
     await scheduler.step()
     assert (await status_of(state, request.id))[0] is Status.PENDING
-    assert (await state.delete_request(request.id)).status is Status.UNLOADING
+    assert (await state.requests.delete(request.id)).status is Status.UNLOADING
     await scheduler.step()
-    assert await state.list_requests() == []
+    assert await state.requests.all() == []
 
 
 async def test_dead_node_replicas_are_rescheduled(
@@ -121,7 +122,7 @@ async def test_dead_node_replicas_are_rescheduled(
     b = NodeSim(state, cpu_node("cpu-b", ram_gib=12), ttl_s=0.5)  # tighter: a best fit would pick b
     await a.beat()
     scheduler = Scheduler(state, settings)
-    request = await state.create_request(CHAT, 1)
+    request = await state.requests.create(CHAT, 1)
     await scheduler.step()
     await a.converge(Phase.HEALTHY)
     await scheduler.step()
@@ -130,7 +131,7 @@ async def test_dead_node_replicas_are_rescheduled(
 
     # cpu-a stops heartbeating; its key expires; that is its death.
     deadline = time.monotonic() + 5
-    while [n.id for n in await state.list_nodes()] != ["cpu-b"]:
+    while [n.id for n in await state.nodes.live()] != ["cpu-b"]:
         await b.beat()
         await asyncio.sleep(0.1)
         assert time.monotonic() < deadline, "cpu-a's heartbeat key did not expire"
@@ -144,7 +145,7 @@ async def test_dead_node_replicas_are_rescheduled(
         assert time.monotonic() < deadline, "cpu-a was never declared dead"
     [moved] = await b.placements()
     assert moved.request_id == request.id
-    messages = [e["message"] for e in await state.events(request.id)]
+    messages = [e["message"] for e in await state.requests.events(request.id)]
     assert "node cpu-a lost: replica on it is gone" in messages
     assert "Scheduled on cpu-b (CPU), port 8100" in messages
     client = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -163,13 +164,13 @@ async def test_drain_moves_replicas_only_once_the_replacement_is_healthy(
     b = NodeSim(state, cpu_node("cpu-b"))
     await a.beat()
     scheduler = Scheduler(state, settings)
-    request = await state.create_request(CHAT, 1)
+    request = await state.requests.create(CHAT, 1)
     await scheduler.step()
     await a.converge(Phase.HEALTHY)
     await b.beat()
     await scheduler.step()
 
-    await state.set_cordon("cpu-a", cordoned=True, drain=True)
+    await state.nodes.set_cordon("cpu-a", cordoned=True, drain=True)
     await scheduler.step()
     [old] = await a.placements()
     assert len(await b.placements()) == 1
@@ -189,17 +190,17 @@ async def test_cordon_blocks_new_placements_and_uncordon_frees(
 ) -> None:
     node = NodeSim(state, cpu_node("cpu-1"))
     await node.beat()
-    await state.set_cordon("cpu-1", cordoned=True)
+    await state.nodes.set_cordon("cpu-1", cordoned=True)
     scheduler = Scheduler(state, settings)
-    request = await state.create_request(CHAT, 1)
+    request = await state.requests.create(CHAT, 1)
     await scheduler.step()
     status, message = await status_of(state, request.id)
     assert status is Status.PENDING and "(1 of 1 nodes cordoned)" in message
-    await state.set_cordon("cpu-1", cordoned=False)
+    await state.nodes.set_cordon("cpu-1", cordoned=False)
     await scheduler.step()
     assert len(await node.placements()) == 1
     with pytest.raises(Exception, match="no node 'ghost'; known nodes: cpu-1"):
-        await state.set_cordon("ghost", cordoned=True)
+        await state.nodes.set_cordon("ghost", cordoned=True)
 
 
 async def test_a_failed_replica_is_replaced_and_the_request_fails_only_when_none_can_run(
@@ -209,7 +210,7 @@ async def test_a_failed_replica_is_replaced_and_the_request_fails_only_when_none
     node = NodeSim(state, cpu_node("cpu-1"))
     await node.beat()
     scheduler = Scheduler(state, settings)
-    request = await state.create_request(CHAT, 1)
+    request = await state.requests.create(CHAT, 1)
     await scheduler.step()
     [p] = await node.placements()
     log = "exited 3 times; last log: OSError: model not found"
@@ -234,12 +235,12 @@ async def test_unload_racing_a_pass_is_never_overwritten(state: State, settings:
     node = NodeSim(state, cpu_node("cpu-1"))
     await node.beat()
     scheduler = Scheduler(state, settings)
-    request = await state.create_request(CHAT, 1)
-    assert await state.acquire_or_renew(scheduler.me, 5, held=False)
-    snap = await state.snapshot()
+    request = await state.requests.create(CHAT, 1)
+    assert await state.lease.acquire_or_renew(scheduler.me, 5, held=False)
+    snap = await ClusterStore(state).snapshot()
     changes = reconcile(snap, ceiling=0.9, now=time.time())  # would write Scheduled
-    await state.delete_request(request.id)  # lands between the read and the write
-    assert await state.apply(changes, leader=scheduler.me)
+    await state.requests.delete(request.id)  # lands between the read and the write
+    assert await ClusterStore(state).apply(changes, leader=scheduler.me)
     assert (await status_of(state, request.id))[0] is Status.UNLOADING
 
 
@@ -249,20 +250,20 @@ async def test_only_the_leader_writes(state: State, settings: Settings, redis_ur
     second = Scheduler(state, settings, identity="second")
     await first.step()
     assert first.is_leader
-    await state.create_request(CHAT, 1)
+    await state.requests.create(CHAT, 1)
     assert await second.step() is None and not second.is_leader
 
     # A pass computed by a scheduler that does not hold the lease writes nothing.
-    snap = await state.snapshot()
+    snap = await ClusterStore(state).snapshot()
     changes = reconcile(snap, ceiling=0.9, now=time.time())
     assert changes.put_placements
-    assert not await state.apply(changes, leader="second")
-    assert await state.node_placements("cpu-1") == []
+    assert not await ClusterStore(state).apply(changes, leader="second")
+    assert await state.placements.of_node("cpu-1") == []
 
     # The leader stops renewing (paused, partitioned); its lease lapses; the other takes over.
     await asyncio.sleep(settings.leader_ttl_s + 0.1)
     await second.step()
-    assert second.is_leader and len(await state.node_placements("cpu-1")) == 1
+    assert second.is_leader and len(await state.placements.of_node("cpu-1")) == 1
     await first.step()  # the old leader finds the lease taken and stands down
     assert not first.is_leader
 
@@ -297,17 +298,17 @@ async def test_two_scheduler_daemons_one_leader_and_failover(
         p.pid: p for p in (spawn_scheduler(settings, tmp_path / f"s{i}.log") for i in range(2))
     }
     try:
-        leader = await wait_for(state.leader, what="a leader")
+        leader = await wait_for(state.lease.holder, what="a leader")
         leader_pid = int(leader.split(":")[1])
         assert leader_pid in procs
-        first = await state.create_request(CHAT, 1)
+        first = await state.requests.create(CHAT, 1)
         await wait_for(node.placements, what="the first request's placement")
 
         os.kill(leader_pid, signal.SIGKILL)  # no clean release: the lease must lapse
         procs.pop(leader_pid).wait()
 
         async def new_leader() -> str | None:
-            current = await state.leader()
+            current = await state.lease.holder()
             return current if current and current != leader else None
 
         started = time.monotonic()
@@ -316,7 +317,7 @@ async def test_two_scheduler_daemons_one_leader_and_failover(
         assert int(successor.split(":")[1]) in procs
         assert took < settings.leader_ttl_s + 2
 
-        second = await state.create_request(CATALOG.get_spec("minilm_l6_embedding"), 1)
+        second = await state.requests.create(CATALOG.get_spec("minilm_l6_embedding"), 1)
 
         async def both_placed() -> bool:
             return {p.request_id for p in await node.placements()} == {first.id, second.id}
@@ -328,4 +329,4 @@ async def test_two_scheduler_daemons_one_leader_and_failover(
         for proc in procs.values():
             assert proc.wait(10) == 0
     # The survivor released its lease on a clean stop.
-    assert await state.leader() is None
+    assert await state.lease.holder() is None

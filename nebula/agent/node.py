@@ -79,7 +79,7 @@ async def remove_stale_programs(settings: Settings) -> list[str]:
     have moved them elsewhere, and their ports may be given to new placements."""
     from nebula.agent.engines import program_name
     from nebula.models import Desired
-    from nebula.state import State
+    from nebula.store import State
 
     paths = NodePaths.of(settings)
     if not paths.programs.is_dir():
@@ -87,7 +87,7 @@ async def remove_stale_programs(settings: Settings) -> list[str]:
     async with State.of(settings) as state:
         wanted = {
             program_name(p.id)
-            for p in await state.node_placements(settings.node_id)
+            for p in await state.placements.of_node(settings.node_id)
             if p.desired is Desired.RUN
         }
     removed = []

@@ -30,7 +30,7 @@ from nebula.loops import jittered, run_loops
 from nebula.metrics import advertise, serve_metrics
 from nebula.models import Desired, Endpoint, Phase, Placement, PlacementState
 from nebula.settings import Settings
-from nebula.state import State
+from nebula.store import State
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class Agent:
             try:
                 node = await asyncio.to_thread(self.telemetry.sample, self.settings)
                 metrics.record_node(node)
-                await self.state.heartbeat(node, self.settings.node_ttl_s)
+                await self.state.nodes.heartbeat(node, self.settings.node_ttl_s)
                 if self._redis_lost or self._epoch != self.state.master_epoch:
                     self._epoch = self.state.master_epoch
                     self._back_from_outage()
@@ -197,13 +197,13 @@ class Agent:
     async def _restore(self) -> None:
         """Carry restart counts and failures over an agent restart."""
         with contextlib.suppress(StateUnavailable):
-            self.reported = await self.state.placement_states(self.node_id)
+            self.reported = await self.state.placements.states(self.node_id)
 
     # ---------------------------------------------------------------- converge
 
     async def converge(self) -> None:
         now = time.time()
-        placements = {p.id: p for p in await self.state.node_placements(self.node_id)}
+        placements = {p.id: p for p in await self.state.placements.of_node(self.node_id)}
         self.stopped &= placements.keys()
         for pid, p in placements.items():
             if pid in self.stopped:
@@ -312,7 +312,7 @@ class Agent:
             return
         engine.healthy_since = None
         if engine.published:
-            await self.state.withdraw_endpoint(engine.placement.id)
+            await self.state.endpoints.withdraw(engine.placement.id)
             engine.published = False
             log.warning("engine %s failed its health probe; endpoint withdrawn", engine.name)
         waited = now - engine.first_seen
@@ -352,7 +352,7 @@ class Agent:
         # (which fits in the node TTL, see settings) does not withdraw them. A failed
         # probe withdraws at once, whatever the TTL.
         ttl = self.settings.node_ttl_s
-        await self.state.publish_endpoint(endpoint, ttl, announce=not engine.published)
+        await self.state.endpoints.publish(endpoint, ttl, announce=not engine.published)
         if not engine.published:
             log.info("engine %s healthy: endpoint %s published", engine.name, endpoint.url)
         engine.published = True
@@ -365,7 +365,7 @@ class Agent:
         log.error("engine %s failed: %s", engine.name, message)
         engine.failed, engine.phase, engine.message = True, Phase.FAILED, message
         if engine.published:
-            await self.state.withdraw_endpoint(engine.placement.id)
+            await self.state.endpoints.withdraw(engine.placement.id)
             engine.published = False
         # Stopped, and left stopped: a failed engine needs an operator (unload, fix, load).
         with contextlib.suppress(Exception):
@@ -390,7 +390,7 @@ class Agent:
             if before is None or replace(now, updated_at=before.updated_at) != before:
                 changes[pid] = replace(now, updated_at=time.time())
         if changes:
-            await self.state.set_placement_states(self.node_id, changes)
+            await self.state.placements.report(self.node_id, changes)
             self.reported.update(changes)
 
     # ------------------------------------------------------------------ unload
@@ -412,7 +412,7 @@ class Agent:
             engine.phase, engine.message = Phase.STOPPING, "draining"
             if report:
                 await self._report()
-            await self.state.withdraw_endpoint(pid)
+            await self.state.endpoints.withdraw(pid)
             engine.published = False
             if engine.healthy_once and not engine.failed:
                 # Routers drop the endpoint on the withdrawal event; the wait covers one
@@ -433,11 +433,11 @@ class Agent:
             engine.phase, engine.message, engine.pid = Phase.STOPPED, "stopped", None
             if report:
                 self.stopped.add(pid)
-                await self.state.set_placement_states(
+                await self.state.placements.report(
                     self.node_id, {pid: PlacementState(Phase.STOPPED, updated_at=time.time())}
                 )
             else:
-                await self.state.set_placement_states(self.node_id, {}, drop=[pid])
+                await self.state.placements.report(self.node_id, {}, drop=[pid])
             log.info("engine %s stopped and removed", name)
             del self.engines[pid]
             self.reported.pop(pid, None)

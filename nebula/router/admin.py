@@ -15,12 +15,12 @@ from aiohttp import web
 
 from nebula.catalog import Catalog
 from nebula.errors import InvalidRequest, NebulaError
-from nebula.models import Placement, PlacementState
 from nebula.names import check_name, check_ref
 from nebula.router.auth import Keys, bearer
 from nebula.router.openai_errors import error
 from nebula.router.table import RoutingTable
-from nebula.state import State
+from nebula.router.views import node_view, placement_view, request_view
+from nebula.store import State
 
 STATE = web.AppKey("state", State)
 CATALOG = web.AppKey("catalog", Catalog)
@@ -80,28 +80,12 @@ async def _json(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _placement(p: Placement, state: PlacementState | None) -> dict[str, Any]:
-    return {
-        "id": p.id,
-        "request_id": p.request_id,
-        "model": p.model,
-        "node": p.node,
-        "devices": list(p.devices),
-        "port": p.port,
-        "desired": p.desired.value,
-        "state": state.phase.value if state else None,
-        "pid": state.pid if state else None,
-        "restarts": state.restarts if state else 0,
-        "message": state.message if state else "",
-    }
-
-
 async def cluster(request: web.Request) -> web.Response:
     state = request.app[STATE]
     now = time.time()
-    nodes = await state.list_nodes()
-    placements = await state.all_placements()
-    requests = await state.list_requests()
+    nodes = await state.nodes.live()
+    placements = await state.placements.all(await state.nodes.ids())
+    requests = await state.requests.all()
     inflight = request.app[INFLIGHT]
     endpoints = [
         {
@@ -116,20 +100,24 @@ async def cluster(request: web.Request) -> web.Response:
     ]
     return web.json_response(
         {
-            "nodes": [n.public(now) for n in nodes],
+            "nodes": [node_view(n, now) for n in nodes],
             "endpoints": endpoints,
-            "placements": [_placement(p, s) for p, s in placements],
-            "models": [r.public() for r in requests],
-            "leader": await state.leader(),
+            "placements": [placement_view(p, s) for p, s in placements],
+            "models": [request_view(r) for r in requests],
+            "leader": await state.lease.holder(),
         }
     )
 
 
 async def list_models(request: web.Request) -> web.Response:
-    requests = await request.app[STATE].list_requests()
+    requests = await request.app[STATE].requests.all()
     healthy = {m: len(request.app[TABLE].endpoints(m)) for m in request.app[TABLE].served()}
     return web.json_response(
-        {"models": [{**r.public(), "ready_replicas": healthy.get(r.model, 0)} for r in requests]}
+        {
+            "models": [
+                {**request_view(r), "ready_replicas": healthy.get(r.model, 0)} for r in requests
+            ]
+        }
     )
 
 
@@ -148,18 +136,24 @@ async def load_model(request: web.Request) -> web.Response:
     replicas = body.get("replicas", 1)
     overrides = {k: v for k, v in body.items() if k not in ("model", "replicas")}
     spec = request.app[CATALOG].resolve(name, overrides)
-    created = await request.app[STATE].create_request(spec, replicas)
-    return web.json_response(created.public(), status=201)
+    created = await request.app[STATE].requests.create(spec, replicas)
+    return web.json_response(request_view(created), status=201)
 
 
 async def show_model(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    found = await state.get_request(request.match_info["ref"])
+    found = await state.requests.get(request.match_info["ref"])
     placements = [
-        _placement(p, s) for p, s in await state.all_placements() if p.request_id == found.id
+        placement_view(p, s)
+        for p, s in await state.placements.all(await state.nodes.ids())
+        if p.request_id == found.id
     ]
     return web.json_response(
-        {**found.public(), "placements": placements, "events": await state.events(found.id)}
+        {
+            **request_view(found),
+            "placements": placements,
+            "events": await state.requests.events(found.id),
+        }
     )
 
 
@@ -174,14 +168,14 @@ async def unload_model(request: web.Request) -> web.Response:
             drain = -1.0
         if not 0 <= drain <= 86400:
             raise InvalidRequest("drain_timeout_s must be seconds from 0 (stop now) to 86400")
-    unloading = await request.app[STATE].delete_request(request.match_info["ref"], drain)
-    return web.json_response(unloading.public(), status=202)
+    unloading = await request.app[STATE].requests.delete(request.match_info["ref"], drain)
+    return web.json_response(request_view(unloading), status=202)
 
 
 async def list_nodes(request: web.Request) -> web.Response:
     now = time.time()
     return web.json_response(
-        {"nodes": [n.public(now) for n in await request.app[STATE].list_nodes()]}
+        {"nodes": [node_view(n, now) for n in await request.app[STATE].nodes.live()]}
     )
 
 
@@ -189,11 +183,11 @@ async def node_action(request: web.Request) -> web.Response:
     node_id, action = request.match_info["node"], request.match_info["action"]
     state = request.app[STATE]
     if action == "cordon":
-        await state.set_cordon(node_id, cordoned=True)
+        await state.nodes.set_cordon(node_id, cordoned=True)
     elif action == "drain":
-        await state.set_cordon(node_id, cordoned=True, drain=True)
+        await state.nodes.set_cordon(node_id, cordoned=True, drain=True)
     elif action == "uncordon":
-        await state.set_cordon(node_id, cordoned=False)
+        await state.nodes.set_cordon(node_id, cordoned=False)
     else:
         raise InvalidRequest(f"unknown node action {action!r}; use cordon, uncordon or drain")
     return web.json_response({"node": node_id, "action": action})
@@ -207,7 +201,7 @@ async def catalog(request: web.Request) -> web.Response:
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    keys = await request.app[STATE].list_api_keys()
+    keys = await request.app[STATE].api_keys.all()
     return web.json_response(
         {
             "keys": [
@@ -231,13 +225,13 @@ async def create_key(request: web.Request) -> web.Response:
         isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1e6
     ):
         raise InvalidRequest("`rate_per_s` must be a number above 0 (at most 1e6), or null")
-    secret = await request.app[STATE].create_api_key(name, rate)
+    secret = await request.app[STATE].api_keys.create(name, rate)
     # The only time the key is shown: it is stored hashed.
     return web.json_response({"name": name, "rate_per_s": rate, "key": secret}, status=201)
 
 
 async def delete_key(request: web.Request) -> web.Response:
-    await request.app[STATE].delete_api_key(request.match_info["name"])
+    await request.app[STATE].api_keys.delete(request.match_info["name"])
     return web.json_response({"deleted": request.match_info["name"]})
 
 
@@ -251,7 +245,7 @@ async def discovery(request: web.Request) -> web.Response:
             labels = {"nebula_component": "engine", "model": model, "node": e.node,
                       "placement": e.placement_id}  # fmt: skip
             groups.append({"targets": [host], "labels": labels})
-    for target in await request.app[STATE].metrics_targets():
+    for target in await request.app[STATE].targets.live():
         labels = {"nebula_component": target["kind"], "nebula_id": target["id"]}
         if target["kind"] == "agent":
             labels["node"] = target["id"]

@@ -35,7 +35,7 @@ from nebula.router.protocol import Runner
 from nebula.router.proxy import FORWARDED, OTHER, Proxy
 from nebula.router.table import RoutingTable
 from nebula.settings import Settings
-from nebula.state import State
+from nebula.store import State
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ async def check_exposure(settings: Settings) -> None:
         return
     state = State.of(settings)
     try:
-        stored = await state.list_api_keys()
+        stored = await state.api_keys.all()
     finally:
         await state.close()
     missing = []

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import hmac
 
-from nebula.models import ApiKey
-from nebula.state import digest
+from nebula.models import ApiKey, digest
 
 
 def bearer(header: str | None) -> str | None:

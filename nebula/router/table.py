@@ -18,13 +18,42 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from typing import NamedTuple
 
 from nebula import keys
 from nebula.errors import StateUnavailable
 from nebula.models import ApiKey, Endpoint
-from nebula.state import State
+from nebula.settings import redact
+from nebula.store import State, api_keys
 
 log = logging.getLogger(__name__)
+
+
+class Routing(NamedTuple):
+    endpoints: list[Endpoint]
+    models: set[str]  # loaded (requested) models
+    api_keys: list[ApiKey]
+    unloading: set[str]  # models being unloaded
+
+
+async def read_routing(state: State) -> Routing:
+    """What a router needs, in two round trips."""
+    async with state.reachable(), state.redis.pipeline(transaction=False) as pipe:
+        state.endpoints.stage_read_live_ids(pipe)
+        state.requests.stage_read_routing(pipe)
+        state.api_keys.stage_read_all(pipe)
+        # A replica (a master demoted by a failover, or a misconfiguration) still
+        # answers reads, but nobody can refresh what it holds: its endpoints lapse
+        # one by one. That is an outage, not a dying cluster.
+        pipe.execute_command("ROLE")
+        ids, models, unloading, keys_raw, role = await pipe.execute()
+    if role and role[0] != "master":
+        raise StateUnavailable(
+            f"Redis at {redact(state.url)} is a {role[0]} (read-only): no writer can "
+            "refresh the routing state"
+        )
+    endpoints = await state.endpoints.read(ids)
+    return Routing(endpoints, set(models), [api_keys.decode(k) for k in keys_raw], set(unloading))
 
 
 class RoutingTable:
@@ -80,7 +109,7 @@ class RoutingTable:
 
     async def refresh(self, state: State) -> None:
         try:
-            read = await state.routing()
+            read = await read_routing(state)
         except StateUnavailable as exc:
             if self.fresh:
                 log.warning("%s; routing from the last table", exc.message)

@@ -7,7 +7,7 @@ from collections import Counter as Tally
 from prometheus_client import Counter, Gauge, Histogram
 
 from nebula.models import Status
-from nebula.state import Snapshot
+from nebula.scheduler.snapshot import Snapshot
 
 LEADER = Gauge("nebula_scheduler_leader", "1 while this scheduler holds the leader lease.")
 PASS_SECONDS = Histogram(

@@ -20,8 +20,8 @@ from nebula.models import (
     can_transition,
 )
 from nebula.scheduler.placement import default_id, plan, wanting
+from nebula.scheduler.snapshot import Changes, Snapshot
 from nebula.scheduler.usage import Usage
-from nebula.state import Changes, Snapshot
 
 # Engines in these phases hold their memory, so the node's telemetry shows it.
 CONFIRMED_PHASES = frozenset({Phase.HEALTHY, Phase.STOPPING})

@@ -22,9 +22,11 @@ from nebula.loops import jittered, run_loops
 from nebula.metrics import advertise, serve_metrics
 from nebula.scheduler import metrics
 from nebula.scheduler.reconcile import needs_placement, reconcile, usage_of
+from nebula.scheduler.snapshot import Changes, Snapshot
+from nebula.scheduler.store import ClusterStore
 from nebula.scheduler.usage import Usage
 from nebula.settings import Settings
-from nebula.state import Changes, Snapshot, State
+from nebula.store import State
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ FULL_RESYNC_S = 30.0
 class Scheduler:
     def __init__(self, state: State, settings: Settings, *, identity: str | None = None) -> None:
         self.state = state
+        self.cluster = ClusterStore(state)
         self.settings = settings
         self.me = identity or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.is_leader = False
@@ -77,7 +80,7 @@ class Scheduler:
         finally:
             if self.is_leader:
                 with contextlib.suppress(StateUnavailable):
-                    await self.state.release(self.me)
+                    await self.state.lease.release(self.me)
                 log.info("scheduler %s released the leader lease", self.me)
 
     @property
@@ -104,7 +107,7 @@ class Scheduler:
 
     async def step(self) -> Changes | None:
         """One pass: renew or take the lease, then, as leader, read, reconcile and write."""
-        held = await self.state.acquire_or_renew(
+        held = await self.state.lease.acquire_or_renew(
             self.me, self.settings.leader_ttl_s, held=self.is_leader
         )
         if held != self.is_leader:
@@ -132,7 +135,7 @@ class Scheduler:
             self._grace_until = max(self._grace_until, now + self.settings.node_ttl_s)
         started = time.perf_counter()
         full = became_leader or now - self._last_full > FULL_RESYNC_S
-        snap = await self.state.read_cluster(self.snapshot, full=full)
+        snap = await self.cluster.read(self.snapshot, full=full)
         if full:
             self._last_full = now
             self.usage = usage_of(snap)
@@ -142,10 +145,10 @@ class Scheduler:
         # old, else only for nodes not seen before.
         stale = now - self._telemetry_at >= self.settings.heartbeat_interval_s
         if full or (stale and needs_placement(snap, self.usage)):
-            await self.state.read_telemetry(snap, snap.alive)
+            await self.cluster.read_telemetry(snap, snap.alive)
             self._telemetry_at = now
         else:
-            await self.state.read_telemetry(snap, snap.alive - snap.nodes.keys())
+            await self.cluster.read_telemetry(snap, snap.alive - snap.nodes.keys())
         spared = frozenset(snap.node_ids - snap.alive) if now < self._grace_until else frozenset()
         if spared:
             log.info("not declaring %s dead yet: %.1fs of grace left after an outage or a "
@@ -169,7 +172,7 @@ class Scheduler:
         if not changes:
             metrics.PASS_SECONDS.observe(time.perf_counter() - started)
             return changes
-        if not await self.state.apply(changes, leader=self.me):
+        if not await self.cluster.apply(changes, leader=self.me):
             log.warning("scheduler %s lost the leader lease before writing", self.me)
             self.is_leader = False
             # `usage` already holds the unwritten changes: start over from Redis.

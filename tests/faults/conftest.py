@@ -18,7 +18,7 @@ import pytest
 
 from nebula.errors import StateUnavailable
 from nebula.models import Phase, Status
-from nebula.state import State
+from nebula.store import State
 from tests.cluster import TEST_CATALOG, Cluster, wait_for
 from tests.helpers import RedisServer, RouterProcess
 
@@ -62,7 +62,7 @@ class Node:
     async def engine_pids(self) -> dict[str, int]:
         for attempt in range(5):  # the test's own connection may predate a Redis restart
             try:
-                states = await self.state.placement_states("node-a")
+                states = await self.state.placements.states("node-a")
                 break
             except StateUnavailable:
                 if attempt == 4:

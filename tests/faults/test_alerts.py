@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from nebula.catalog import load_catalog
 from nebula.scheduler.service import Scheduler
 from nebula.settings import Settings
-from nebula.state import State
+from nebula.store import State
 from tests.builders import cpu_node
 from tests.nodesim import NodeSim
 
@@ -43,13 +43,13 @@ async def test_a_standby_scheduler_exports_no_stale_cluster_gauges(
     node = NodeSim(state, cpu_node("cpu-a"))
     await node.beat()
     leader = Scheduler(state, settings, identity="first")
-    await state.create_request(load_catalog().get_spec("smollm2_135m_chat"), 1)
+    await state.requests.create(load_catalog().get_spec("smollm2_135m_chat"), 1)
     await leader.step()
     assert REGISTRY.get_sample_value("nebula_scheduler_requests", {"status": "Pending"}) == 1
     assert REGISTRY.get_sample_value("nebula_scheduler_nodes", {"state": "alive"}) == 1
     # Another scheduler takes the lease (the first one was paused past its TTL).
-    await state.release("first")
-    assert await state.acquire_or_renew("second", 60, held=False)
+    await state.lease.release("first")
+    assert await state.lease.acquire_or_renew("second", 60, held=False)
     await leader.step()
     assert not leader.is_leader
     assert REGISTRY.get_sample_value("nebula_scheduler_leader") == 0

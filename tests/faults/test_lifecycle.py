@@ -17,7 +17,7 @@ from nebula.catalog import load_catalog
 from nebula.models import Desired, Phase, Status
 from nebula.scheduler.service import Scheduler
 from nebula.settings import Settings
-from nebula.state import State
+from nebula.store import State
 from tests.builders import cpu_node
 from tests.cluster import Cluster, wait_for
 from tests.nodesim import NodeSim, status_of
@@ -31,7 +31,7 @@ async def test_a_ready_model_whose_replicas_are_all_lost_is_degraded(
     node = NodeSim(state, cpu_node("cpu-a"), ttl_s=0.5)
     await node.beat()
     scheduler = Scheduler(state, settings)
-    request = await state.create_request(CHAT, 1)
+    request = await state.requests.create(CHAT, 1)
     await scheduler.step()
     await node.converge(Phase.HEALTHY)
     await scheduler.step()
@@ -56,7 +56,7 @@ async def test_a_failed_replica_is_replaced_while_its_sibling_serves(
     await a.beat()
     await b.beat()
     scheduler = Scheduler(state, settings)
-    request = await state.create_request(CHAT, 2)
+    request = await state.requests.create(CHAT, 2)
     await scheduler.step()
     for n in (a, b):
         await n.converge(Phase.HEALTHY)
@@ -84,7 +84,7 @@ async def test_a_failed_replica_is_replaced_while_its_sibling_serves(
         await n.converge(Phase.HEALTHY)
     await scheduler.step()
     assert await status_of(state, request.id) == (Status.READY, "2/2 replicas healthy")
-    events = [e["message"] for e in await state.events(request.id)]
+    events = [e["message"] for e in await state.requests.events(request.id)]
     assert any("it failed: crashed 4 times" in e for e in events), events
 
 
@@ -98,7 +98,7 @@ async def test_an_engines_restart_count_decays_after_a_healthy_while(
         await cluster.status(state, request.id, Status.READY, timeout=30)
 
         async def healthy() -> tuple[int, int] | None:
-            [s] = (await state.placement_states("node-a")).values()
+            [s] = (await state.placements.states("node-a")).values()
             return (s.pid, s.restarts) if s.phase is Phase.HEALTHY and s.pid else None
 
         for crash in (1, 2, 3):  # max_restarts is 2: three crashes, each forgiven in time
@@ -118,6 +118,6 @@ async def test_an_engines_restart_count_decays_after_a_healthy_while(
             await wait_for(forgiven, 20, "the restart count back to 0")
         # Three crashes with max_restarts=2 and no decay would have failed the engine;
         # instead the model is still served.
-        assert (await state.get_request(request.id)).status is Status.READY
+        assert (await state.requests.get(request.id)).status is Status.READY
     finally:
         cluster.close()

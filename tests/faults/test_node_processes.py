@@ -63,7 +63,7 @@ async def test_killed_supervisord_takes_its_node_down_and_the_node_comes_back(
 
     async def watch() -> None:
         while True:
-            statuses.append((await node.state.get_request(request_id)).status)
+            statuses.append((await node.state.requests.get(request_id)).status)
             await asyncio.sleep(0.2)
 
     watcher = asyncio.create_task(watch())
@@ -127,5 +127,5 @@ async def test_killed_agent_costs_no_request_and_no_engine(node: Node) -> None:
     assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:5]}"
     assert load.total > 50
     assert await node.engine_pids() == pids
-    events = [e["message"] for e in await node.state.events(request_id)]
+    events = [e["message"] for e in await node.state.requests.events(request_id)]
     assert not any("lost" in e for e in events), events

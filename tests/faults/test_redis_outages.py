@@ -44,9 +44,9 @@ async def served_through(node: Node, fault: str) -> None:
     assert load.total - before > 50, load.results
     assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:5]}"
     assert await node.engine_pids() == pids, "an engine was restarted"
-    request = await node.state.get_request(request_id)
+    request = await node.state.requests.get(request_id)
     assert request.status is Status.READY, request.message
-    events = [e["message"] for e in await node.state.events(request_id)]
+    events = [e["message"] for e in await node.state.requests.events(request_id)]
     assert not any("lost" in e for e in events), events
     assert time.monotonic() - back >= 8
 

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from nebula.models import Endpoint, Status
-from nebula.state import State
+from nebula.store import State
 from tests.cluster import wait_for
 from tests.faults.conftest import CLIENT_KEY, Node, steady_load
 from tests.helpers import EngineProcess, RouterProcess, free_port, stop, wait_for_port
@@ -45,7 +45,7 @@ async def test_a_hung_engine_is_a_504_within_the_timeout_and_is_never_sent_twice
         for i, engine in enumerate(engines):
             engine.behave(delay_ms=5000)  # takes the request, answers nothing in time
             endpoint = Endpoint(f"p{i}", "r", "tiny_chat", "n", engine.url, "chat")
-            await state.publish_endpoint(endpoint, 60, announce=True)
+            await state.endpoints.publish(endpoint, 60, announce=True)
 
         async def both_routed() -> bool:
             async with aiohttp.ClientSession() as s, s.get(router.url + "/health") as r:
@@ -87,7 +87,7 @@ async def test_a_read_only_redis_leaves_every_daemon_alive_and_the_router_servin
     assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:5]}"
     assert load.total > 50
     assert await node.engine_pids() == pids
-    assert (await node.state.get_request(request_id)).status is Status.READY
+    assert (await node.state.requests.get(request_id)).status is Status.READY
     log = node.cluster.agent_log()
     assert "READONLY" in log or "read-only" in log.lower() or "refused" in log
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nebula.state import State
+from nebula.store import State
 from tests.cluster import TEST_CATALOG, Cluster
 from tests.faults.conftest import CLIENT_KEY, Node, steady_load
 from tests.faults.sentinel import MASTER_NAME, SentinelTopology
@@ -73,13 +73,15 @@ async def fail_over(node: Node, topology: SentinelTopology, how: str) -> None:
             topology.wait, lambda: topology.master_port() != old, 30, "Sentinel to promote"
         )
         await asyncio.sleep(3 * TTL_S)  # every grace, lease and TTL runs out meanwhile
-    print(f"\n{how}: Sentinel promoted the replica {promoted:.1f}s after t0; "
-          f"{load.total} requests, {len(load.failures)} failed; processes on the new "
-          f"master at {switched(node, started)} (t0 {started}, {time.monotonic() - t0:.0f}s ago)")
+    print(
+        f"\n{how}: Sentinel promoted the replica {promoted:.1f}s after t0; "
+        f"{load.total} requests, {len(load.failures)} failed; processes on the new "
+        f"master at {switched(node, started)} (t0 {started}, {time.monotonic() - t0:.0f}s ago)"
+    )
     assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:5]}"
     assert load.total > 50
     assert await node.engine_pids() == pids, "an engine was restarted"
-    events = [e["message"] for e in await node.state.events(request_id)]
+    events = [e["message"] for e in await node.state.requests.events(request_id)]
     assert not any("lost" in e for e in events), events
     assert set(switched(node, started)) == {"scheduler", "agent", "router"}
     # The cluster still works: a new model is loaded and served after the failover.

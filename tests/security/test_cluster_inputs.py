@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from nebula.agent.supervisor import Supervisor
 from nebula.models import Status
-from nebula.state import State
+from nebula.store import State
 from tests.cluster import Cluster
 from tests.helpers import RouterProcess, http_bytes
 from tests.security.conftest import ADMIN_KEY, CLIENT_KEY, READ_KEY, raw_http, router_env
@@ -133,7 +133,7 @@ async def test_engines_are_closed_by_default_and_no_key_is_written_or_shown(
         key_file = cluster.settings.state_dir / "engine.key"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         engine_key = key_file.read_text().strip()
-        [endpoint] = (await state.routing())[0]
+        [endpoint] = await state.endpoints.live()
         body = {"model": "tiny_chat", "messages": [{"role": "user", "content": "hi"}]}
         status, _ = post(endpoint.url + "/v1/chat/completions", body, key="")
         assert status == 401, "an engine answered without the internal key"

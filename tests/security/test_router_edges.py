@@ -20,7 +20,7 @@ import openai
 import pytest
 from yarl import URL
 
-from nebula.state import State
+from nebula.store import State
 from tests.cluster import wait_for
 from tests.helpers import EngineProcess, RedisServer, RouterProcess, http_bytes
 from tests.security.conftest import (
@@ -181,7 +181,7 @@ async def test_malformed_requests_are_answered_in_shape_and_logged_without_secre
 async def test_deleting_the_last_key_closes_a_router_beyond_loopback(
     state: State, redis_url: str, tmp_path: Path, engines: Callable[..., EngineProcess]
 ) -> None:
-    await state.create_api_key("only-key", None)
+    await state.api_keys.create("only-key", None)
     env = router_env(NEBULA_ROUTER_HOST="0.0.0.0")  # beyond loopback; tests use 127.0.0.1
     del env["NEBULA_API_KEYS"]
     router = RouterProcess(redis_url, tmp_path, **env)
@@ -275,7 +275,7 @@ async def test_a_keys_rate_is_shared_by_every_router(
     tmp_path: Path,
     engines: Callable[..., EngineProcess],
 ) -> None:
-    key = await state.create_api_key("limited", 2.0)
+    key = await state.api_keys.create("limited", 2.0)
     routers = [RouterProcess(redis_url, tmp_path, **router_env()) for _ in range(2)]
     try:
         engine = engines(CHAT)

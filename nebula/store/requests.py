@@ -1,0 +1,263 @@
+"""Model requests: the desired state operators (and on-demand loads) write.
+
+Keys: `nebula:requests` (ids), `nebula:models` (served name -> id, one request
+per model), `nebula:request:{id}` (hash), `nebula:request-events:{id}` (capped
+stream), `nebula:requests:dirty` (ids others changed since the scheduler's
+last pass) and `nebula:unloading` (models being unloaded, for the routers).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
+
+from nebula import keys
+from nebula.errors import Conflict, InvalidRequest, NotFound
+from nebula.models import ModelRequest, ModelSpec, Status
+from nebula.store import wire
+from nebula.store.core import Core
+
+MAX_REPLICAS = 256
+
+# The scheduler writes only the fields it owns, and never over an unload that
+# landed after its pass read the request.
+_SET_STATUS = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return 0 end
+if current == 'Unloading' and ARGV[1] ~= 'Unloading' then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'message', ARGV[2], 'updated_at', ARGV[3],
+           'ever_ready', ARGV[4], 'failures', ARGV[5], 'retry_at', ARGV[6],
+           'last_failure', ARGV[7])
+return 1
+"""
+
+
+def encode(request: ModelRequest) -> dict[str, str]:
+    return {
+        wire.VERSION_FIELD: str(wire.VERSION),
+        "id": request.id,
+        "model": request.spec.name,
+        "spec": json.dumps(request.spec.to_dict()),
+        "replicas": str(request.replicas),
+        "status": request.status.value,
+        "message": request.message,
+        "created_at": repr(request.created_at),
+        "updated_at": repr(request.updated_at),
+        "ever_ready": "1" if request.ever_ready else "0",
+        "drain_timeout_s": "" if request.drain_timeout_s is None else repr(request.drain_timeout_s),
+        "failures": str(request.failures),
+        "retry_at": repr(request.retry_at),
+        "last_failure": request.last_failure,
+    }
+
+
+def decode(data: dict[str, str]) -> ModelRequest:
+    return ModelRequest(
+        id=data["id"],
+        spec=wire.spec_from_dict(json.loads(data["spec"])),
+        replicas=int(data["replicas"]),
+        status=Status(data["status"]),
+        message=data.get("message", ""),
+        created_at=float(data.get("created_at") or 0.0),
+        updated_at=float(data.get("updated_at") or 0.0),
+        ever_ready=data.get("ever_ready") == "1",
+        drain_timeout_s=float(data["drain_timeout_s"]) if data.get("drain_timeout_s") else None,
+        failures=int(data.get("failures") or 0),
+        retry_at=float(data.get("retry_at") or 0.0),
+        last_failure=data.get("last_failure", ""),
+    )
+
+
+class Requests:
+    def __init__(self, core: Core, event_history: int = 100) -> None:
+        self.core = core
+        self.event_history = event_history
+
+    async def create(self, spec: ModelSpec, replicas: int) -> ModelRequest:
+        """Ask for `replicas` engines of `spec`; a model is loaded at most once."""
+        if not isinstance(replicas, int) or isinstance(replicas, bool):
+            raise InvalidRequest(f"replicas must be a whole number, not {replicas!r}")
+        if not 1 <= replicas <= MAX_REPLICAS:
+            raise InvalidRequest(f"replicas must be between 1 and {MAX_REPLICAS}, not {replicas}")
+        now = time.time()
+        request = ModelRequest(
+            id=f"{spec.name}-{uuid.uuid4().hex[:6]}",
+            spec=spec,
+            replicas=replicas,
+            status=Status.PENDING,
+            message="waiting for the scheduler",
+            created_at=now,
+            updated_at=now,
+        )
+        redis = self.core.redis
+        async with self.core.reachable(), redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(keys.MODELS)
+                    existing = await pipe.hget(keys.MODELS, spec.name)
+                    if existing:
+                        raise Conflict(
+                            f"model {spec.name!r} is already loaded as request {existing}; "
+                            "unload it first, or change its replicas"
+                        )
+                    pipe.multi()
+                    pipe.hset(keys.MODELS, spec.name, request.id)
+                    pipe.hset(keys.request(request.id), mapping=encode(request))
+                    pipe.sadd(keys.REQUESTS, request.id)
+                    pipe.sadd(keys.REQUESTS_DIRTY, request.id)
+                    self.stage_event(
+                        pipe, request.id, f"load asked: {replicas} replica(s)", request.status
+                    )
+                    pipe.publish(keys.EVENTS_CHANNEL, "request")
+                    await pipe.execute()
+                    return request
+                except WatchError:
+                    continue
+
+    async def delete(self, ref: str, drain_timeout_s: float | None = None) -> ModelRequest:
+        """Unload: mark the request `Unloading`; its engines are drained (for at most
+        `drain_timeout_s`, when given) and stopped, then it is gone."""
+        redis = self.core.redis
+        async with self.core.reachable(), redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    request_id = await self._resolve(ref)
+                    await pipe.watch(keys.request(request_id))
+                    raw = await pipe.hgetall(keys.request(request_id))
+                    if not raw:
+                        raise NotFound(f"no model request {ref!r}")
+                    request = decode(raw)
+                    if request.status is Status.UNLOADING:
+                        return request
+                    fields = {
+                        "status": Status.UNLOADING.value,
+                        "message": "unload asked: draining and stopping replicas",
+                        "updated_at": repr(time.time()),
+                        "drain_timeout_s": ""
+                        if drain_timeout_s is None
+                        else repr(float(drain_timeout_s)),
+                    }
+                    pipe.multi()
+                    pipe.hset(keys.request(request_id), mapping=fields)
+                    pipe.sadd(keys.REQUESTS_DIRTY, request_id)
+                    pipe.sadd(keys.UNLOADING, request.model)
+                    drain = (
+                        "" if drain_timeout_s is None else f" (drain at most {drain_timeout_s:g}s)"
+                    )
+                    self.stage_event(pipe, request_id, "unload asked" + drain, Status.UNLOADING)
+                    pipe.publish(keys.EVENTS_CHANNEL, "request")
+                    await pipe.execute()
+                    return decode({**raw, **fields})
+                except WatchError:
+                    continue
+
+    async def _resolve(self, ref: str) -> str:
+        """A request id from an id or a served model name."""
+        if not ref:
+            raise InvalidRequest("name a model or a request id")
+        redis = self.core.redis
+        if await redis.sismember(keys.REQUESTS, ref):
+            return ref
+        request_id = await redis.hget(keys.MODELS, ref)
+        if request_id:
+            return str(request_id)
+        loaded = await redis.hkeys(keys.MODELS)
+        known = ", ".join(sorted(loaded)) or "none"
+        raise NotFound(f"no model request {ref!r}; loaded models: {known}")
+
+    async def get(self, ref: str) -> ModelRequest:
+        async with self.core.reachable():
+            request_id = await self._resolve(ref)
+            raw = await self.core.redis.hgetall(keys.request(request_id))
+        if not raw:
+            raise NotFound(f"no model request {ref!r}")
+        return decode(raw)
+
+    async def all(self) -> list[ModelRequest]:
+        async with self.core.reachable():
+            ids = sorted(await self.core.redis.smembers(keys.REQUESTS))
+            async with self.core.redis.pipeline(transaction=False) as pipe:
+                for request_id in ids:
+                    pipe.hgetall(keys.request(request_id))
+                rows = await pipe.execute()
+        return sorted((decode(r) for r in rows if r), key=lambda r: (r.created_at, r.id))
+
+    async def events(self, request_id: str, count: int | None = None) -> list[dict[str, Any]]:
+        """The request's event history, oldest first."""
+        async with self.core.reachable():
+            entries = await self.core.redis.xrange(keys.request_events(request_id))
+        out = [
+            {"at": float(fields["at"]), "status": fields["status"], "message": fields["message"]}
+            for _, fields in entries
+        ]
+        return out[-count:] if count else out
+
+    # Staged onto a caller's pipeline, so that writes across aggregates go out as
+    # one MULTI/EXEC (the scheduler's pass, for one).
+
+    def stage_event(self, pipe: Pipeline, request_id: str, text: str, status: Status) -> None:
+        pipe.xadd(
+            keys.request_events(request_id),
+            {"at": repr(time.time()), "status": status.value, "message": text},
+            maxlen=self.event_history,
+            approximate=False,
+        )
+
+    @staticmethod
+    def stage_read_ids(pipe: Pipeline, *, dirty_only: bool) -> None:
+        """Every request id, or only those others changed since the last read."""
+        pipe.smembers(keys.REQUESTS_DIRTY if dirty_only else keys.REQUESTS)
+
+    @staticmethod
+    def stage_clear_dirty(pipe: Pipeline) -> None:
+        pipe.delete(keys.REQUESTS_DIRTY)
+
+    @staticmethod
+    def stage_read(pipe: Pipeline, ids: Sequence[str]) -> None:
+        for request_id in ids:
+            pipe.hgetall(keys.request(request_id))
+
+    @staticmethod
+    def stage_status(pipe: Pipeline, request: ModelRequest) -> None:
+        """The scheduler's fields of `request` (status, message, failures...)."""
+        fields = encode(request)
+        # EVAL, not EVALSHA: inside MULTI a NOSCRIPT (Redis restarted) would fail
+        # the whole transaction.
+        pipe.eval(
+            _SET_STATUS,
+            1,
+            keys.request(request.id),
+            *(
+                fields[f]
+                for f in (
+                    "status",
+                    "message",
+                    "updated_at",
+                    "ever_ready",
+                    "failures",
+                    "retry_at",
+                    "last_failure",
+                )
+            ),
+        )
+
+    @staticmethod
+    def stage_gone(pipe: Pipeline, request: ModelRequest) -> None:
+        pipe.delete(keys.request(request.id), keys.request_events(request.id))
+        pipe.srem(keys.REQUESTS, request.id)
+        pipe.srem(keys.REQUESTS_DIRTY, request.id)
+        # Safe: a model name maps to its request until that request is gone.
+        pipe.hdel(keys.MODELS, request.model)
+        pipe.srem(keys.UNLOADING, request.model)
+
+    @staticmethod
+    def stage_read_routing(pipe: Pipeline) -> None:
+        """For the routers: the loaded models, then the models being unloaded."""
+        pipe.hkeys(keys.MODELS)
+        pipe.smembers(keys.UNLOADING)
