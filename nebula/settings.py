@@ -24,7 +24,7 @@ from pydantic_settings import (
 )
 
 from nebula.connection import is_sentinel, parse_sentinel
-from nebula.errors import ConfigError
+from nebula.errors import ConfigError, validation_problems
 from nebula.names import NAME_RE, NAME_RULE
 
 CONFIG_CANDIDATES = (
@@ -167,6 +167,11 @@ class Settings(BaseSettings):
     )
     engine_python: str = Field(
         "", description="Python that runs engines (with vLLM installed); this one when empty."
+    )
+    allow_test_engine: bool = Field(
+        False,
+        description='Accept catalog entries with engine = "test" (Nebula\'s own fake engine, '
+        "for test clusters); never on a cluster that serves users.",
     )
     cpu_kvcache_gib: float = Field(
         1.0, gt=0, description="KV cache per engine on CPU nodes (VLLM_CPU_KVCACHE_SPACE)."
@@ -351,11 +356,7 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         path = config_file()
         where = f" (environment, or {path})" if path else " (environment)"
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: "
-            f"{str(err['msg']).removeprefix('Value error, ')}"
-            for err in exc.errors()
-        )
+        problems = validation_problems(exc, "settings")
         raise ConfigError(f"invalid settings{where}: {problems}") from None
     except ValueError as exc:  # a TOML file that does not parse
         raise ConfigError(f"cannot read config file {config_file()}: {exc}") from None

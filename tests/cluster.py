@@ -99,6 +99,7 @@ class Cluster:
             "NEBULA_ENGINE_PORT_MIN": str(base),
             "NEBULA_ENGINE_PORT_MAX": str(base + 49),
             "NEBULA_ENGINE_API_KEY": ENGINE_KEY,
+            "NEBULA_ALLOW_TEST_ENGINE": "true",
             "NEBULA_LOG_LEVEL": "INFO",
             "NEBULA_SCHEDULER_METRICS_PORT": "0",
             "NEBULA_AGENT_METRICS_PORT": "0",

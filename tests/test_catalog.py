@@ -90,3 +90,11 @@ def test_overrides_are_validated() -> None:
         catalog.resolve("qwen2_5_0_5b_chat", {"model": "other"})
     with pytest.raises(InvalidRequest, match="set by Nebula"):
         catalog.resolve("qwen2_5_0_5b_chat", {"engine_args": ["--api-key=x"]})
+
+
+def test_the_test_engine_is_refused_unless_the_cluster_allows_it(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.toml"
+    path.write_text('[models.fake]\nmodel = "fake"\nengine = "test"\ncpu_memory_gib = 0.1\n')
+    with pytest.raises(CatalogError, match=r"fake use engine = \"test\".*ALLOW_TEST_ENGINE"):
+        load_catalog(path)
+    assert load_catalog(path, allow_test_engine=True)["fake"].engine == "test"

@@ -11,7 +11,7 @@ from nebula.agent.engines import engine_program
 from nebula.agent.supervisor import render
 from nebula.catalog import load_catalog
 from nebula.errors import InvalidRequest
-from nebula.models import Placement
+from nebula.models import ModelSpec, Placement
 from nebula.settings import Settings
 
 CATALOG = load_catalog()
@@ -95,3 +95,12 @@ def test_program_file_stops_the_whole_group_and_bounds_restarts(tmp_path: Path) 
         'VLLM_API_KEY="%(ENV_NEBULA_ENGINE_API_KEY)s"' in lines
     )
     assert "internal-key" not in text  # supervisord copies it from its environment
+
+
+def test_a_node_refuses_the_test_engine_unless_allowed(tmp_path: Path) -> None:
+    spec = ModelSpec(name="fake", model="fake", engine="test", cpu_memory_gib=0.1)
+    p = Placement(id="t", request_id="r", node="gpu-7", port=8100, spec=spec)
+    with pytest.raises(InvalidRequest, match="refuses"):
+        engine_program(p, settings(tmp_path))
+    command = engine_program(p, settings(tmp_path, allow_test_engine=True)).command
+    assert "nebula.testengine" in command

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nebula.catalog import TEST_ENGINE
 from nebula.errors import InvalidRequest
 from nebula.models import Placement, Task
 from nebula.settings import Settings
@@ -70,7 +71,12 @@ def engine_program(placement: Placement, settings: Settings) -> Program:
     spec = placement.spec
     python = settings.engine_python or sys.executable
     env = {"PYTHONUNBUFFERED": "1"}
-    if spec.engine == "test":
+    if spec.engine == TEST_ENGINE:
+        if not settings.allow_test_engine:
+            raise InvalidRequest(
+                f"model {spec.name} asks for the test engine, which this node refuses; "
+                "set NEBULA_ALLOW_TEST_ENGINE=true only on a test cluster"
+            )
         command = [
             *launcher(), python, "-m", "nebula.testengine",
             "--host", settings.node_address, "--port", str(placement.port),

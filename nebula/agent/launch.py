@@ -9,31 +9,15 @@ and the setting survives exec. This launcher sets it (SIGTERM: vLLM shuts its
 engine-core and worker processes down on it) and execs the command in its own
 place, so supervisord still sees, signals and reaps the engine itself.
 
-Kept to the standard library: it runs before every engine start.
+Kept to the standard library (and nebula.process): it runs before every engine start.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
-
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Get `sig` when the parent dies; exit now if it already has (race-free)."""
-    parent = os.getppid()
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, sig)
-    except OSError:  # not Linux: supervisord's own stop still stops the program
-        return
-    # The parent may have died between getppid() and prctl(): then no signal comes.
-    # (Compared with the pid seen before, not with 1: supervisord may be PID 1.)
-    if os.getppid() != parent:
-        sys.exit(1)
+from nebula.process import die_with_parent
 
 
 def main() -> None:

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field, replace
 import aiohttp
 
 from nebula import keys, redis_health
-from nebula.agent import metrics
+from nebula.agent import agent_metrics
 from nebula.agent.engines import engine_program, program_name
 from nebula.agent.supervisor import Supervisor, SupervisorUnavailable
 from nebula.agent.telemetry import Telemetry
-from nebula.errors import InvalidRequest, StateUnavailable
-from nebula.loops import jittered, run_loops
-from nebula.metrics import advertise, serve_metrics
+from nebula.errors import InvalidRequest, NebulaError, StateUnavailable
+from nebula.exporter import advertise, serve_metrics
+from nebula.loops import jittered, reconcile_forever, run_loops
 from nebula.models import Desired, Endpoint, Phase, Placement, PlacementState
 from nebula.settings import Settings
 from nebula.store import State
@@ -120,11 +120,10 @@ class Agent:
             await run_loops(
                 {
                     "heartbeat": self._heartbeat_loop,
-                    "converge": self._converge_loop,
-                    "listen": lambda: self.state.wake_on(
-                        self._wake,
-                        keys.node_channel(self.node_id),
-                        self.settings.probe_interval_s,
+                    "converge": lambda: reconcile_forever(
+                        "converge", self.converge, wake=self._wake,
+                        interval=self._probe_interval, on_error=self._converge_failed,
+                        listen=(self.state, keys.node_channel(self.node_id)),
                     ),
                     "advertise": lambda: advertise(
                         self.state, "agent", self.node_id, address,
@@ -145,7 +144,7 @@ class Agent:
         while True:
             try:
                 node = await asyncio.to_thread(self.telemetry.sample, self.settings)
-                metrics.record_node(node)
+                agent_metrics.record_node(node)
                 await self.state.nodes.heartbeat(node, self.settings.node_ttl_s)
                 if self._redis_lost or self._epoch != self.state.master_epoch:
                     self._epoch = self.state.master_epoch
@@ -168,31 +167,22 @@ class Agent:
         self.reported.clear()
         self._wake.set()
 
-    async def _converge_loop(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                await self.converge()
-            except StateUnavailable as exc:
-                if not self._redis_lost:
-                    log.warning("converge: %s", exc.message)
-                self._redis_lost = True
-            except SupervisorUnavailable as exc:
-                log.warning("converge: %s", exc.message)
-            except Exception:
-                # Anything else (an XML-RPC fault, a bug): the engines are still running;
-                # keep the node's agent alive and try again next pass.
-                log.exception("converge failed; retrying next pass")
-            # An engine on its way up is probed often, so Ready follows its start
-            # closely; a settled node is probed every probe_interval_s.
-            starting = any(
-                e.phase is Phase.STARTING and e.retiring is None for e in self.engines.values()
-            )
-            interval = self.settings.probe_interval_s
-            if starting:
-                interval = min(interval, STARTING_PROBE_S)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+    def _converge_failed(self, exc: NebulaError) -> None:
+        # Redis or supervisord away: the engines keep running; the next pass retries.
+        if isinstance(exc, StateUnavailable):
+            if self._redis_lost:
+                return
+            self._redis_lost = True
+        log.warning("converge: %s", exc.message)
+
+    def _probe_interval(self) -> float:
+        """An engine on its way up is probed often, so Ready follows its start closely;
+        a settled node is probed every probe_interval_s."""
+        starting = any(
+            e.phase is Phase.STARTING and e.retiring is None for e in self.engines.values()
+        )
+        interval = self.settings.probe_interval_s
+        return min(interval, STARTING_PROBE_S) if starting else interval
 
     async def _restore(self) -> None:
         """Carry restart counts and failures over an agent restart."""
@@ -336,7 +326,7 @@ class Agent:
         except (aiohttp.ClientError, TimeoutError):
             return False
         finally:
-            metrics.PROBE_SECONDS.labels(self.node_id).observe(time.perf_counter() - started)
+            agent_metrics.PROBE_SECONDS.labels(self.node_id).observe(time.perf_counter() - started)
 
     async def _publish(self, engine: Engine) -> None:
         p = engine.placement
@@ -372,7 +362,7 @@ class Agent:
             await self.sup.stop(engine.name)
 
     async def _report(self) -> None:
-        metrics.record_engines(
+        agent_metrics.record_engines(
             self.node_id,
             {
                 pid: (e.placement.model, e.phase, e.restarts)

@@ -16,7 +16,7 @@ from aiohttp import web
 from nebula.catalog import Catalog
 from nebula.errors import InvalidRequest, NebulaError
 from nebula.names import check_name, check_ref
-from nebula.router.auth import Keys, bearer
+from nebula.router.auth import KeyRing, bearer
 from nebula.router.openai_errors import error
 from nebula.router.table import RoutingTable
 from nebula.router.views import node_view, placement_view, request_view
@@ -40,7 +40,7 @@ LOAD_FIELDS = {
 }
 
 
-def guarded(keys: Keys, handler: Handler, *, write: bool) -> Handler:
+def guarded(keys: KeyRing, handler: Handler, *, write: bool) -> Handler:
     """`handler` behind the admin key (or a read-only key, for a route that only reads),
     with Nebula's errors in OpenAI's shape.
 
@@ -253,7 +253,7 @@ async def discovery(request: web.Request) -> web.Response:
     return web.json_response(groups)
 
 
-def add_routes(app: web.Application, keys: Keys) -> None:
+def add_routes(app: web.Application, keys: KeyRing) -> None:
     """The admin API under /admin; reads STATE, CATALOG, TABLE and INFLIGHT from `app`."""
     routes = [
         ("GET", "/cluster", cluster),

@@ -1,8 +1,6 @@
-"""The router process: the aiohttp application, its lifetime, and its workers.
-
-`--workers N` runs N processes that each bind the port with SO_REUSEPORT; the
-kernel spreads connections across them. Their Prometheus metrics are summed
-through prometheus_client's multiprocess mode.
+"""The router's aiohttp application: its routes, and the lifetime of what it holds
+(the client session, the routing table's refresher, the metrics advertisement).
+The processes that serve it are in `workers`.
 """
 
 from __future__ import annotations
@@ -10,13 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import os
 import re
-import signal
-import socket
-import sys
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,14 +17,12 @@ from aiohttp import web
 
 from nebula import redis_health
 from nebula.catalog import Catalog, load_catalog
-from nebula.errors import ConfigError
+from nebula.exporter import advertise
 from nebula.exposure import engine_key, is_loopback
-from nebula.metrics import advertise
 from nebula.names import shown
-from nebula.router import admin, metrics
-from nebula.router.auth import Keys, bearer
+from nebula.router import admin, router_metrics
+from nebula.router.auth import KeyRing, bearer
 from nebula.router.openai_errors import error, invalid_api_key
-from nebula.router.protocol import Runner
 from nebula.router.proxy import FORWARDED, OTHER, Proxy
 from nebula.router.table import RoutingTable
 from nebula.settings import Settings
@@ -47,7 +38,7 @@ SUSPECT_PATH = re.compile(r"(^|/)\.{1,2}(/|$)|%2[ef]|%5c|\\", re.IGNORECASE)
 
 
 def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Application:
-    keys = Keys(
+    keys = KeyRing(
         settings.api_keys,
         settings.admin_key,
         settings.default_rate_per_s,
@@ -58,7 +49,9 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
     proxy = Proxy(settings, table, keys, engine_key=engine_key(settings, create=False))
     app = web.Application(client_max_size=settings.body_limit_bytes)
     app[admin.STATE] = State.of(settings)
-    app[admin.CATALOG] = catalog or load_catalog(settings.catalog_path)
+    app[admin.CATALOG] = catalog or load_catalog(
+        settings.catalog_path, allow_test_engine=settings.allow_test_engine
+    )
     app[admin.TABLE] = table
     app[admin.INFLIGHT] = proxy.inflight
     app[PROXY] = proxy
@@ -177,134 +170,9 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
             status, text, code = 404, "no such route; Nebula serves " \
                 f"{', '.join(sorted(FORWARDED))}, /v1/models, /admin/..., /health and " \
                 "/metrics (see docs/api.md)", "unknown_route"  # fmt: skip
-        metrics.REQUESTS.labels("", OTHER, str(status)).inc()
+        router_metrics.REQUESTS.labels("", OTHER, str(status)).inc()
         return error(status, text, code)
 
     # Last: the routes above match first.
     catch_all = app.router.add_route("*", "/{tail:.*}", unrouted).resource
     return app
-
-
-async def check_exposure(settings: Settings) -> None:
-    """Refuse to serve an open router beyond loopback unless told the network is trusted."""
-    if is_loopback(settings.router_host) or settings.trusted_network:
-        return
-    state = State.of(settings)
-    try:
-        stored = await state.api_keys.all()
-    finally:
-        await state.close()
-    missing = []
-    if not settings.api_keys and not stored:
-        missing.append("no API keys for /v1 (NEBULA_API_KEYS, or POST /admin/keys)")
-    if not settings.admin_key:
-        missing.append("no admin key for /admin (NEBULA_ADMIN_KEY)")
-    if missing:
-        raise ConfigError(
-            f"refusing to listen on {settings.router_host} with {' and '.join(missing)}; "
-            "set the keys, listen on 127.0.0.1, or set NEBULA_TRUSTED_NETWORK=true"
-        )
-
-
-def _bind(settings: Settings) -> socket.socket:
-    family = socket.AF_INET6 if ":" in settings.router_host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((settings.router_host, settings.router_port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
-
-
-async def _serve_one(settings: Settings) -> None:
-    app = build_app(settings)
-    runner = Runner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.SockSite(runner, _bind(settings))
-    await site.start()
-    log.info(
-        "router listening on http://%s:%d (pid %d)",
-        settings.router_host, settings.router_port, os.getpid(),
-    )  # fmt: skip
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-
-
-def _die_with_parent(parent: int) -> None:
-    """Linux: this worker gets SIGTERM when the process that started it dies."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except OSError:  # not Linux: the parent's own shutdown still stops workers
-        pass
-    # Compared with the parent's own pid, not with 1: as PID 1 in a container the
-    # parent *is* 1, and a worker that checked for 1 would exit at once.
-    if os.getppid() != parent:  # the parent died before the signal was armed
-        sys.exit(0)
-
-
-def _worker(settings: Settings, parent: int) -> None:
-    from nebula.daemons import run_async
-
-    _die_with_parent(parent)
-    run_async(_serve_one(settings))
-
-
-RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10, 30)
-
-
-async def serve(settings: Settings) -> None:
-    await check_exposure(settings)
-    if settings.router_workers == 1:
-        await _serve_one(settings)
-        return
-    ctx = multiprocessing.get_context("spawn")
-    me = os.getpid()
-
-    def start(i: int) -> multiprocessing.process.BaseProcess:
-        proc = ctx.Process(target=_worker, args=(settings, me), name=f"router-{i}")
-        proc.start()
-        return proc
-
-    procs = [start(i) for i in range(settings.router_workers)]
-    crashes = [0] * len(procs)
-    restart_at = [0.0] * len(procs)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
-            now = time.monotonic()
-            for i, proc in enumerate(procs):
-                if proc.is_alive() or stop.is_set():
-                    continue
-                if not restart_at[i]:
-                    # A worker died: the others keep serving; start another after a
-                    # back-off that grows if it keeps dying.
-                    delay = RESTART_BACKOFF_S[min(crashes[i], len(RESTART_BACKOFF_S) - 1)]
-                    log.error("router worker %s died (exit %s); restarting in %gs",
-                              proc.name, proc.exitcode, delay)  # fmt: skip
-                    crashes[i] += 1
-                    restart_at[i] = now + delay
-                elif now >= restart_at[i]:
-                    restart_at[i] = 0.0
-                    procs[i] = start(i)
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in procs:
-            await asyncio.to_thread(proc.join, 10)

@@ -31,7 +31,7 @@ def bearer(header: str | None) -> str | None:
 DIGEST_CACHE = 4096
 
 
-class Keys:
+class KeyRing:
     """Who may call /v1 and /admin."""
 
     def __init__(

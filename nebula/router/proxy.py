@@ -20,8 +20,8 @@ from aiohttp import web
 
 from nebula.models import Endpoint, Task
 from nebula.names import shown
-from nebula.router import metrics
-from nebula.router.auth import Keys, bearer
+from nebula.router import router_metrics
+from nebula.router.auth import KeyRing, bearer
 from nebula.router.balance import LeastOutstanding, Policy
 from nebula.router.openai_errors import error, invalid_api_key, stream_error_event
 from nebula.router.prefix import PrefixAffinity, prefix_of
@@ -84,15 +84,15 @@ class Labels:
         entry = self._cache.get((model, route))
         if entry is None:
             entry = self._cache[model, route] = (
-                metrics.LATENCY.labels(model, route),
-                metrics.TTFT.labels(model, route),
+                router_metrics.LATENCY.labels(model, route),
+                router_metrics.TTFT.labels(model, route),
             )
         return entry
 
     def requests(self, model: str, route: str, status: int) -> Any:
         child = self._requests.get((model, route, status))
         if child is None:
-            child = self._requests[model, route, status] = metrics.REQUESTS.labels(
+            child = self._requests[model, route, status] = router_metrics.REQUESTS.labels(
                 model, route, str(status)
             )
         return child
@@ -100,7 +100,9 @@ class Labels:
     def decision(self, model: str, decision: str) -> Any:
         child = self._decisions.get((model, decision))
         if child is None:
-            child = self._decisions[model, decision] = metrics.ROUTING.labels(model, decision)
+            child = self._decisions[model, decision] = router_metrics.ROUTING.labels(
+                model, decision
+            )
         return child
 
 
@@ -109,7 +111,7 @@ class Proxy:
         self,
         settings: Settings,
         table: RoutingTable,
-        keys: Keys,
+        keys: KeyRing,
         policy: Policy | None = None,
         *,
         engine_key: str = "",
@@ -156,8 +158,8 @@ class Proxy:
                 self.inflight.get(e.placement_id, 0) for e in self.table.endpoints(model)
             )
         for model, n in per_model.items():
-            metrics.IN_FLIGHT.labels(model).set(n)
-            metrics.ENDPOINTS.labels(model).set(len(self.table.endpoints(model)))
+            router_metrics.IN_FLIGHT.labels(model).set(n)
+            router_metrics.ENDPOINTS.labels(model).set(len(self.table.endpoints(model)))
 
     def _done(self, model: str, route: str, status: int) -> None:
         self.labels.requests(model, route, status).inc()
@@ -279,7 +281,7 @@ class Proxy:
                 self.labels.decision(model, "least_outstanding").inc()
             tried.add(endpoint.placement_id)
             if attempt:
-                metrics.RETRIES.labels(model).inc()
+                router_metrics.RETRIES.labels(model).inc()
             self.inflight[endpoint.placement_id] += 1
             try:
                 upstream = await self.session.post(
@@ -293,13 +295,13 @@ class Proxy:
                 # never sent again (aiohttp's timeouts subclass its connection errors:
                 # this clause must come first).
                 self.inflight[endpoint.placement_id] -= 1
-                metrics.UPSTREAM_ERRORS.labels(model, "timeout").inc()
+                router_metrics.UPSTREAM_ERRORS.labels(model, "timeout").inc()
                 return error(504, f"replica on {endpoint.node} sent nothing for "
                              f"{settings.first_byte_timeout_s:g}s", "upstream_timeout")  # fmt: skip
             except (aiohttp.ClientConnectionError, aiohttp.ClientOSError, TimeoutError) as exc:
                 # Not connected (refused, reset before an answer, connect timeout): retry.
                 self.inflight[endpoint.placement_id] -= 1
-                metrics.UPSTREAM_ERRORS.labels(model, "connect").inc()
+                router_metrics.UPSTREAM_ERRORS.labels(model, "connect").inc()
                 last_error = f"replica on {endpoint.node} unreachable ({type(exc).__name__})"
                 continue
             retryable = len(tried) < len(candidates) and attempt < settings.max_retries
@@ -307,7 +309,7 @@ class Proxy:
                 if upstream.status in (401, 403):
                     # The client's key was good: the engine refused ours. Never pass that
                     # on as the client's fault.
-                    metrics.UPSTREAM_ERRORS.labels(model, "engine_auth").inc()
+                    router_metrics.UPSTREAM_ERRORS.labels(model, "engine_auth").inc()
                     log.error(
                         "replica on %s refused the internal engine key (HTTP %d); "
                         "check NEBULA_ENGINE_API_KEY on routers and nodes",
@@ -319,7 +321,7 @@ class Proxy:
                     return error(502, f"no replica of {model!r} could answer: {last_error}",
                                  "upstream_unavailable")  # fmt: skip
                 if upstream.status >= 500 and retryable:
-                    metrics.UPSTREAM_ERRORS.labels(model, "status_5xx").inc()
+                    router_metrics.UPSTREAM_ERRORS.labels(model, "status_5xx").inc()
                     last_error = f"replica on {endpoint.node} answered {upstream.status}"
                     continue
                 headers = answer_headers(upstream.headers)
@@ -330,12 +332,12 @@ class Proxy:
                 try:
                     data = await upstream.read()
                 except aiohttp.SocketTimeoutError:
-                    metrics.UPSTREAM_ERRORS.labels(model, "timeout").inc()
+                    router_metrics.UPSTREAM_ERRORS.labels(model, "timeout").inc()
                     timeout = settings.first_byte_timeout_s
                     return error(504, f"replica on {endpoint.node} stopped sending for "
                                  f"{timeout:g}s", "upstream_timeout")  # fmt: skip
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    metrics.UPSTREAM_ERRORS.labels(model, "broken_stream").inc()
+                    router_metrics.UPSTREAM_ERRORS.labels(model, "broken_stream").inc()
                     last_error = f"replica on {endpoint.node} broke off ({type(exc).__name__})"
                     continue
                 self._count_usage(model, data)
@@ -372,7 +374,7 @@ class Proxy:
                 await response.write(chunk)
                 last = chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
-            metrics.UPSTREAM_ERRORS.labels(model, "broken_stream").inc()
+            router_metrics.UPSTREAM_ERRORS.labels(model, "broken_stream").inc()
             reason = type(exc).__name__
             log.warning("stream from %s broke: %s", upstream.url.host, reason)
             if model in self.table.unloading:
@@ -408,4 +410,4 @@ class Proxy:
         for kind in ("prompt_tokens", "completion_tokens"):
             n = usage.get(kind)
             if isinstance(n, int) and n > 0:
-                metrics.TOKENS.labels(model, kind.removesuffix("_tokens")).inc(n)
+                router_metrics.TOKENS.labels(model, kind.removesuffix("_tokens")).inc(n)

@@ -14,7 +14,6 @@ replacing itself, and never goes blank because Redis came back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -22,6 +21,7 @@ from typing import NamedTuple
 
 from nebula import keys
 from nebula.errors import StateUnavailable
+from nebula.loops import reconcile_forever
 from nebula.models import ApiKey, Endpoint
 from nebula.settings import redact
 from nebula.store import State, api_keys
@@ -130,23 +130,13 @@ class RoutingTable:
 
     async def keep_fresh(self, state: State, interval_s: float) -> None:
         """Refresh on every change event, and every `interval_s` regardless."""
-        wake = asyncio.Event()
-
-        listener = asyncio.create_task(
-            state.wake_on(wake, keys.EVENTS_CHANNEL, interval_s), name="routing-events"
+        # Never dies of an error: /health reports the table's age, and a refresher
+        # that stopped would freeze it. (`refresh` handles Redis being away itself.)
+        await reconcile_forever(
+            "routing table refresh",
+            lambda: self.refresh(state),
+            wake=asyncio.Event(),
+            interval=lambda: interval_s,
+            on_error=lambda exc: log.warning("routing table refresh: %s", exc.message),
+            listen=(state, keys.EVENTS_CHANNEL),
         )
-        try:
-            while True:
-                wake.clear()
-                try:
-                    await self.refresh(state)
-                except Exception:
-                    # Never die silently: /health reports the table's age, and a
-                    # refresher that stopped would freeze it.
-                    log.exception("routing table refresh failed; retrying")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), interval_s)
-        finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener

@@ -278,7 +278,7 @@ class _Cluster:
         return None
 
 
-def _reason(request: ModelRequest, cordoned: int, live: int) -> str:
+def _why_unplaced(request: ModelRequest, cordoned: int, live: int) -> str:
     spec = request.spec
     parts = []
     if spec.gpu_memory_utilization is not None:
@@ -395,7 +395,7 @@ def plan(
                     )
             if placement is None:
                 # Every later replica of this request fails the same way.
-                reason = _reason(request, cluster.cordoned, len(nodes))
+                reason = _why_unplaced(request, cluster.cordoned, len(nodes))
                 first = request.replicas - missing + k + 1
                 reasons.extend(
                     f"replica {n}/{request.replicas} Pending: {reason}"

@@ -17,10 +17,10 @@ import time
 import uuid
 
 from nebula import keys, redis_health
-from nebula.errors import StateUnavailable
-from nebula.loops import jittered, run_loops
-from nebula.metrics import advertise, serve_metrics
-from nebula.scheduler import metrics
+from nebula.errors import NebulaError, StateUnavailable
+from nebula.exporter import advertise, serve_metrics
+from nebula.loops import jittered, reconcile_forever, run_loops
+from nebula.scheduler import scheduler_metrics
 from nebula.scheduler.reconcile import needs_placement, reconcile, usage_of
 from nebula.scheduler.snapshot import Changes, Snapshot
 from nebula.scheduler.store import ClusterStore
@@ -67,9 +67,14 @@ class Scheduler:
         try:
             await run_loops(
                 {
-                    "reconcile": self._reconcile_loop,
-                    "listen": lambda: self.state.wake_on(
-                        self._wake, keys.EVENTS_CHANNEL, self.interval
+                    "reconcile": lambda: reconcile_forever(
+                        "reconcile pass",
+                        self.step,
+                        wake=self._wake,
+                        interval=lambda: jittered(self.interval),
+                        on_error=self._unavailable,
+                        listen=(self.state, keys.EVENTS_CHANNEL),
+                        on_bug=self._start_over,
                     ),
                     "advertise": lambda: advertise(
                         self.state, "scheduler", self.me, address, self.interval
@@ -88,22 +93,14 @@ class Scheduler:
         # Wake often enough to renew the lease well before it lapses.
         return min(self.settings.scheduler_interval_s, self.settings.leader_ttl_s / 3)
 
-    async def _reconcile_loop(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                await self.step()
-            except StateUnavailable as exc:
-                if not self._outage:
-                    log.warning("%s; retrying", exc.message)
-                self._outage = True
-            except Exception:
-                # A bug in one pass must not stop scheduling: log it, start the next
-                # pass from a full read.
-                log.exception("reconcile pass failed; starting over from a full read")
-                self.snapshot, self.usage, self._last_full = Snapshot(), Usage(), 0.0
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), jittered(self.interval))
+    def _unavailable(self, exc: NebulaError) -> None:
+        if not self._outage:
+            log.warning("%s; retrying", exc.message)
+        self._outage = True
+
+    def _start_over(self) -> None:
+        """After a bug in a pass: the next pass starts from a full read."""
+        self.snapshot, self.usage, self._last_full = Snapshot(), Usage(), 0.0
 
     async def step(self) -> Changes | None:
         """One pass: renew or take the lease, then, as leader, read, reconcile and write."""
@@ -114,7 +111,7 @@ class Scheduler:
             log.info("scheduler %s %s leader", self.me, "became" if held else "is no longer")
         became_leader = held and not self.is_leader
         self.is_leader = held
-        metrics.LEADER.set(1 if held else 0)
+        scheduler_metrics.LEADER.set(1 if held else 0)
         now = time.time()
         if self._outage or self._epoch != self.state.master_epoch:
             # Back from an outage, or on a new master (a failover may lose the last
@@ -128,7 +125,7 @@ class Scheduler:
             self._last_full = 0.0
         if not held:
             if self._was_exporting:
-                metrics.clear()  # a standby exports no stale picture of the cluster
+                scheduler_metrics.clear()  # a standby exports no stale picture of the cluster
                 self._was_exporting = False
             return None
         if became_leader:
@@ -163,14 +160,14 @@ class Scheduler:
             max_replacements=self.settings.max_replacements,
             backoff_s=self.settings.replacement_backoff_s,
         )
-        metrics.record(snap, changes.pending)
+        scheduler_metrics.record(snap, changes.pending)
         self._was_exporting = True
         if full:
             # Tens of thousands of long-lived objects (requests, placements) were just
             # read; keep the collector from walking them again on every later pass.
             gc.freeze()
         if not changes:
-            metrics.PASS_SECONDS.observe(time.perf_counter() - started)
+            scheduler_metrics.PASS_SECONDS.observe(time.perf_counter() - started)
             return changes
         if not await self.cluster.apply(changes, leader=self.me):
             log.warning("scheduler %s lost the leader lease before writing", self.me)
@@ -180,9 +177,9 @@ class Scheduler:
             return None
         self._remember(changes)
         if changes.dead_nodes:
-            metrics.NODES_LOST.inc(len(changes.dead_nodes))
+            scheduler_metrics.NODES_LOST.inc(len(changes.dead_nodes))
             log.warning("node(s) %s declared dead", ", ".join(changes.dead_nodes))
-        metrics.PASS_SECONDS.observe(time.perf_counter() - started)
+        scheduler_metrics.PASS_SECONDS.observe(time.perf_counter() - started)
         return changes
 
     def _remember(self, changes: Changes) -> None:

@@ -12,7 +12,7 @@ import contextlib
 
 from redis.asyncio.client import Pipeline
 from redis.asyncio.lock import Lock
-from redis.exceptions import LockNotOwnedError
+from redis.exceptions import LockError
 
 from nebula import keys
 from nebula.store.core import Core
@@ -29,8 +29,10 @@ class Lease:
             lock = self.core.redis.lock(
                 keys.SCHEDULER_LEADER, timeout=ttl_s, blocking=False, thread_local=False
             )
-            lock.local.token = me.encode()
             self._locks[(me, ttl_s)] = lock
+        # The token is our identity, whatever the lock object remembers (redis-py
+        # forgets it on release): the checks in Redis compare it with the key's value.
+        lock.local.token = me.encode()
         return lock
 
     async def acquire_or_renew(self, me: str, ttl_s: float, *, held: bool) -> bool:
@@ -41,17 +43,18 @@ class Lease:
                 try:
                     await lock.reacquire()
                     return True
-                except LockNotOwnedError:
-                    pass
+                except LockError:
+                    pass  # lapsed, or someone else's: try to take it
             return bool(await lock.acquire(token=me))
 
     async def release(self, me: str) -> None:
-        lock = next((lk for (who, _), lk in self._locks.items() if who == me), None)
-        if lock is None:
+        ttl = next((t for who, t in self._locks if who == me), None)
+        if ttl is None:
             return
+        lock = self._lock(me, ttl)
         async with self.core.reachable():
             # Lapsed or taken over: nothing of ours to release.
-            with contextlib.suppress(LockNotOwnedError):
+            with contextlib.suppress(LockError):
                 await lock.release()
 
     async def holder(self) -> str | None:

@@ -1,0 +1,118 @@
+"""The router's processes: one, or `--workers N` that share the port.
+
+N workers each bind the port with SO_REUSEPORT; the kernel spreads connections
+across them. Their Prometheus metrics are summed through prometheus_client's
+multiprocess mode. A worker that dies is restarted with a growing back-off
+while the others keep serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import socket
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from nebula.exposure import check_exposure
+from nebula.process import die_with_parent, run_async, stop_signal
+from nebula.router.app import build_app
+from nebula.router.protocol import Runner
+from nebula.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _bind(settings: Settings) -> socket.socket:
+    family = socket.AF_INET6 if ":" in settings.router_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((settings.router_host, settings.router_port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def _serve_one(settings: Settings) -> None:
+    app = build_app(settings)
+    runner = Runner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.SockSite(runner, _bind(settings))
+    await site.start()
+    log.info(
+        "router listening on http://%s:%d (pid %d)",
+        settings.router_host, settings.router_port, os.getpid(),
+    )  # fmt: skip
+    async with stop_signal() as stop:
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+
+def _worker(settings: Settings, parent: int) -> None:
+    # This worker gets SIGTERM when the process that started it dies.
+    die_with_parent(parent=parent, exit_code=0)
+    run_async(_serve_one(settings))
+
+
+RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10, 30)
+
+
+async def serve(settings: Settings) -> None:
+    await check_exposure(settings)
+    if settings.router_workers == 1:
+        await _serve_one(settings)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    me = os.getpid()
+
+    def start(i: int) -> multiprocessing.process.BaseProcess:
+        proc = ctx.Process(target=_worker, args=(settings, me), name=f"router-{i}")
+        proc.start()
+        return proc
+
+    procs = [start(i) for i in range(settings.router_workers)]
+    async with stop_signal() as stop:
+        await _supervise(procs, start, stop)
+
+
+async def _supervise(
+    procs: list[multiprocessing.process.BaseProcess],
+    start: Callable[[int], multiprocessing.process.BaseProcess],
+    stop: asyncio.Event,
+) -> None:
+    """Restart a worker that dies, with a growing back-off, until `stop`; then stop all."""
+    crashes = [0] * len(procs)
+    restart_at = [0.0] * len(procs)
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+            now = time.monotonic()
+            for i, proc in enumerate(procs):
+                if proc.is_alive() or stop.is_set():
+                    continue
+                if not restart_at[i]:
+                    # A worker died: the others keep serving; start another after a
+                    # back-off that grows if it keeps dying.
+                    delay = RESTART_BACKOFF_S[min(crashes[i], len(RESTART_BACKOFF_S) - 1)]
+                    log.error("router worker %s died (exit %s); restarting in %gs",
+                              proc.name, proc.exitcode, delay)  # fmt: skip
+                    crashes[i] += 1
+                    restart_at[i] = now + delay
+                elif now >= restart_at[i]:
+                    restart_at[i] = 0.0
+                    procs[i] = start(i)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            await asyncio.to_thread(proc.join, 10)
