@@ -19,10 +19,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from harness.cluster import Cluster, wait_for
+from harness.processes import RedisServer, free_port, spawn, stop
 from nebula.models import Status
 from nebula.store import State
-from tests.cluster import Cluster, wait_for
-from tests.helpers import RedisServer, free_port, spawn, stop
 
 DEFAULTS = {
     # The defaults an operator gets, not the tests' fast intervals.

@@ -22,13 +22,13 @@ from pathlib import Path
 
 from redis.asyncio.connection import Connection
 
+from harness.processes import RedisServer
 from nebula.models import Device, ModelRequest, ModelSpec, Node, Phase, PlacementState, Status
 from nebula.scheduler.placement import plan
 from nebula.scheduler.service import Scheduler
 from nebula.scheduler.usage import Usage
 from nebula.settings import Settings
 from nebula.store import State
-from tests.helpers import RedisServer
 
 CEILING = 0.9
 

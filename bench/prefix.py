@@ -31,11 +31,11 @@ from pathlib import Path
 
 import aiohttp
 
+from harness.cluster import Cluster, wait_for
+from harness.processes import RedisServer, RouterProcess
 from nebula.models import Status
 from nebula.settings import Settings
 from nebula.store import State
-from tests.cluster import Cluster, wait_for
-from tests.helpers import RedisServer, RouterProcess
 
 MODEL = "smollm2_135m_chat"
 WORDS = ["river", "stone", "lantern", "orbit", "meadow", "signal", "copper", "harbor",

@@ -32,9 +32,16 @@ from pathlib import Path
 
 import aiohttp
 
+from harness.processes import (
+    EngineProcess,
+    RedisServer,
+    RouterProcess,
+    free_port,
+    stop,
+    wait_for_port,
+)
 from nebula.models import Endpoint
 from nebula.store import State
-from tests.helpers import EngineProcess, RedisServer, RouterProcess, free_port, stop, wait_for_port
 
 KEY = "sk-bench"
 ANSWER = json.dumps(

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from harness.processes import RedisServer
 from nebula.settings import Settings
 from nebula.store import State
-from tests.helpers import RedisServer
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.cluster import ENGINE_KEY, Cluster, wait_for
 from nebula.models import Phase, Status
 from nebula.store import State
-from tests.cluster import ENGINE_KEY, Cluster, wait_for
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pexpect
 import pyte
 import pytest
 
-from tests.cluster import Cluster
+from harness.cluster import Cluster
 
 ADMIN_KEY = "cli-admin-key"
 API_KEY = "cli-client-key"

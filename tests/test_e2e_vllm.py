@@ -20,11 +20,11 @@ import aiohttp
 import openai
 import pytest
 
+from harness.cluster import ENGINE_KEY, Cluster
 from nebula.agent.telemetry import memory_mib
 from nebula.models import Status
 from nebula.settings import Settings
 from nebula.store import State
-from tests.cluster import ENGINE_KEY, Cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nebula.agent.engines import engine_program
+from nebula.agent.programs import engine_program
 from nebula.agent.supervisor import render
 from nebula.catalog import load_catalog
 from nebula.errors import InvalidRequest

@@ -17,10 +17,10 @@ from pathlib import Path
 import openai
 import pytest
 
+from harness.cluster import Cluster
+from harness.processes import free_port, spawn, stop, wait_for_port
 from nebula.models import Endpoint, Status
 from nebula.store import State
-from tests.cluster import Cluster
-from tests.helpers import free_port, spawn, stop, wait_for_port
 
 ROOT = Path(__file__).parents[1]
 DASHBOARDS = ROOT / "dashboards"

@@ -13,11 +13,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from harness.cluster import wait_for
+from harness.processes import EngineProcess, RouterProcess, stop
 from nebula.models import Endpoint
 from nebula.router.prefix import PrefixAffinity, prefix_of
 from nebula.store import State
-from tests.cluster import wait_for
-from tests.helpers import EngineProcess, RouterProcess, stop
 
 ENGINE_KEY = "engine-prefix"
 

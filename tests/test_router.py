@@ -16,10 +16,10 @@ from pathlib import Path
 import openai
 import pytest
 
+from harness.processes import EngineProcess, RedisServer, RouterProcess, http_bytes, stop
 from nebula.catalog import load_catalog
 from nebula.models import Endpoint
 from nebula.store import State
-from tests.helpers import EngineProcess, RedisServer, RouterProcess, http_bytes, stop
 
 CHAT = "smollm2_135m_chat"
 EMBED = "minilm_l6_embedding"

@@ -13,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.helpers import free_port
+from harness.processes import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 ROOT = Path(__file__).parents[1]

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from harness.cluster import wait_for
+from harness.processes import spawn
 from nebula import keys
 from nebula.catalog import load_catalog
 from nebula.models import Desired, Phase, Status
@@ -22,7 +24,6 @@ from nebula.scheduler.store import ClusterStore
 from nebula.settings import Settings
 from nebula.store import State
 from tests.builders import cpu_node, gpu_node
-from tests.helpers import spawn
 from tests.nodesim import NodeSim, status_of
 
 CATALOG = load_catalog()
@@ -277,16 +278,6 @@ def spawn_scheduler(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
         "NEBULA_SCHEDULER_METRICS_PORT": "0",
     }
     return spawn([sys.executable, "-m", "nebula.daemons", "scheduler"], log, env)
-
-
-async def wait_for(condition, timeout: float = 10.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await condition()
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 async def test_two_scheduler_daemons_one_leader_and_failover(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from nebula.agent.engines import KEY_VARIABLE
+from nebula.agent.programs import KEY_VARIABLE
 from nebula.errors import ConfigError
 from nebula.exposure import node_engine_key
 from nebula.settings import Settings
@@ -77,7 +77,7 @@ async def remove_stale_programs(settings: Settings) -> list[str]:
     """Delete the program files of placements this node should no longer run, before
     supervisord starts (it would start them at once): after a crash the scheduler may
     have moved them elsewhere, and their ports may be given to new placements."""
-    from nebula.agent.engines import program_name
+    from nebula.agent.programs import program_name
     from nebula.models import Desired
     from nebula.store import State
 

@@ -16,13 +16,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import aiohttp
 
 from nebula import keys, redis_health
 from nebula.agent import agent_metrics
-from nebula.agent.engines import engine_program, program_name
+from nebula.agent.engine import Engine, drain_timeout, drained
+from nebula.agent.programs import engine_program, program_name
 from nebula.agent.supervisor import Supervisor, SupervisorUnavailable
 from nebula.agent.telemetry import Telemetry
 from nebula.errors import InvalidRequest, NebulaError, StateUnavailable
@@ -37,49 +38,6 @@ log = logging.getLogger(__name__)
 LOG_TAIL_LINES = 12
 STARTING_PROBE_S = 0.1
 LOG_TAIL_CHARS = 1500
-
-
-@dataclass
-class Engine:
-    """What the agent knows of one placement's engine."""
-
-    placement: Placement
-    first_seen: float
-    phase: Phase = Phase.STARTING
-    message: str = "starting"
-    pid: int | None = None
-    restarts: int = 0
-    failed: bool = False
-    healthy_once: bool = False
-    healthy_since: float | None = None  # start of the current healthy stretch
-    published: bool = False
-    retiring: asyncio.Task[None] | None = field(default=None, repr=False)
-
-    @property
-    def name(self) -> str:
-        return program_name(self.placement.id)
-
-    def report(self) -> PlacementState:
-        return PlacementState(
-            phase=self.phase, pid=self.pid, restarts=self.restarts, message=self.message
-        )
-
-
-def drain_timeout(placement: Placement, settings: Settings) -> float:
-    """The unload's own timeout, else the catalog's for the model, else the node's."""
-    for value in (placement.drain_timeout_s, placement.spec.drain_timeout_s):
-        if value is not None:
-            return float(value)
-    return settings.drain_timeout_s
-
-
-def running_requests(metrics_text: str) -> int:
-    """Requests an engine is working on or holding, from vLLM's own metrics."""
-    total = 0.0
-    for line in metrics_text.splitlines():
-        if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
-            total += float(line.rsplit(" ", 1)[-1])
-    return int(total)
 
 
 class Agent:
@@ -283,11 +241,11 @@ class Agent:
                      now - engine.healthy_since)  # fmt: skip
             engine.restarts = 0
         if statename == "FATAL":
-            await self._fail(engine, f"could not start: {self._tail(engine)}")
+            await self._fail(engine, f"could not start: {await self._tail(engine)}")
             return
         if engine.restarts > self.settings.max_restarts:
             await self._fail(
-                engine, f"crashed {engine.restarts} times; last log: {self._tail(engine)}"
+                engine, f"crashed {engine.restarts} times; last log: {await self._tail(engine)}"
             )
             return
         # STARTING too: supervisord says RUNNING only after startsecs, and an engine
@@ -308,7 +266,7 @@ class Agent:
         waited = now - engine.first_seen
         if not engine.healthy_once and waited > self.settings.engine_start_timeout_s:
             await self._fail(
-                engine, f"not healthy after {waited:.0f}s; last log: {self._tail(engine)}"
+                engine, f"not healthy after {waited:.0f}s; last log: {await self._tail(engine)}"
             )
             return
         engine.phase = Phase.STARTING
@@ -347,8 +305,8 @@ class Agent:
             log.info("engine %s healthy: endpoint %s published", engine.name, endpoint.url)
         engine.published = True
 
-    def _tail(self, engine: Engine) -> str:
-        tail = self.sup.tail(engine.name, LOG_TAIL_LINES).strip() or "(the log is empty)"
+    async def _tail(self, engine: Engine) -> str:
+        tail = (await self.sup.tail(engine.name, LOG_TAIL_LINES)).strip() or "(the log is empty)"
         return tail[-LOG_TAIL_CHARS:]
 
     async def _fail(self, engine: Engine, message: str) -> None:
@@ -385,16 +343,6 @@ class Agent:
 
     # ------------------------------------------------------------------ unload
 
-    async def _running(self, placement: Placement) -> int | None:
-        assert self._session is not None
-        try:
-            async with self._session.get(self._url(placement) + "/metrics") as r:
-                if r.status != 200:
-                    return None
-                return running_requests(await r.text())
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return None
-
     async def _retire(self, engine: Engine, *, report: bool) -> None:
         """Withdraw the endpoint, let in-flight requests finish, stop, clean up, report."""
         pid, name = engine.placement.id, engine.name
@@ -409,13 +357,8 @@ class Agent:
                 # that polls instead.
                 await asyncio.sleep(self.settings.routing_refresh_s)
                 timeout = drain_timeout(engine.placement, self.settings)
-                deadline = time.monotonic() + timeout
-                while time.monotonic() < deadline:
-                    running = await self._running(engine.placement)
-                    if not running:  # none left, or the engine is gone
-                        break
-                    await asyncio.sleep(0.25)
-                else:
+                assert self._session is not None
+                if not await drained(self._session, self._url(engine.placement), timeout):
                     log.warning("engine %s: drain timeout (%gs) reached, stopping with "
                                 "requests left", name, timeout)  # fmt: skip
             await self.sup.remove(name)

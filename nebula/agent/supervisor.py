@@ -21,7 +21,7 @@ from typing import Any
 
 from supervisor.xmlrpc import Faults, SupervisorTransport
 
-from nebula.agent.engines import Program, log_path
+from nebula.agent.programs import Program, log_path
 from nebula.errors import InvalidRequest, NebulaError
 from nebula.names import has_control, shown
 
@@ -101,6 +101,10 @@ def render(program: Program, logs_dir: Path, max_restarts: int) -> str:
         "stdout_logfile_backups=2",
     ]
     return "\n".join(line for line in lines if line) + "\n"
+
+
+# How much of a log `tail` reads: enough for the last lines of a traceback.
+TAIL_BYTES = 16384
 
 
 class Supervisor:
@@ -185,15 +189,11 @@ class Supervisor:
     async def ping(self) -> str:
         return str(await self.call("supervisor.getState"))
 
-    def tail(self, name: str, lines: int = 20) -> str:
-        """The last lines of a program's log (its own stdout and stderr)."""
-        path = log_path(self.logs_dir, name)
+    async def tail(self, name: str, lines: int = 20) -> str:
+        """The last lines of a program's log (its own stdout and stderr), as supervisord
+        reads them; "" for a program it does not know."""
         try:
-            with path.open("rb") as f:
-                f.seek(0, os.SEEK_END)
-                size = f.tell()
-                f.seek(max(0, size - 16384))
-                text = f.read().decode(errors="replace")
-        except OSError:
+            text, _, _ = await self.call("supervisor.tailProcessStdoutLog", name, 0, TAIL_BYTES)
+        except (xmlrpc.client.Fault, SupervisorUnavailable):
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return "\n".join(str(text).splitlines()[-lines:])

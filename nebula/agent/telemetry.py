@@ -12,6 +12,8 @@ import os
 import time
 from typing import Any
 
+import psutil
+
 from nebula import __version__
 from nebula.models import Device, Node
 from nebula.settings import Settings
@@ -88,13 +90,6 @@ class Telemetry:
 
 
 def memory_mib() -> tuple[int, int]:
-    """(total, available) RAM in MiB, from /proc/meminfo."""
-    values: dict[str, int] = {}
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                values[key] = int(rest.split()[0])  # kB
-    except OSError:
-        return 0, 0
-    return values.get("MemTotal", 0) // 1024, values.get("MemAvailable", 0) // 1024
+    """(total, available) RAM in MiB."""
+    memory = psutil.virtual_memory()
+    return memory.total // MIB, memory.available // MIB

@@ -72,40 +72,6 @@ def answer_headers(upstream: Any) -> dict[str, str]:
     return headers
 
 
-class Labels:
-    """Prometheus children, made once each: `.labels()` costs a lock and a lookup."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, str], Any] = {}
-        self._requests: dict[tuple[str, str, int], Any] = {}
-        self._decisions: dict[tuple[str, str], Any] = {}
-
-    def get(self, model: str, route: str) -> Any:
-        entry = self._cache.get((model, route))
-        if entry is None:
-            entry = self._cache[model, route] = (
-                router_metrics.LATENCY.labels(model, route),
-                router_metrics.TTFT.labels(model, route),
-            )
-        return entry
-
-    def requests(self, model: str, route: str, status: int) -> Any:
-        child = self._requests.get((model, route, status))
-        if child is None:
-            child = self._requests[model, route, status] = router_metrics.REQUESTS.labels(
-                model, route, str(status)
-            )
-        return child
-
-    def decision(self, model: str, decision: str) -> Any:
-        child = self._decisions.get((model, decision))
-        if child is None:
-            child = self._decisions[model, decision] = router_metrics.ROUTING.labels(
-                model, decision
-            )
-        return child
-
-
 class Proxy:
     def __init__(
         self,
@@ -128,7 +94,7 @@ class Proxy:
         self.limiter = ClusterLimiter(settings.redis_url, settings.redis_sentinel_password)
         self.inflight: dict[str, int] = defaultdict(int)  # placement id -> requests in flight
         self.session: aiohttp.ClientSession | None = None
-        self.labels = Labels()
+        self.labels = router_metrics.Labels()
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=settings.connect_timeout_s,

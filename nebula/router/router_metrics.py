@@ -6,6 +6,8 @@ them; `nebula router` sets that up before this module is imported.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -61,3 +63,35 @@ ROUTING = Counter(
     "replica was over the load bound), least_outstanding (no prefix policy or no prompt).",
     ["model", "decision"],
 )
+
+
+class Labels:
+    """Prometheus children, made once each: `.labels()` costs a lock and a lookup."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str], Any] = {}
+        self._requests: dict[tuple[str, str, int], Any] = {}
+        self._decisions: dict[tuple[str, str], Any] = {}
+
+    def get(self, model: str, route: str) -> Any:
+        entry = self._cache.get((model, route))
+        if entry is None:
+            entry = self._cache[model, route] = (
+                LATENCY.labels(model, route),
+                TTFT.labels(model, route),
+            )
+        return entry
+
+    def requests(self, model: str, route: str, status: int) -> Any:
+        child = self._requests.get((model, route, status))
+        if child is None:
+            child = self._requests[model, route, status] = REQUESTS.labels(
+                model, route, str(status)
+            )
+        return child
+
+    def decision(self, model: str, decision: str) -> Any:
+        child = self._decisions.get((model, decision))
+        if child is None:
+            child = self._decisions[model, decision] = ROUTING.labels(model, decision)
+        return child

@@ -27,13 +27,13 @@ a walk up the non-empty buckets from the one the request needs.
 
 from __future__ import annotations
 
-import bisect
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from nebula.models import ModelRequest, Node, Placement, Status
+from nebula.scheduler.buckets import Buckets
 from nebula.scheduler.usage import Usage
 
 EPS = 1e-9
@@ -57,38 +57,6 @@ class Plan:
 
 def default_id() -> str:
     return uuid.uuid4().hex[:12]
-
-
-class _Buckets:
-    """Members filed under integer keys; walk them in ascending key order."""
-
-    __slots__ = ("_keys", "_members")
-
-    def __init__(self) -> None:
-        self._members: dict[int, dict[int, None]] = {}  # dict as an ordered set
-        self._keys: list[int] = []
-
-    def add(self, key: int, member: int) -> None:
-        bucket = self._members.get(key)
-        if bucket is None:
-            bucket = self._members[key] = {}
-            bisect.insort(self._keys, key)
-        bucket[member] = None
-
-    def remove(self, key: int, member: int) -> None:
-        bucket = self._members[key]
-        del bucket[member]
-        if not bucket:
-            del self._members[key]
-            del self._keys[bisect.bisect_left(self._keys, key)]
-
-    def from_key(self, key: int) -> Iterator[int]:
-        """Members with a key >= `key`, smallest key first."""
-        start = bisect.bisect_left(self._keys, key)
-        for k in self._keys[start:]:
-            bucket = self._members.get(k)
-            if bucket:
-                yield from list(bucket)
 
 
 class _NodeRoom:
@@ -192,9 +160,9 @@ class _Cluster:
                     self.holders[index[node_id], r.id] += n
         self.new_gpu_holders: set[tuple[int, int, str]] = set()  # placed during this pass
         self.tp_sizes = sorted({r.spec.tensor_parallel_size for r in todo})
-        self.gpu_index: dict[int, _Buckets] = {t: _Buckets() for t in self.tp_sizes}
+        self.gpu_index: dict[int, Buckets] = {t: Buckets() for t in self.tp_sizes}
         self.gpu_keys: dict[tuple[int, int], int] = {}
-        self.cpu_index = _Buckets()
+        self.cpu_index = Buckets()
         self.cpu_keys: dict[int, int] = {}
         self.cordoned = 0
         for room in self.rooms:
@@ -232,7 +200,7 @@ class _Cluster:
         if key is not None:
             self.cpu_index.remove(key, room.idx)
 
-    def _candidates(self, buckets: _Buckets, key: int, request_id: str) -> Iterator[_NodeRoom]:
+    def _candidates(self, buckets: Buckets, key: int, request_id: str) -> Iterator[_NodeRoom]:
         """Rooms from `key` up, tightest first; fewer replicas of the request held first."""
         held: list[tuple[int, _NodeRoom]] = []
         for idx in buckets.from_key(key):

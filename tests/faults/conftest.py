@@ -16,11 +16,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from harness.cluster import TEST_CATALOG, Cluster, wait_for
+from harness.processes import RedisServer, RouterProcess
 from nebula.errors import StateUnavailable
 from nebula.models import Phase, Status
 from nebula.store import State
-from tests.cluster import TEST_CATALOG, Cluster, wait_for
-from tests.helpers import RedisServer, RouterProcess
 
 CLIENT_KEY = "sk-faults"
 # An answer longer than a short drain: 40 chunks 200 ms apart.

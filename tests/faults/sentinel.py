@@ -10,7 +10,7 @@ from pathlib import Path
 
 import redis
 
-from tests.helpers import RedisServer, free_port, stop, wait_for_port
+from harness.processes import RedisServer, free_port, stop, wait_for_port
 
 MASTER_NAME = "nebula"
 DOWN_AFTER_MS = 1000

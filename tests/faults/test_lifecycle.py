@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from harness.cluster import Cluster, wait_for
 from nebula.catalog import load_catalog
 from nebula.models import Desired, Phase, Status
 from nebula.scheduler.service import Scheduler
 from nebula.settings import Settings
 from nebula.store import State
 from tests.builders import cpu_node
-from tests.cluster import Cluster, wait_for
 from tests.nodesim import NodeSim, status_of
 
 CHAT = load_catalog().get_spec("smollm2_135m_chat")  # 5 GiB of RAM

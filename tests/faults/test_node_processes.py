@@ -12,11 +12,11 @@ import sys
 
 import pytest
 
+from harness.cluster import wait_for
+from harness.processes import spawn
 from nebula.agent.supervisor import Supervisor
 from nebula.models import Status
-from tests.cluster import wait_for
 from tests.faults.conftest import Node, steady_load
-from tests.helpers import spawn
 
 
 def alive(pid: int) -> bool:

@@ -14,11 +14,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from harness.cluster import wait_for
+from harness.processes import EngineProcess, RouterProcess, free_port, stop, wait_for_port
 from nebula.models import Endpoint, Status
 from nebula.store import State
-from tests.cluster import wait_for
 from tests.faults.conftest import CLIENT_KEY, Node, steady_load
-from tests.helpers import EngineProcess, RouterProcess, free_port, stop, wait_for_port
 
 ENGINE_KEY = "engine-faults"
 CHAT = {"model": "tiny_chat", "messages": [{"role": "user", "content": "hi"}]}

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.cluster import TEST_CATALOG, Cluster
+from harness.processes import free_port
 from nebula.store import State
-from tests.cluster import TEST_CATALOG, Cluster
 from tests.faults.conftest import CLIENT_KEY, Node, steady_load
 from tests.faults.sentinel import MASTER_NAME, SentinelTopology
-from tests.helpers import free_port
 
 TTL_S = 4.0
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.processes import EngineProcess, RouterProcess, stop
 from nebula.models import Endpoint
 from nebula.store import State
-from tests.helpers import EngineProcess, RouterProcess, stop
 
 CHAT = "tiny_chat"
 EMBED = "tiny_embedding"

@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from harness.cluster import Cluster
+from harness.processes import RouterProcess, http_bytes
 from nebula.agent.supervisor import Supervisor
 from nebula.models import Status
 from nebula.store import State
-from tests.cluster import Cluster
-from tests.helpers import RouterProcess, http_bytes
 from tests.security.conftest import ADMIN_KEY, CLIENT_KEY, READ_KEY, raw_http, router_env
 
 MARKER = Path("/tmp/nebula-security-pwned")

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from supervisor.datatypes import dict_of_key_value_pairs
 from supervisor.options import UnhosedConfigParser, expand
 
-from nebula.agent.engines import Program
+from nebula.agent.programs import Program
 from nebula.agent.supervisor import UnsafeProgram, render
 from nebula.catalog import load_catalog, parse_catalog
 from nebula.errors import CatalogError, InvalidRequest

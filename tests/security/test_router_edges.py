@@ -20,9 +20,9 @@ import openai
 import pytest
 from yarl import URL
 
+from harness.cluster import wait_for
+from harness.processes import EngineProcess, RedisServer, RouterProcess, http_bytes
 from nebula.store import State
-from tests.cluster import wait_for
-from tests.helpers import EngineProcess, RedisServer, RouterProcess, http_bytes
 from tests.security.conftest import (
     ADMIN_KEY,
     CHAT,

@@ -11,12 +11,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from harness.processes import RouterProcess, spawn, stop
 from nebula.agent.node import NodePaths
 from nebula.catalog import Catalog, parse_catalog
 from nebula.models import ModelRequest, Status
 from nebula.settings import Settings
 from nebula.store import State
-from tests.helpers import RouterProcess, spawn, stop
 
 T = TypeVar("T")
 ENGINE_KEY = "engine-internal-key"
