@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from nebula.durations import parse_keep_alive
 from nebula.engine_flags import check_api_args, check_catalog_args
 from nebula.errors import CatalogError, InvalidRequest, NotFound, validation_problems
 from nebula.models import ModelSpec, Task
@@ -44,6 +45,21 @@ class CatalogEntry(BaseModel):
     engine_args: list[str] = Field(default_factory=list)
     # Longest wait for in-flight requests on unload; the node's drain_timeout_s if unset.
     drain_timeout_s: float | None = Field(None, ge=0, le=86400)
+    # May a client's request load it (where NEBULA_ON_DEMAND allows)?
+    on_demand: bool = True
+    # Idle time before an on-demand load unloads ("10m", 0, "never"); else NEBULA_KEEP_ALIVE.
+    keep_alive: str | None = None
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> str | None:
+        if value is None or value == "":
+            return None
+        try:
+            parse_keep_alive(value)
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
+        return str(value)
 
     @field_validator("model")
     @classmethod
@@ -81,6 +97,8 @@ class CatalogEntry(BaseModel):
             tensor_parallel_size=self.tensor_parallel_size,
             engine_args=tuple(self.engine_args),
             drain_timeout_s=self.drain_timeout_s,
+            on_demand=self.on_demand,
+            keep_alive=self.keep_alive or "",
         )
 
 

@@ -20,6 +20,10 @@ REQUESTS = PREFIX + "requests"  # set of request ids
 MODELS = PREFIX + "models"  # hash: served model name -> request id (one request per model)
 # Set of served model names being unloaded (routers tell clients so, instead of "retry").
 UNLOADING = PREFIX + "unloading"
+# Sorted set: served model name -> when a router last saw a request for it (unix
+# seconds; a model with requests in flight or held is "used now"). Routers batch
+# it (ZADD GT, once a second); the scheduler's idle unloads and evictions read it.
+LAST_USED = PREFIX + "last-used"
 # Set of request ids changed by someone other than the scheduler (load, unload):
 # the scheduler re-reads just these each pass instead of every request.
 REQUESTS_DIRTY = PREFIX + "requests:dirty"

@@ -69,6 +69,8 @@ class ModelSpec:
     tensor_parallel_size: int = 1
     engine_args: tuple[str, ...] = ()
     drain_timeout_s: float | None = None  # on unload; the node's setting when None
+    on_demand: bool = True  # may be loaded by its first request (where the cluster allows)
+    keep_alive: str = ""  # idle time before an on-demand load unloads; "" = the default
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -92,6 +94,13 @@ class ModelRequest:
     failures: int = 0  # replicas that failed and were replaced (or given up on)
     retry_at: float = 0.0  # no replacement is placed before this time (back-off)
     last_failure: str = ""  # why the last replica failed (its log's last lines)
+    on_demand: bool = False  # loaded by a client's request, not by an operator
+    keep_alive_s: float | None = None  # unloaded after this long idle; None: pinned
+    ready_at: float = 0.0  # when it was last Ready from not Ready (its idle clock's start)
+
+    @property
+    def pinned(self) -> bool:
+        return self.keep_alive_s is None
 
     @property
     def model(self) -> str:

@@ -24,7 +24,8 @@ from pydantic_settings import (
 )
 
 from nebula.connection import is_sentinel, parse_sentinel
-from nebula.errors import ConfigError, validation_problems
+from nebula.durations import parse_keep_alive
+from nebula.errors import ConfigError, InvalidRequest, validation_problems
 from nebula.names import NAME_RE, NAME_RULE
 
 CONFIG_CANDIDATES = (
@@ -256,6 +257,35 @@ class Settings(BaseSettings):
     default_rate_per_s: float | None = Field(
         None, gt=0, description="Requests per second per client key, unless the key sets its own."
     )
+
+    # Elasticity: models loaded on their first request, unloaded when idle.
+    on_demand: bool = Field(
+        False, description="Load a catalog model on its first /v1 request (shell/run: on)."
+    )
+    keep_alive: str = Field(
+        "5m", description='Idle time before an on-demand load unloads ("10m", 0, "never").'
+    )
+    hold_timeout_s: float = Field(
+        600.0, gt=0, description="Longest a request waits for its model to load (then 503)."
+    )
+    hold_queue_limit: int = Field(
+        64, ge=1, description="Requests one router process holds per loading model (then 429)."
+    )
+    hold_keepalive_s: float = Field(
+        10.0, gt=0, description="A held stream gets an SSE comment this often while it waits."
+    )
+    usage_flush_s: float = Field(
+        1.0, gt=0, le=30, description="How often routers record each model's last use."
+    )
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _check_keep_alive(cls, value: str) -> str:
+        try:
+            parse_keep_alive(value)
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
+        return value
 
     @field_validator("redis_url")
     @classmethod

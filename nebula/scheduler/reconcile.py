@@ -10,15 +10,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+from nebula.durations import show_duration
 from nebula.models import (
     Desired,
     ModelRequest,
+    Node,
     Phase,
     Placement,
     PlacementState,
     Status,
     can_transition,
 )
+from nebula.scheduler.elasticity import idle_since, idle_unloads, victims_for
 from nebula.scheduler.placement import default_id, plan, wanting
 from nebula.scheduler.snapshot import Changes, Snapshot
 from nebula.scheduler.usage import Usage
@@ -57,6 +60,7 @@ def reconcile(
     spared: frozenset[str] = frozenset(),
     max_replacements: int = 3,
     backoff_s: float = 1.0,
+    idle_grace_s: float = 3.0,
 ) -> Changes:
     """The writes that bring the cluster closer to what its requests ask for.
 
@@ -68,6 +72,11 @@ def reconcile(
     room), after a back-off that doubles from `backoff_s`; after
     `max_replacements` failures no more are tried, and the request is `Failed`
     only when no replica of it runs.
+
+    A pass that read the models' last use (`snap.last_used_fresh`) unloads the
+    unpinned ones idle past their keep-alive, and, when a request fits nowhere,
+    evicts the least recently used idle ones that make room for it (see
+    `elasticity`); both go through the graceful `Unloading` path.
 
     Nodes in `spared` have no heartbeat but are not declared dead (the scheduler's
     grace after an outage or a change of leader): their placements stay.
@@ -83,6 +92,15 @@ def reconcile(
     live = {n: node for n, node in snap.nodes.items() if n in snap.alive}
     requests = snap.requests
     states = snap.states
+    # Requests this pass moves to Unloading itself (idle, evicted), by id.
+    unloads: dict[str, ModelRequest] = {}
+    if snap.last_used_fresh:
+        for r, text in idle_unloads(requests.values(), snap.last_used, now, idle_grace_s):
+            unloads[r.id] = replace(r, status=Status.UNLOADING)
+            ch.events.append((r.id, text, Status.UNLOADING))
+            ch.idle_unloaded.append(r.model)
+        if unloads:
+            requests = {**requests, **unloads}
 
     # Engines whose memory now shows in telemetry (or no longer does).
     for node_id in usage.by_node.keys() if full else snap.dirty_nodes & usage.by_node.keys():
@@ -94,6 +112,7 @@ def reconcile(
     # `spared` nodes are silent but in their grace: neither dead nor used for new work.
     ch.dead_nodes = sorted(snap.node_ids - snap.alive - spared)
     focus: set[str] = set(requests) | set(usage.by_request) if full else set(snap.dirty_requests)
+    focus.update(unloads)
     for node_id in usage.by_node.keys() - live.keys() - spared:
         for pid in sorted(usage.by_node[node_id]):
             p = usage.placements[pid]
@@ -172,13 +191,19 @@ def reconcile(
     focus.update(p.request_id for p in result.new)
     focus.update(result.pending)
     ch.pending = result.pending
+    if result.pending:
+        evicted = _evict(snap, requests, result.pending, live, usage, ch, now, ceiling,
+                         idle_grace_s, spared)  # fmt: skip
+        unloads.update(evicted)
+        requests = {**requests, **evicted}
+        focus.update(evicted)
 
     # Statuses.
     for request_id in sorted(focus):
-        read = requests.get(request_id)
+        read = snap.requests.get(request_id)
         if read is None:
             continue
-        request = bumped.get(request_id, read)
+        request = bumped.get(request_id, unloads.get(request_id, read))
         placed = [usage.placements[pid] for pid in usage.by_request.get(request_id, ())]
         if request.status is Status.UNLOADING and not placed:
             ch.gone_requests.append(request)
@@ -188,6 +213,9 @@ def reconcile(
         )
         if status is read.status and message == read.message and request is read:
             continue
+        ready_at = request.ready_at
+        if status is Status.READY and read.status is not Status.READY:
+            ready_at = now  # the idle clock starts here
         if not can_transition(read.status, status):
             continue
         recovered = status is Status.READY
@@ -200,6 +228,7 @@ def reconcile(
             # Every replica healthy again: earlier failures no longer count.
             failures=0 if recovered else request.failures,
             retry_at=0.0 if recovered else request.retry_at,
+            ready_at=ready_at,
         )
         request = read
         ch.put_requests.append(updated)
@@ -207,6 +236,52 @@ def reconcile(
         if status is not request.status or pending_changed:
             ch.events.append((request.id, f"{status.value}: {message}", status))
     return ch
+
+
+def _evict(
+    snap: Snapshot,
+    requests: dict[str, ModelRequest],
+    pending: dict[str, tuple[str, ...]],
+    live: dict[str, Node],
+    usage: Usage,
+    ch: Changes,
+    now: float,
+    ceiling: float,
+    grace_s: float,
+    spared: frozenset[str],
+) -> dict[str, ModelRequest]:
+    """Make room for the oldest request that fits nowhere by unloading idle models;
+    the ones moved to Unloading, by id. Their engines stop here; the request is
+    placed on a later pass, once their memory is free."""
+    first = min((requests[rid] for rid in pending if rid in requests),
+                key=lambda r: (r.created_at, r.id), default=None)  # fmt: skip
+    if first is None:
+        return {}
+    victims = victims_for(first, requests.values(), list(live.values()), usage, snap.last_used,
+                          now=now, ceiling=ceiling, grace_s=grace_s, spared=spared)  # fmt: skip
+    if victims is None:
+        return {}  # no eviction would do: Pending with the reasons, as always
+    if not victims:
+        freeing = sorted(r.model for r in requests.values() if r.status is Status.UNLOADING)
+        pending[first.id] = (f"waiting for {', '.join(freeing)} to unload and free memory",)
+        return {}
+    out = {}
+    names = ", ".join(v.model for v in victims)
+    for v in victims:
+        out[v.id] = replace(v, status=Status.UNLOADING)
+        idle = show_duration(now - idle_since(v, snap.last_used))
+        text = f"evicted (idle {idle}) to make room for {first.model}"
+        ch.events.append((v.id, text, Status.UNLOADING))
+        ch.evicted.append((v.model, first.model))
+        for pid in sorted(usage.by_request.get(v.id, ())):
+            p = usage.placements[pid]
+            if p.desired is Desired.RUN:
+                stopped = p.stopped()
+                usage.put(stopped)
+                ch.put_placements.append(stopped)
+                ch.events.append((v.id, f"stopping replica on {where(p)}: evicted", v.status))
+    pending[first.id] = (f"evicting idle {names} to make room",)
+    return out
 
 
 def _failed_once(

@@ -30,6 +30,16 @@ NODES_LOST = Counter(
     "Nodes declared dead (heartbeat lapsed past node_ttl_s and any grace); their replicas "
     "are rescheduled.",
 )
+IDLE_UNLOADS = Counter(
+    "nebula_scheduler_idle_unloads",
+    "Models unloaded for idling past their keep-alive, by model.",
+    ["model"],
+)
+EVICTIONS = Counter(
+    "nebula_scheduler_evictions",
+    "Idle models unloaded to make room for a load that fit nowhere, by evicted model.",
+    ["model"],
+)
 
 _pending_labels: set[tuple[str, str]] = set()
 

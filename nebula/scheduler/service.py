@@ -46,6 +46,7 @@ class Scheduler:
         self.usage = Usage()  # the placements as running sums; rebuilt on full passes
         self._last_full = 0.0
         self._telemetry_at = 0.0
+        self._used_at = 0.0
         self._wake = asyncio.Event()
         # Grace, not panic: right after taking the lease or after Redis comes back,
         # a missing heartbeat may be one that has not been written again yet (a key
@@ -132,7 +133,11 @@ class Scheduler:
             self._grace_until = max(self._grace_until, now + self.settings.node_ttl_s)
         started = time.perf_counter()
         full = became_leader or now - self._last_full > FULL_RESYNC_S
-        snap = await self.cluster.read(self.snapshot, full=full)
+        # Models' last use: about once per router flush (idle unloads, evictions).
+        used = full or now - self._used_at >= self.settings.usage_flush_s
+        snap = await self.cluster.read(self.snapshot, full=full, last_used=used)
+        if used:
+            self._used_at = now
         if full:
             self._last_full = now
             self.usage = usage_of(snap)
@@ -159,6 +164,7 @@ class Scheduler:
             spared=spared,
             max_replacements=self.settings.max_replacements,
             backoff_s=self.settings.replacement_backoff_s,
+            idle_grace_s=3 * self.settings.usage_flush_s,
         )
         scheduler_metrics.record(snap, changes.pending)
         self._was_exporting = True
@@ -176,6 +182,12 @@ class Scheduler:
             self.snapshot, self.usage = Snapshot(), Usage()
             return None
         self._remember(changes)
+        for model in changes.idle_unloaded:
+            scheduler_metrics.IDLE_UNLOADS.labels(model).inc()
+            log.info("model %s idle past its keep-alive: unloading", model)
+        for victim, model in changes.evicted:
+            scheduler_metrics.EVICTIONS.labels(victim).inc()
+            log.info("model %s evicted to make room for %s", victim, model)
         if changes.dead_nodes:
             scheduler_metrics.NODES_LOST.inc(len(changes.dead_nodes))
             log.warning("node(s) %s declared dead", ", ".join(changes.dead_nodes))

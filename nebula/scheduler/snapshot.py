@@ -24,6 +24,10 @@ class Snapshot:
     # What others changed since the previous pass (everything, on a full pass).
     dirty_requests: set[str] = field(default_factory=set)
     dirty_nodes: set[str] = field(default_factory=set)  # nodes whose placement states changed
+    # When each model was last used (routers' batches); read about once a second, and
+    # only a pass that read it decides idle unloads and evictions.
+    last_used: dict[str, float] = field(default_factory=dict)
+    last_used_fresh: bool = False
 
 
 @dataclass
@@ -36,6 +40,9 @@ class Changes:
     gone_requests: list[ModelRequest] = field(default_factory=list)
     events: list[tuple[str, str, Status]] = field(default_factory=list)  # request, text, status
     dead_nodes: list[str] = field(default_factory=list)
+    # Not written, for metrics: models unloaded for idling; (evicted, for whom).
+    idle_unloaded: list[str] = field(default_factory=list)
+    evicted: list[tuple[str, str]] = field(default_factory=list)
     # Not written: what could not be placed this pass (request id -> reasons), for metrics.
     pending: dict[str, tuple[str, ...]] = field(default_factory=dict)
 

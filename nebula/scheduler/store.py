@@ -22,7 +22,9 @@ class ClusterStore:
     def __init__(self, state: State) -> None:
         self.state = state
 
-    async def read(self, snapshot: Snapshot, *, full: bool) -> Snapshot:
+    async def read(
+        self, snapshot: Snapshot, *, full: bool, last_used: bool | None = None
+    ) -> Snapshot:
         """Refresh `snapshot`.
 
         Every pass reads node liveness and marks. A full pass reads every request,
@@ -31,7 +33,9 @@ class ClusterStore:
         placement states of nodes whose agents marked them dirty. Placements are
         the leader's own writes, so its copy stays current between full passes.
         Node telemetry is read separately, by `read_telemetry`, only when needed.
+        Models' last use is read with `last_used` (default: on full passes).
         """
+        last_used = full if last_used is None else last_used
         st = self.state
         async with st.reachable():
             async with st.redis.pipeline(transaction=True) as pipe:
@@ -45,6 +49,8 @@ class ClusterStore:
                 st.requests.stage_clear_dirty(pipe)
                 st.placements.stage_clear_dirty(pipe)
                 st.nodes.stage_read_alive(pipe)
+                if last_used:
+                    st.requests.stage_read_last_used(pipe)
                 (
                     node_ids,
                     cordoned,
@@ -54,6 +60,7 @@ class ClusterStore:
                     _,
                     _,
                     alive,
+                    *used,
                 ) = await pipe.execute()
             ids = sorted(node_ids)
             request_ids = sorted(request_ids)
@@ -66,6 +73,9 @@ class ClusterStore:
                         st.placements.stage_read(pipe, node_id)
                 st.requests.stage_read(pipe, request_ids)
                 rows = iter(await pipe.execute() if len(pipe) else [])
+        snapshot.last_used_fresh = bool(used)
+        if used:
+            snapshot.last_used = dict(used[0])
         snapshot.node_ids = set(ids)
         snapshot.alive = set(alive)
         marks = (frozenset(cordoned), frozenset(draining))

@@ -18,6 +18,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
 from nebula import keys
+from nebula.durations import show_duration
 from nebula.errors import Conflict, InvalidRequest, NotFound
 from nebula.models import ModelRequest, ModelSpec, Status
 from nebula.store import wire
@@ -33,7 +34,7 @@ if not current then return 0 end
 if current == 'Unloading' and ARGV[1] ~= 'Unloading' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'message', ARGV[2], 'updated_at', ARGV[3],
            'ever_ready', ARGV[4], 'failures', ARGV[5], 'retry_at', ARGV[6],
-           'last_failure', ARGV[7])
+           'last_failure', ARGV[7], 'ready_at', ARGV[8])
 return 1
 """
 
@@ -54,7 +55,14 @@ def encode(request: ModelRequest) -> dict[str, str]:
         "failures": str(request.failures),
         "retry_at": repr(request.retry_at),
         "last_failure": request.last_failure,
+        "on_demand": "1" if request.on_demand else "0",
+        "keep_alive_s": _seconds(request.keep_alive_s),
+        "ready_at": repr(request.ready_at),
     }
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
 
 
 def decode(data: dict[str, str]) -> ModelRequest:
@@ -71,6 +79,9 @@ def decode(data: dict[str, str]) -> ModelRequest:
         failures=int(data.get("failures") or 0),
         retry_at=float(data.get("retry_at") or 0.0),
         last_failure=data.get("last_failure", ""),
+        on_demand=data.get("on_demand") == "1",
+        keep_alive_s=float(data["keep_alive_s"]) if data.get("keep_alive_s") else None,
+        ready_at=float(data.get("ready_at") or 0.0),
     )
 
 
@@ -79,8 +90,19 @@ class Requests:
         self.core = core
         self.event_history = event_history
 
-    async def create(self, spec: ModelSpec, replicas: int) -> ModelRequest:
-        """Ask for `replicas` engines of `spec`; a model is loaded at most once."""
+    async def create(
+        self,
+        spec: ModelSpec,
+        replicas: int,
+        *,
+        keep_alive_s: float | None = None,
+        on_demand: bool = False,
+    ) -> ModelRequest:
+        """Ask for `replicas` engines of `spec`; a model is loaded at most once.
+
+        `keep_alive_s`: unload after this long without requests (None: pinned).
+        `on_demand`: asked for by a client's request rather than by an operator.
+        """
         if not isinstance(replicas, int) or isinstance(replicas, bool):
             raise InvalidRequest(f"replicas must be a whole number, not {replicas!r}")
         if not 1 <= replicas <= MAX_REPLICAS:
@@ -94,6 +116,8 @@ class Requests:
             message="waiting for the scheduler",
             created_at=now,
             updated_at=now,
+            on_demand=on_demand,
+            keep_alive_s=keep_alive_s,
         )
         redis = self.core.redis
         async with self.core.reachable(), redis.pipeline(transaction=True) as pipe:
@@ -111,9 +135,11 @@ class Requests:
                     pipe.hset(keys.request(request.id), mapping=encode(request))
                     pipe.sadd(keys.REQUESTS, request.id)
                     pipe.sadd(keys.REQUESTS_DIRTY, request.id)
-                    self.stage_event(
-                        pipe, request.id, f"load asked: {replicas} replica(s)", request.status
-                    )
+                    how = "on demand (a client's request)" if on_demand else "load asked"
+                    text = f"{how}: {replicas} replica(s)"
+                    if on_demand or keep_alive_s is not None:
+                        text += f", keep-alive {show_duration(keep_alive_s)}"
+                    self.stage_event(pipe, request.id, text, request.status)
                     pipe.publish(keys.EVENTS_CHANNEL, "request")
                     await pipe.execute()
                     return request
@@ -156,6 +182,44 @@ class Requests:
                     return decode({**raw, **fields})
                 except WatchError:
                     continue
+
+    async def set_keep_alive(self, ref: str, keep_alive_s: float | None) -> ModelRequest:
+        """Pin (None) or unpin (a keep-alive) a loaded model."""
+        redis = self.core.redis
+        async with self.core.reachable(), redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    request_id = await self._resolve(ref)
+                    await pipe.watch(keys.request(request_id))
+                    raw = await pipe.hgetall(keys.request(request_id))
+                    if not raw:
+                        raise NotFound(f"no model request {ref!r}")
+                    request = decode(raw)
+                    if request.status is Status.UNLOADING:
+                        raise Conflict(f"model {request.model!r} is being unloaded")
+                    value = _seconds(keep_alive_s)
+                    pipe.multi()
+                    pipe.hset(keys.request(request_id), "keep_alive_s", value)
+                    pipe.sadd(keys.REQUESTS_DIRTY, request_id)
+                    text = "pinned: never unloaded when idle" if keep_alive_s is None else (
+                        f"keep-alive set to {show_duration(keep_alive_s)}"
+                    )  # fmt: skip
+                    self.stage_event(pipe, request_id, text, request.status)
+                    pipe.publish(keys.EVENTS_CHANNEL, "request")
+                    await pipe.execute()
+                    return decode({**raw, "keep_alive_s": value})
+                except WatchError:
+                    continue
+
+    async def mark_used(self, last_used: dict[str, float]) -> None:
+        """Record when models were last used (a router's batch); never moves one back."""
+        if last_used:
+            async with self.core.reachable():
+                await self.core.redis.zadd(keys.LAST_USED, last_used, gt=True)
+
+    async def last_used(self) -> dict[str, float]:
+        async with self.core.reachable():
+            return dict(await self.core.redis.zrange(keys.LAST_USED, 0, -1, withscores=True))
 
     async def _resolve(self, ref: str) -> str:
         """A request id from an id or a served model name."""
@@ -243,9 +307,12 @@ class Requests:
                     "failures",
                     "retry_at",
                     "last_failure",
+                    "ready_at",
                 )
             ),
         )
+        if request.status is Status.UNLOADING:  # an idle unload, an eviction
+            pipe.sadd(keys.UNLOADING, request.model)
 
     @staticmethod
     def stage_gone(pipe: Pipeline, request: ModelRequest) -> None:
@@ -255,6 +322,11 @@ class Requests:
         # Safe: a model name maps to its request until that request is gone.
         pipe.hdel(keys.MODELS, request.model)
         pipe.srem(keys.UNLOADING, request.model)
+        pipe.zrem(keys.LAST_USED, request.model)
+
+    @staticmethod
+    def stage_read_last_used(pipe: Pipeline) -> None:
+        pipe.zrange(keys.LAST_USED, 0, -1, withscores=True)
 
     @staticmethod
     def stage_read_routing(pipe: Pipeline) -> None:
