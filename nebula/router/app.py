@@ -22,6 +22,7 @@ from nebula.exposure import engine_key, is_loopback
 from nebula.names import shown
 from nebula.router import admin, router_metrics
 from nebula.router.auth import KeyRing, bearer
+from nebula.router.ondemand import OnDemand, UsageRecorder
 from nebula.router.openai_errors import error, invalid_api_key
 from nebula.router.proxy import FORWARDED, OTHER, Proxy
 from nebula.router.table import RoutingTable
@@ -46,12 +47,23 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
         read_keys=settings.admin_read_keys,
     )
     table = RoutingTable(merge_after_outage_s=settings.node_ttl_s)
-    proxy = Proxy(settings, table, keys, engine_key=engine_key(settings, create=False))
-    app = web.Application(client_max_size=settings.body_limit_bytes)
-    app[admin.STATE] = State.of(settings)
-    app[admin.CATALOG] = catalog or load_catalog(
+    state = State.of(settings)
+    catalog = catalog or load_catalog(
         settings.catalog_path, allow_test_engine=settings.allow_test_engine
     )
+    ondemand = OnDemand(state, table, catalog, settings)
+    usage = UsageRecorder(state, settings.usage_flush_s)
+    proxy = Proxy(
+        settings,
+        table,
+        keys,
+        engine_key=engine_key(settings, create=False),
+        ondemand=ondemand,
+        usage=usage,
+    )
+    app = web.Application(client_max_size=settings.body_limit_bytes)
+    app[admin.STATE] = state
+    app[admin.CATALOG] = catalog
     app[admin.TABLE] = table
     app[admin.INFLIGHT] = proxy.inflight
     app[PROXY] = proxy
@@ -84,8 +96,10 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
             redis_health.watch(app[admin.STATE], settings.heartbeat_interval_s),
             name="redis-health",
         )
+        recorder = asyncio.create_task(usage.run(), name="last-use")
         yield
-        for task in (refresher, sampler, advertiser, health):
+        await ondemand.close()
+        for task in (refresher, sampler, advertiser, health, recorder):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -23,6 +23,7 @@ from nebula.names import shown
 from nebula.router import router_metrics
 from nebula.router.auth import KeyRing, bearer
 from nebula.router.balance import LeastOutstanding, Policy
+from nebula.router.ondemand import OnDemand, Refused, UsageRecorder, into_stream
 from nebula.router.openai_errors import error, invalid_api_key, stream_error_event
 from nebula.router.prefix import PrefixAffinity, prefix_of
 from nebula.router.ratelimit import ClusterLimiter
@@ -81,6 +82,8 @@ class Proxy:
         policy: Policy | None = None,
         *,
         engine_key: str = "",
+        ondemand: OnDemand | None = None,
+        usage: UsageRecorder | None = None,
     ) -> None:
         self.settings = settings
         self.table = table
@@ -91,6 +94,8 @@ class Proxy:
             if settings.routing_policy == "prefix"
             else None
         )
+        self.ondemand = ondemand
+        self.usage = usage
         self.limiter = ClusterLimiter(settings.redis_url, settings.redis_sentinel_password)
         self.inflight: dict[str, int] = defaultdict(int)  # placement id -> requests in flight
         self.session: aiohttp.ClientSession | None = None
@@ -178,7 +183,10 @@ class Proxy:
             return error(400, "the body must be a JSON object with a `model` string",
                          "missing_model")  # fmt: skip
         candidates = self.table.endpoints(model)
+        spec = None
         if not candidates:
+            spec = self.ondemand.loadable(model) if self.ondemand is not None else None
+        if not candidates and spec is None:
             if model in self.table.unloading:
                 self._done(model, route, 503)
                 return error(
@@ -200,7 +208,7 @@ class Proxy:
             return error(404, f"model {shown(model)} is not served here; served models: "
                          f"{served}", "model_not_found")  # fmt: skip
         wanted = FORWARDED[route]
-        task = candidates[0].task
+        task = candidates[0].task if candidates else spec.task.value  # type: ignore[union-attr]
         if wanted is not None and task and task != wanted:
             self._done(model, route, 400)
             return error(
@@ -214,11 +222,35 @@ class Proxy:
             if self.prefix is not None and wanted is Task.CHAT
             else None
         )
-        latency, ttft = self.labels.get(model, route)
-        response = await self._forward(request, route, body, model, candidates, started, ttft, key)
-        latency.observe(time.perf_counter() - started)
-        self._done(model, route, response.status)
-        return response
+        if self.usage is not None:
+            self.usage.begin(model)
+        try:
+            stream = None
+            if not candidates:
+                assert self.ondemand is not None and spec is not None
+                try:
+                    held = await self.ondemand.hold(
+                        request, model, spec, stream=payload.get("stream") is True
+                    )
+                except Refused as refused:
+                    self._done(model, route, refused.status)
+                    return error(refused.status, refused.message, refused.code, refused.headers)
+                candidates, stream = held.endpoints, held.stream
+                if not candidates:  # refused after keep-alives: the stream says why
+                    self._done(model, route, 503)
+                    return stream  # type: ignore[return-value]
+            latency, ttft = self.labels.get(model, route)
+            response = await self._forward(
+                request, route, body, model, candidates, started, ttft, key, stream
+            )
+            if stream is not None and response is not stream:
+                response = await into_stream(stream, response)
+            latency.observe(time.perf_counter() - started)
+            self._done(model, route, response.status)
+            return response
+        finally:
+            if self.usage is not None:
+                self.usage.end(model)
 
     async def _forward(
         self,
@@ -230,6 +262,7 @@ class Proxy:
         started: float,
         ttft: Any,
         key: str | None = None,
+        stream: web.StreamResponse | None = None,
     ) -> web.StreamResponse:
         assert self.session is not None
         settings = self.settings
@@ -292,7 +325,9 @@ class Proxy:
                     continue
                 headers = answer_headers(upstream.headers)
                 if headers.get("Content-Type", "").startswith("text/event-stream"):
-                    return await self._relay(request, upstream, headers, model, started, ttft)
+                    return await self._relay(
+                        request, upstream, headers, model, started, ttft, stream
+                    )
                 # Not streamed: read it whole (nothing has reached the client yet, so a
                 # replica that dies now is retried like one that never answered).
                 try:
@@ -306,7 +341,7 @@ class Proxy:
                     router_metrics.UPSTREAM_ERRORS.labels(model, "broken_stream").inc()
                     last_error = f"replica on {endpoint.node} broke off ({type(exc).__name__})"
                     continue
-                self._count_usage(model, data)
+                router_metrics.count_usage(model, data)
                 return web.Response(status=upstream.status, body=data, headers=headers)
             finally:
                 self.inflight[endpoint.placement_id] -= 1
@@ -323,13 +358,16 @@ class Proxy:
         model: str,
         started: float,
         ttft: Any,
+        response: web.StreamResponse | None = None,
     ) -> web.StreamResponse:
-        """Pass a stream back chunk by chunk as it arrives; the first byte commits to it."""
+        """Pass a stream back chunk by chunk as it arrives; the first byte commits to it.
+        `response`: the stream already answering the client (a held request)."""
         # The idle timeout applies between chunks from here on.
         if upstream.connection is not None and upstream.connection.protocol is not None:
             upstream.connection.protocol.read_timeout = self.settings.idle_read_timeout_s
-        response = web.StreamResponse(status=upstream.status, headers=headers)
-        await response.prepare(request)
+        if response is None:
+            response = web.StreamResponse(status=upstream.status, headers=headers)
+            await response.prepare(request)
         first = True
         last = b""
         try:
@@ -357,23 +395,6 @@ class Proxy:
                 )
             await response.write(event)
         else:
-            self._count_usage(model, last)
+            router_metrics.count_usage(model, last)
         await response.write_eof()
         return response
-
-    def _count_usage(self, model: str, data: bytes) -> None:
-        """Tokens from the `usage` an answer (or a stream's last chunk) reports, if any."""
-        at = data.rfind(b'"usage"')
-        if at < 0:
-            return
-        if data.startswith(b"data:"):
-            events = [e for e in data.split(b"\n\n") if b'"usage"' in e]
-            data = events[-1].removeprefix(b"data:").strip() if events else b""
-        try:
-            usage = json.loads(data).get("usage") or {}
-        except (ValueError, AttributeError):
-            return
-        for kind in ("prompt_tokens", "completion_tokens"):
-            n = usage.get(kind)
-            if isinstance(n, int) and n > 0:
-                router_metrics.TOKENS.labels(model, kind.removesuffix("_tokens")).inc(n)

@@ -6,6 +6,7 @@ them; `nebula router` sets that up before this module is imported.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -64,6 +65,34 @@ ROUTING = Counter(
     ["model", "decision"],
 )
 
+ON_DEMAND_LOADS = Counter(
+    "nebula_router_on_demand_loads",
+    "Loads this router asked for because a request named a catalog model not loaded.",
+    ["model"],
+)
+HELD = Gauge(
+    "nebula_router_held_requests",
+    "Requests held while their model loads.",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+HOLD_SECONDS = Histogram(
+    "nebula_router_hold_seconds",
+    "How long held requests waited for their model to load (served ones).",
+    ["model"],
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600),
+)
+HOLD_TIMEOUTS = Counter(
+    "nebula_router_hold_timeouts",
+    "Held requests answered 503 because their model was still loading after hold_timeout_s.",
+    ["model"],
+)
+HOLDS_REFUSED = Counter(
+    "nebula_router_holds_refused",
+    "Requests answered 429 because hold_queue_limit requests already waited for the model.",
+    ["model"],
+)
+
 
 class Labels:
     """Prometheus children, made once each: `.labels()` costs a lock and a lookup."""
@@ -95,3 +124,21 @@ class Labels:
         if child is None:
             child = self._decisions[model, decision] = ROUTING.labels(model, decision)
         return child
+
+
+def count_usage(model: str, data: bytes) -> None:
+    """Tokens from the `usage` an answer (or a stream's last chunk) reports, if any."""
+    at = data.rfind(b'"usage"')
+    if at < 0:
+        return
+    if data.startswith(b"data:"):
+        events = [e for e in data.split(b"\n\n") if b'"usage"' in e]
+        data = events[-1].removeprefix(b"data:").strip() if events else b""
+    try:
+        usage = json.loads(data).get("usage") or {}
+    except (ValueError, AttributeError):
+        return
+    for kind in ("prompt_tokens", "completion_tokens"):
+        n = usage.get(kind)
+        if isinstance(n, int) and n > 0:
+            TOKENS.labels(model, kind.removesuffix("_tokens")).inc(n)

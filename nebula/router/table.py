@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import NamedTuple
 
 from nebula import keys
@@ -68,6 +69,7 @@ class RoutingTable:
         self._merge_until = 0.0
         self._ever_read = False
         self._epoch = 0  # the state store's master epoch of the last read
+        self.listeners: list[Callable[[], None]] = []  # told after every load
 
     def endpoints(self, model: str) -> list[Endpoint]:
         return self.by_model.get(model, [])
@@ -103,6 +105,8 @@ class RoutingTable:
         self.refreshed_at = now
         self.fresh = True
         self._ever_read = True
+        for listener in self.listeners:
+            listener()
 
     def age(self) -> float:
         return time.time() - self.refreshed_at if self._ever_read else float("inf")

@@ -68,7 +68,8 @@ def victims_for(
             and r.status in IDLE_STATUSES
             and now - last_used.get(r.model, 0.0) > grace_s
         ),
-        key=lambda r: (idle_since(r, last_used), r.id),
+        # Least recently used first: by last use (never used: first), then by idle time.
+        key=lambda r: (last_used.get(r.model, 0.0), idle_since(r, last_used), r.id),
     )[:MAX_VICTIMS]
     for k in range(len(candidates) + 1):
         gone = set(freeing)

@@ -191,7 +191,11 @@ def reconcile(
     focus.update(p.request_id for p in result.new)
     focus.update(result.pending)
     ch.pending = result.pending
-    if result.pending:
+    if result.pending and not snap.last_used_fresh:
+        for request_id, note in snap.making_room.items():
+            if request_id in result.pending:
+                result.pending[request_id] = (note,)
+    elif result.pending:
         evicted = _evict(snap, requests, result.pending, live, usage, ch, now, ceiling,
                          idle_grace_s, spared)  # fmt: skip
         unloads.update(evicted)
@@ -255,6 +259,7 @@ def _evict(
     placed on a later pass, once their memory is free."""
     first = min((requests[rid] for rid in pending if rid in requests),
                 key=lambda r: (r.created_at, r.id), default=None)  # fmt: skip
+    snap.making_room = {}
     if first is None:
         return {}
     victims = victims_for(first, requests.values(), list(live.values()), usage, snap.last_used,
@@ -263,7 +268,9 @@ def _evict(
         return {}  # no eviction would do: Pending with the reasons, as always
     if not victims:
         freeing = sorted(r.model for r in requests.values() if r.status is Status.UNLOADING)
-        pending[first.id] = (f"waiting for {', '.join(freeing)} to unload and free memory",)
+        note = f"waiting for {', '.join(freeing)} to unload and free memory"
+        pending[first.id] = (note,)
+        snap.making_room[first.id] = note
         return {}
     out = {}
     names = ", ".join(v.model for v in victims)
@@ -280,7 +287,9 @@ def _evict(
                 usage.put(stopped)
                 ch.put_placements.append(stopped)
                 ch.events.append((v.id, f"stopping replica on {where(p)}: evicted", v.status))
-    pending[first.id] = (f"evicting idle {names} to make room",)
+    note = f"evicting idle {names} to make room"
+    pending[first.id] = (note,)
+    snap.making_room[first.id] = f"waiting for {names} to unload and free memory"
     return out
 
 

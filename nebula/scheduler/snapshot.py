@@ -28,6 +28,9 @@ class Snapshot:
     # only a pass that read it decides idle unloads and evictions.
     last_used: dict[str, float] = field(default_factory=dict)
     last_used_fresh: bool = False
+    # Pending requests waiting for evicted models to unload -> why (kept between the
+    # passes that decide evictions, so their message stays put).
+    making_room: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
