@@ -1,9 +1,10 @@
 """nebula-cli: operate a Nebula cluster through its admin API.
 
     nebula-cli cluster status
-    nebula-cli model list | load NAME [--replicas N] [--wait] | unload REF [--wait]
+    nebula-cli model list | load NAME [--replicas N] [--keep-alive D] [--wait]
+                     | unload REF [--wait]
                      [--drain-timeout S | --now] | show REF
-    nebula-cli model wait REF...
+    nebula-cli model wait REF... | pin REF | unpin REF [--keep-alive D]
     nebula-cli node list | cordon NODE | uncordon NODE | drain NODE
     nebula-cli catalog list
 
@@ -31,6 +32,7 @@ from nebula.commands import (
     cluster_status,
     model_list,
     model_load,
+    model_pin,
     model_show,
     model_unload,
     model_wait,
@@ -83,6 +85,10 @@ def parser(prog: str = "nebula-cli") -> argparse.ArgumentParser:
     load.add_argument(
         "--gpu-memory-utilization", type=float, help="fraction of each GPU, overriding the catalog"
     )
+    load.add_argument(
+        "--keep-alive", metavar="DURATION",
+        help='unload after this long without requests ("10m", "1h", 0); default: pinned',
+    )  # fmt: skip
     load.add_argument("--wait", action="store_true", help="show progress until Ready")
     load.add_argument("--timeout", type=float, default=900, help="--wait limit in seconds")
     load.set_defaults(run=model_load)
@@ -104,6 +110,20 @@ def parser(prog: str = "nebula-cli") -> argparse.ArgumentParser:
     )
     unload.add_argument("--timeout", type=float, default=300, help="--wait limit in seconds")
     unload.set_defaults(run=model_unload)
+    pin = model_sub.add_parser(
+        "pin", parents=[common], help="never unload REF when idle, never evict it"
+    )
+    pin.add_argument("ref", metavar="NAME|ID")
+    pin.set_defaults(run=model_pin)
+    unpin = model_sub.add_parser(
+        "unpin", parents=[common], help="let REF unload after a keep-alive without requests"
+    )
+    unpin.add_argument("ref", metavar="NAME|ID")
+    unpin.add_argument(
+        "--keep-alive", metavar="DURATION",
+        help="idle time before it unloads (default: the catalog's, else NEBULA_KEEP_ALIVE)",
+    )  # fmt: skip
+    unpin.set_defaults(run=model_pin)
     show = model_sub.add_parser("show", parents=[common], help="placements, states, events")
     show.add_argument("ref", metavar="NAME|ID")
     show.set_defaults(run=model_show)

@@ -114,6 +114,13 @@ class AdminClient:
             path += f"?drain_timeout_s={drain_timeout_s:g}"
         return dict(self.call("DELETE", path))
 
+    def pin(self, ref: str, pinned: bool, keep_alive: str | None = None) -> dict[str, Any]:
+        path = "/admin/models/" + urllib.parse.quote(ref, safe="")
+        if pinned:
+            return dict(self.call("POST", path + "/pin"))
+        body = {"keep_alive": keep_alive} if keep_alive else {}
+        return dict(self.call("POST", path + "/unpin", body))
+
     def nodes(self) -> list[dict[str, Any]]:
         return list(self.call("GET", "/admin/nodes")["nodes"])
 

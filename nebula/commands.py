@@ -13,6 +13,7 @@ from typing import Any
 
 from nebula.client import AdminClient, ClientError
 from nebula.console import Output, node_rows
+from nebula.durations import show_duration
 from nebula.errors import NebulaError
 
 
@@ -55,7 +56,21 @@ def cluster_status(client: AdminClient, args: argparse.Namespace, out: Output) -
         ],
         "no healthy endpoints",
     )
+    out.line()
+    out.table(
+        ["model", "status", "keep-alive", "idle", "last used"],
+        [[m["model"], m["status"], *_use(m)] for m in status["models"]],
+        "no models loaded",
+    )
     return 0
+
+
+def _use(m: dict[str, Any]) -> list[str]:
+    """Keep-alive, idle time and last use, as columns."""
+    idle = "-" if m.get("idle_s") is None else show_duration(m["idle_s"])
+    used = m.get("last_used")
+    ago = "never" if not used else show_duration(max(0.0, time.time() - used)) + " ago"
+    return [m.get("keep_alive", "never"), idle, ago]
 
 
 def model_list(client: AdminClient, args: argparse.Namespace, out: Output) -> int:
@@ -64,14 +79,15 @@ def model_list(client: AdminClient, args: argparse.Namespace, out: Output) -> in
         out.data(models)
         return 0
     out.table(
-        ["id", "model", "status", "ready", "message"],
+        ["id", "model", "status", "ready", "keep-alive", "idle", "last used", "message"],
         [
             [
                 m["id"],
                 m["model"],
                 m["status"],
                 f"{m['ready_replicas']}/{m['replicas']}",
-                m["message"][:60],
+                *_use(m),
+                m["message"][:50],
             ]
             for m in models
         ],
@@ -122,7 +138,10 @@ def _failed(model: dict[str, Any]) -> str:
 
 def model_load(client: AdminClient, args: argparse.Namespace, out: Output) -> int:
     created = client.load(
-        args.name, args.replicas, gpu_memory_utilization=args.gpu_memory_utilization
+        args.name,
+        args.replicas,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        keep_alive=args.keep_alive,
     )
     if not out.as_json:
         out.line(f"loading {created['model']} as {created['id']} ({created['replicas']} replicas)")
@@ -219,6 +238,18 @@ def model_show(client: AdminClient, args: argparse.Namespace, out: Output) -> in
     for e in m["events"][-15:]:
         stamp = time.strftime("%H:%M:%S", time.localtime(e["at"]))
         out.line(f"  {stamp}  {e['message']}")
+    return 0
+
+
+def model_pin(client: AdminClient, args: argparse.Namespace, out: Output) -> int:
+    pinned = args.command == "pin"
+    found = client.pin(args.ref, pinned, None if pinned else args.keep_alive)
+    if out.as_json:
+        out.data(found)
+    elif pinned:
+        out.line(f"{found['model']} is pinned: never unloaded when idle, never evicted")
+    else:
+        out.line(f"{found['model']} unloads after {found['keep_alive']} idle")
     return 0
 
 

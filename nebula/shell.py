@@ -35,7 +35,7 @@ from nebula.client import AdminClient, ClientError, Target, Unreachable
 
 COMMANDS: dict[str, list[str]] = {
     "cluster": ["status"],
-    "model": ["list", "load", "unload", "show", "wait"],
+    "model": ["list", "load", "unload", "show", "wait", "pin", "unpin"],
     "node": ["list", "cordon", "uncordon", "drain"],
     "catalog": ["list"],
     "watch": [],
@@ -89,7 +89,7 @@ class ShellCompleter(Completer):
             self.live.refresh()
             if words[1] == "load":
                 return self.live.catalog
-            if words[1] in ("unload", "show", "wait"):
+            if words[1] in ("unload", "show", "wait", "pin", "unpin"):
                 return self.live.loaded
         if len(words) == 3 and head == "node" and words[1] in ("cordon", "uncordon", "drain"):
             self.live.refresh()

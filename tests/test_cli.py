@@ -63,9 +63,12 @@ async def test_every_command_against_a_live_stack(stack: Cluster) -> None:
     [model] = json.loads(ok(cli(stack, "model", "list", "--json")))
     assert model["status"] == "Ready" and model["ready_replicas"] == 1
     table = ok(cli(stack, "model", "list")).splitlines()
-    assert table[0].split() == ["ID", "MODEL", "STATUS", "READY", "MESSAGE"]
+    assert table[0].split() == [
+        "ID", "MODEL", "STATUS", "READY", "KEEP-ALIVE", "IDLE", "LAST", "USED", "MESSAGE"
+    ]  # fmt: skip
     assert "\033[" not in table[1]  # no colour when not on a terminal
-    assert table[1].split()[1:4] == ["tiny_chat", "Ready", "1/1"]
+    assert table[1].split()[1:5] == ["tiny_chat", "Ready", "1/1", "never"]
+    assert re.fullmatch(r"\d+s", table[1].split()[5])  # idle since it became Ready
 
     shown = json.loads(ok(cli(stack, "model", "show", "tiny_chat", "--json")))
     assert [p["state"] for p in shown["placements"]] == ["Healthy"]
@@ -90,6 +93,25 @@ async def test_every_command_against_a_live_stack(stack: Cluster) -> None:
     assert "unloading tiny_chat" in unloaded and "tiny_chat is gone" in unloaded
     assert json.loads(ok(cli(stack, "model", "list", "--json"))) == []
     assert "no models loaded" in ok(cli(stack, "model", "list"))
+
+
+async def test_keep_alive_pin_and_unpin(stack: Cluster) -> None:
+    ok(cli(stack, "model", "load", "tiny_chat", "--keep-alive", "10m", "--wait"))
+    [model] = json.loads(ok(cli(stack, "model", "list", "--json")))
+    assert (model["keep_alive"], model["pinned"], model["on_demand"]) == ("10m", False, False)
+    assert model["idle_s"] is not None and model["last_used"] is None
+    assert "10m" in ok(cli(stack, "cluster", "status"))
+
+    assert "tiny_chat is pinned" in ok(cli(stack, "model", "pin", "tiny_chat"))
+    [model] = json.loads(ok(cli(stack, "model", "list", "--json")))
+    assert (model["keep_alive"], model["pinned"]) == ("never", True)
+    unpinned = ok(cli(stack, "model", "unpin", "tiny_chat", "--keep-alive", "1h"))
+    assert "unloads after 1h idle" in unpinned
+
+    refused = cli(stack, "model", "load", "tiny_embedding", "--keep-alive", "soon")
+    assert refused.returncode == 1 and "keep_alive must be a duration" in refused.stderr
+    missing = cli(stack, "model", "pin", "nope")
+    assert missing.returncode == 1 and "no model request 'nope'" in missing.stderr
 
 
 async def test_errors_have_one_line_and_exit_codes_scripts_can_trust(stack: Cluster) -> None:

@@ -44,9 +44,7 @@ async def events(state: State, ref: str) -> list[str]:
     return [e["message"] for e in await state.requests.events(ref)]
 
 
-async def test_an_idle_model_unloads_after_its_keep_alive(
-    state: State, settings: Settings
-) -> None:
+async def test_an_idle_model_unloads_after_its_keep_alive(state: State, settings: Settings) -> None:
     node = NodeSim(state, cpu_node("cpu-a"), ttl_s=30)
     await node.beat()
     scheduler = Scheduler(state, fast(settings))

@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from nebula.catalog import Catalog
+from nebula.durations import parse_keep_alive
 from nebula.errors import InvalidRequest, NebulaError
 from nebula.names import check_name, check_ref
 from nebula.router.auth import KeyRing, bearer
@@ -27,6 +28,7 @@ CATALOG = web.AppKey("catalog", Catalog)
 TABLE = web.AppKey("table", RoutingTable)
 INFLIGHT = web.AppKey("inflight", dict)
 BODY_LIMIT = web.AppKey("body_limit", int)
+KEEP_ALIVE = web.AppKey("keep_alive", str)  # the default for on-demand loads and unpin
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -37,6 +39,7 @@ LOAD_FIELDS = {
     "cpu_memory_gib",
     "tensor_parallel_size",
     "engine_args",
+    "keep_alive",
 }
 
 
@@ -86,6 +89,7 @@ async def cluster(request: web.Request) -> web.Response:
     nodes = await state.nodes.live()
     placements = await state.placements.all(await state.nodes.ids())
     requests = await state.requests.all()
+    last_used = await state.requests.last_used()
     inflight = request.app[INFLIGHT]
     endpoints = [
         {
@@ -103,22 +107,22 @@ async def cluster(request: web.Request) -> web.Response:
             "nodes": [node_view(n, now) for n in nodes],
             "endpoints": endpoints,
             "placements": [placement_view(p, s) for p, s in placements],
-            "models": [request_view(r) for r in requests],
+            "models": [request_view(r, last_used, now) for r in requests],
             "leader": await state.lease.holder(),
         }
     )
 
 
 async def list_models(request: web.Request) -> web.Response:
-    requests = await request.app[STATE].requests.all()
+    state, now = request.app[STATE], time.time()
+    requests = await state.requests.all()
+    last_used = await state.requests.last_used()
     healthy = {m: len(request.app[TABLE].endpoints(m)) for m in request.app[TABLE].served()}
-    return web.json_response(
-        {
-            "models": [
-                {**request_view(r), "ready_replicas": healthy.get(r.model, 0)} for r in requests
-            ]
-        }
-    )
+    views = [
+        {**request_view(r, last_used, now), "ready_replicas": healthy.get(r.model, 0)}
+        for r in requests
+    ]
+    return web.json_response({"models": views})
 
 
 async def load_model(request: web.Request) -> web.Response:
@@ -134,10 +138,37 @@ async def load_model(request: web.Request) -> web.Response:
         raise InvalidRequest("`model` must name a catalog model (see GET /admin/catalog)")
     check_name(name, "`model`")
     replicas = body.get("replicas", 1)
-    overrides = {k: v for k, v in body.items() if k not in ("model", "replicas")}
+    # An operator's load is pinned unless it names a keep-alive.
+    keep_alive = None
+    if body.get("keep_alive") is not None:
+        keep_alive = parse_keep_alive(body["keep_alive"])
+    overrides = {k: v for k, v in body.items() if k not in ("model", "replicas", "keep_alive")}
     spec = request.app[CATALOG].resolve(name, overrides)
-    created = await request.app[STATE].requests.create(spec, replicas)
+    created = await request.app[STATE].requests.create(spec, replicas, keep_alive_s=keep_alive)
     return web.json_response(request_view(created), status=201)
+
+
+async def pin_model(request: web.Request) -> web.Response:
+    """`POST /admin/models/{ref}/pin`: never unloaded when idle, never evicted."""
+    found = await request.app[STATE].requests.set_keep_alive(request.match_info["ref"], None)
+    return web.json_response(request_view(found))
+
+
+async def unpin_model(request: web.Request) -> web.Response:
+    """`POST /admin/models/{ref}/unpin` `{"keep_alive": "10m"}` (default: the catalog's
+    keep-alive for the model, else NEBULA_KEEP_ALIVE)."""
+    body = await _json(request) if request.can_read_body else {}
+    unknown = set(body) - {"keep_alive"}
+    if unknown:
+        raise InvalidRequest(f"unknown field(s) {', '.join(sorted(unknown))}; allowed: keep_alive")
+    state = request.app[STATE]
+    current = await state.requests.get(request.match_info["ref"])
+    given = body.get("keep_alive") or current.spec.keep_alive or request.app[KEEP_ALIVE]
+    keep_alive = parse_keep_alive(given)
+    if keep_alive is None:
+        raise InvalidRequest('unpin needs a keep-alive duration; "never" is what pin does')
+    found = await state.requests.set_keep_alive(current.id, keep_alive)
+    return web.json_response(request_view(found))
 
 
 async def show_model(request: web.Request) -> web.Response:
@@ -261,6 +292,8 @@ def add_routes(app: web.Application, keys: KeyRing) -> None:
         ("POST", "/models", load_model),
         ("GET", "/models/{ref}", show_model),
         ("DELETE", "/models/{ref}", unload_model),
+        ("POST", "/models/{ref}/pin", pin_model),
+        ("POST", "/models/{ref}/unpin", unpin_model),
         ("GET", "/nodes", list_nodes),
         ("POST", "/nodes/{node}/{action}", node_action),
         ("GET", "/catalog", catalog),

@@ -68,6 +68,7 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
     app[admin.INFLIGHT] = proxy.inflight
     app[PROXY] = proxy
     app[admin.BODY_LIMIT] = settings.body_limit_bytes
+    app[admin.KEEP_ALIVE] = settings.keep_alive
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await proxy.start()

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from nebula.models import ModelRequest, Node, Placement, PlacementState
+from nebula.durations import show_duration
+from nebula.models import ModelRequest, Node, Placement, PlacementState, Status
 
 
-def request_view(r: ModelRequest) -> dict[str, Any]:
+def request_view(
+    r: ModelRequest, last_used: dict[str, float] | None = None, now: float | None = None
+) -> dict[str, Any]:
+    """A model request; with `last_used`, also when it was last used and for how long
+    it has been idle (None while it is not Ready)."""
+    used = (last_used or {}).get(r.model)
+    idle = None
+    if now is not None and r.status in (Status.READY, Status.DEGRADED):
+        idle = round(max(0.0, now - max(used or 0.0, r.ready_at or r.created_at)), 1)
     return {
         "id": r.id,
         "model": r.model,
@@ -17,6 +26,12 @@ def request_view(r: ModelRequest) -> dict[str, Any]:
         "created_at": r.created_at,
         "updated_at": r.updated_at,
         "spec": r.spec.to_dict(),
+        "on_demand": r.on_demand,
+        "pinned": r.pinned,
+        "keep_alive": show_duration(r.keep_alive_s),
+        "keep_alive_s": r.keep_alive_s,
+        "last_used": used,
+        "idle_s": idle,
     }
 
 
