@@ -190,6 +190,60 @@ DASHBOARDS: dict[str, dict[str, Any]] = {
                 "timeseries",
             ),
             (
+                "On-demand loads (last hour)",
+                "none",
+                [
+                    (
+                        "sum by (model) (increase(nebula_router_on_demand_loads_total[1h]))",
+                        "{{model}}",
+                    )
+                ],
+                "timeseries",
+            ),
+            (
+                "Requests held while their model loads",
+                "none",
+                [("sum by (model) (nebula_router_held_requests)", "{{model}}")],
+                "timeseries",
+            ),
+            (
+                "Hold time p95 (served holds)",
+                "s",
+                [
+                    (
+                        "histogram_quantile(0.95, sum by (le, model) "
+                        "(rate(nebula_router_hold_seconds_bucket[5m])))",
+                        "{{model}}",
+                    )
+                ],
+                "timeseries",
+            ),
+            (
+                "Holds timed out or refused, idle unloads, evictions (last hour)",
+                "none",
+                [
+                    (
+                        "sum(increase(nebula_router_hold_timeouts_total[1h])) or vector(0)",
+                        "holds timed out (503)",
+                    ),
+                    (
+                        "sum(increase(nebula_router_holds_refused_total[1h])) or vector(0)",
+                        "holds refused, queue full (429)",
+                    ),
+                    (
+                        "sum by (model) (increase(nebula_scheduler_idle_unloads_total[1h]))"
+                        " or vector(0)",
+                        "idle unloads {{model}}",
+                    ),
+                    (
+                        "sum by (model) (increase(nebula_scheduler_evictions_total[1h]))"
+                        " or vector(0)",
+                        "evicted {{model}}",
+                    ),
+                ],
+                "timeseries",
+            ),
+            (
                 "Healthy replicas in the routing table",
                 "none",
                 [("max by (model) (nebula_router_endpoints)", "{{model}}")],

