@@ -6,6 +6,12 @@ Starts Redis, the scheduler and one node (supervisord and agent) with default
 intervals, then loads and unloads a test-engine model several times. The
 engine's own start-up (process start to its first healthy answer, measured
 alone) is subtracted from load -> Ready to give Nebula's overhead.
+
+Then load on demand, through a router: a streamed request for the model while
+nothing is loaded, held until the engine serves. Measured per round: request
+-> first byte (less the engine's own start: Nebula's added time); the engine's
+first healthy answer (polled every 2 ms on its port) -> first byte; and the
+agent's "endpoints" announcement (Ready, on pub/sub) -> first byte.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+import aiohttp
 
 from harness.cluster import Cluster, wait_for
 from harness.processes import RedisServer, free_port, spawn, stop
@@ -79,6 +87,78 @@ async def rounds(url: str, folder: Path, n: int) -> tuple[list[float], list[floa
         cluster.close()
 
 
+async def on_demand_rounds(url: str, folder: Path, n: int) -> dict[str, list[float]]:
+    (folder / "od").mkdir(exist_ok=True)
+    cluster = Cluster(url, folder / "od", extra_env={**DEFAULTS, "NEBULA_ON_DEMAND": "true"})
+    router = cluster.start_router()
+    state = State(url)
+    out: dict[str, list[float]] = {"first_byte": [], "after_healthy": [], "after_ready": []}
+    try:
+
+        async def node_up() -> bool:
+            return bool(await state.nodes.live()) and bool(await state.lease.holder())
+
+        await wait_for(node_up, 30, "the node and the scheduler")
+        async with aiohttp.ClientSession() as session:
+            for _ in range(n):
+                times = await one_on_demand(session, state, router.url)
+                for name, value in times.items():
+                    out[name].append(value)
+                [request] = await state.requests.all()
+                await state.requests.delete(request.id)
+                await cluster.gone(state, request.id)
+        return out
+    finally:
+        await state.close()
+        cluster.close()
+
+
+async def one_on_demand(
+    session: aiohttp.ClientSession, state: State, router: str
+) -> dict[str, float]:
+    marks: dict[str, float] = {}
+
+    async def announced() -> None:
+        async with state.subscribe() as pubsub:
+            async for message in pubsub.listen():
+                if message["data"] == "endpoints":
+                    marks["ready"] = time.monotonic()
+                    return
+
+    async def healthy() -> None:
+        port = None
+        while port is None:
+            placements = await state.placements.of_node("node-a")
+            port = placements[0].port if placements else None
+            await asyncio.sleep(0.002)
+        while True:
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/health") as r:
+                    if r.status == 200:
+                        marks["healthy"] = time.monotonic()
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.002)
+
+    watchers = [asyncio.create_task(announced()), asyncio.create_task(healthy())]
+    await asyncio.sleep(0.2)  # subscribed
+    body = {"model": "tiny_chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    sent = time.monotonic()
+    async with session.post(router + "/v1/chat/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        async for _ in r.content.iter_any():
+            first = time.monotonic()
+            break
+        await r.read()
+    await asyncio.wait_for(asyncio.gather(*watchers), 10)
+    return {
+        "first_byte": first - sent,
+        "after_healthy": first - marks["healthy"],
+        "after_ready": first - marks["ready"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -90,6 +170,7 @@ def main() -> None:
         redis.start()
         try:
             loads, unloads = asyncio.run(rounds(redis.url, tmp, args.rounds))
+            held = asyncio.run(on_demand_rounds(redis.url, tmp, args.rounds))
         finally:
             redis.stop()
     load = statistics.median(loads)
@@ -97,6 +178,16 @@ def main() -> None:
     print(f"load -> Ready through Nebula ............... {load:6.2f} s (median of {args.rounds})")
     print(f"Nebula's overhead on load .................. {load - alone:6.2f} s")
     print(f"unload -> gone (engine idle) ............... {statistics.median(unloads):6.2f} s")
+    first = statistics.median(held["first_byte"])
+    ms = {k: [v * 1000 for v in vs] for k, vs in held.items()}
+    print(f"on demand: request -> first byte ........... {first:6.2f} s (median of {args.rounds})")
+    print(f"on demand: Nebula's added time ............. {first - alone:6.2f} s")
+    for name, text in (("after_healthy", "engine healthy"), ("after_ready", "Ready (announced)")):
+        values = sorted(ms[name])
+        print(
+            f"held request: {text} -> first byte: median {statistics.median(values):5.1f} ms,"
+            f" max {values[-1]:5.1f} ms"
+        )
 
 
 if __name__ == "__main__":

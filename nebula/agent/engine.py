@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -14,6 +15,8 @@ from nebula.models import Phase, Placement, PlacementState
 from nebula.settings import Settings
 
 DRAIN_POLL_S = 0.25
+START_POLL_S = 0.02
+STARTING_PROBE_S = 0.1
 
 
 @dataclass
@@ -31,6 +34,7 @@ class Engine:
     healthy_since: float | None = None  # start of the current healthy stretch
     published: bool = False
     retiring: asyncio.Task[None] | None = field(default=None, repr=False)
+    watch: asyncio.Task[None] | None = field(default=None, repr=False)  # see watch_start
 
     @property
     def name(self) -> str:
@@ -82,3 +86,30 @@ async def drained(session: aiohttp.ClientSession, url: str, timeout_s: float) ->
             return True
         await asyncio.sleep(DRAIN_POLL_S)
     return False
+
+
+async def watch_start(
+    engine: Engine, session: aiohttp.ClientSession, url: str, wake: asyncio.Event
+) -> None:
+    """Poll a starting engine's /health every START_POLL_S and wake the converge loop
+    at its first good answer: Ready (and held requests) follow within milliseconds,
+    not a converge pass later. Ends when the engine is no longer starting."""
+    try:
+        while engine.phase is Phase.STARTING and engine.retiring is None and not engine.failed:
+            try:
+                async with session.get(url + "/health") as r:
+                    if r.status == 200:
+                        wake.set()
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(START_POLL_S)
+    finally:
+        engine.watch = None
+
+
+def probe_interval(engines: Iterable[Engine], settled_s: float) -> float:
+    """Between converge passes: short while an engine is on its way up (its start
+    shows soon), `settled_s` (probe_interval_s) otherwise."""
+    starting = any(e.phase is Phase.STARTING and e.retiring is None for e in engines)
+    return min(settled_s, STARTING_PROBE_S) if starting else settled_s

@@ -22,7 +22,7 @@ import aiohttp
 
 from nebula import keys, redis_health
 from nebula.agent import agent_metrics
-from nebula.agent.engine import Engine, drain_timeout, drained
+from nebula.agent.engine import Engine, drain_timeout, drained, probe_interval, watch_start
 from nebula.agent.programs import engine_program, program_name
 from nebula.agent.supervisor import Supervisor, SupervisorUnavailable
 from nebula.agent.telemetry import Telemetry
@@ -36,7 +36,6 @@ from nebula.store import State
 log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 12
-STARTING_PROBE_S = 0.1
 LOG_TAIL_CHARS = 1500
 
 
@@ -69,12 +68,9 @@ class Agent:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=probe_timeout))
         try:
             await self._restore()
-            address = serve_metrics(
-                self.settings.metrics_address,
-                self.settings.agent_metrics_port,
-                "NEBULA_AGENT_METRICS_PORT",
-                "agent",
-            )
+            address = serve_metrics(self.settings.metrics_address,
+                                    self.settings.agent_metrics_port,
+                                    "NEBULA_AGENT_METRICS_PORT", "agent")  # fmt: skip
             await run_loops(
                 {
                     "heartbeat": self._heartbeat_loop,
@@ -94,8 +90,9 @@ class Agent:
             )  # fmt: skip
         finally:
             for engine in self.engines.values():
-                if engine.retiring is not None:
-                    engine.retiring.cancel()
+                for task in (engine.retiring, engine.watch):
+                    if task is not None:
+                        task.cancel()
             await self._session.close()
 
     async def _heartbeat_loop(self) -> None:
@@ -134,13 +131,7 @@ class Agent:
         log.warning("converge: %s", exc.message)
 
     def _probe_interval(self) -> float:
-        """An engine on its way up is probed often, so Ready follows its start closely;
-        a settled node is probed every probe_interval_s."""
-        starting = any(
-            e.phase is Phase.STARTING and e.retiring is None for e in self.engines.values()
-        )
-        interval = self.settings.probe_interval_s
-        return min(interval, STARTING_PROBE_S) if starting else interval
+        return probe_interval(self.engines.values(), self.settings.probe_interval_s)
 
     async def _restore(self) -> None:
         """Carry restart counts and failures over an agent restart."""
@@ -271,6 +262,9 @@ class Agent:
             return
         engine.phase = Phase.STARTING
         engine.message = f"{statename.lower()}, waiting for its health probe"
+        if engine.watch is None and self._session is not None:
+            url = self._url(engine.placement)
+            engine.watch = asyncio.create_task(watch_start(engine, self._session, url, self._wake))
 
     def _url(self, placement: Placement) -> str:
         return f"http://{self.settings.node_address}:{placement.port}"
