@@ -82,21 +82,23 @@ async def publish(state: State, endpoint: Endpoint, *, announce: bool) -> None:
     """The agent's endpoint write, whichever protocol this checkout speaks."""
     try:
         await state.endpoints.publish(endpoint, NODE_TTL_S, announce=announce)
-    except TypeError:  # the change-feed protocol: liveness rides on the heartbeat
+    except TypeError:  # the change-feed protocol: written once, not refreshed
         if announce:
             await state.endpoints.publish(endpoint)  # type: ignore[call-arg]
 
 
 def agents_main(url: str, nodes: list[str], stop_at: float, out: Any) -> None:
     async def run() -> None:
-        state = State(url)
+        # A connection pool per 40 nodes (redis-py's holds 100 connections at most).
+        states = [State(url) for _ in range(0, len(nodes), 40)]
         done = [0]
         await asyncio.gather(
-            *(agent_node(state, cpu_node(n), stop_at, done) for n in nodes),
-            return_exceptions=False,
-        )
+            *(agent_node(states[i // 40], cpu_node(n), stop_at, done)
+              for i, n in enumerate(nodes))
+        )  # fmt: skip
         out.put(("agent", done[0]))
-        await state.close()
+        for state in states:
+            await state.close()
 
     asyncio.run(run())
 
@@ -200,7 +202,10 @@ async def markers(url: str, trials: int) -> list[tuple[str, float, float]]:
         await publish(state, endpoint, announce=True)
         await asyncio.sleep(1.5)
         down = time.time()
-        await state.endpoints.withdraw(pid)
+        try:
+            await state.endpoints.withdraw(pid, "node-00000")  # type: ignore[call-arg]
+        except TypeError:  # the protocol before the change feed
+            await state.endpoints.withdraw(pid)  # type: ignore[call-arg]
         out.append((pid, up, down))
     await state.close()
     return out
