@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import multiprocessing
 import os
+import queue
 import random
 import re
 import statistics
@@ -264,7 +265,12 @@ def run_step(redis_server: RedisServer, folder: Path, nodes: int, routers: int,
         )
         pass1 = scheduler_pass(port)
         endpoints_now = client.zcard("nebula:endpoints") or client.hlen("nebula:endpoint-index")
-        results = [out.get(timeout=120) for _ in agent_procs + router_procs]
+        results = []
+        for _ in agent_procs + router_procs:
+            try:
+                results.append(out.get(timeout=120))
+            except queue.Empty:
+                results.append(("lost", None))  # a process that died (see its traceback)
     finally:
         for proc in agent_procs + router_procs:
             proc.join(timeout=30)
@@ -277,6 +283,7 @@ def run_step(redis_server: RedisServer, folder: Path, nodes: int, routers: int,
     probes = sum(r for kind, r in results if kind == "agent")
     routed = [r for kind, r in results if kind == "router"]
     costs = [c for r in routed for c in r["costs"]]
+    lost = sum(1 for kind, _ in results if kind == "lost")
     appear, vanish = [], []
     for pid, up, down in trials:
         seen = [t for r in routed for t in r["seen"].get(pid, [])]
@@ -297,6 +304,7 @@ def run_step(redis_server: RedisServer, folder: Path, nodes: int, routers: int,
                        1000 * percentile(costs, 0.99)),
         "refreshes_per_table_s": len(costs) / tables / seconds,
         "pass_ms": 1000 * passes,
+        "lost": lost,
         "heavy": [(name, calls / wall, usec / calls) for name, (calls, usec) in heavy],
     }  # fmt: skip
 
@@ -317,6 +325,9 @@ def main() -> None:
                 print(f"\n== {nodes} nodes, {r['endpoints']} endpoints, {routers} routers "
                       f"({routers * WORKERS_PER_ROUTER} tables); agents managed "
                       f"{100 * r['probes_done']:.0f}% of their probes")  # fmt: skip
+                if r["lost"]:
+                    print(f"!! {r['lost']} simulator processes died (Redis timed out under "
+                          "them): this machine could not drive this step")  # fmt: skip
                 print(f"Redis CPU {r['redis_cpu']:.2f} cores, {r['ops']:.0f} ops/s")
                 print("new endpoint -> every table: p50 {:.0f} ms, p99 {:.0f} ms".format(
                     *(1000 * x for x in r["appear"])))  # fmt: skip
