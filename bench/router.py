@@ -159,9 +159,8 @@ def main() -> None:
                     ("bench-stream", engine.url),
                 ):
                     await state.endpoints.publish(
-                        Endpoint(f"p-{model}", f"r-{model}", model, "bench", url), 3600,
-                        announce=True,
-                    )  # fmt: skip
+                        Endpoint(f"p-{model}", f"r-{model}", model, "bench", url)
+                    )
                 await state.close()
 
             asyncio.run(publish())

@@ -64,14 +64,20 @@ def placement_state(node_id: str) -> str:
     return f"{PREFIX}placement-state:{node_id}"
 
 
-# Endpoints the router routes to: one key per healthy engine, with a TTL, and a
-# sorted set index (score = expiry in ms) so readers never SCAN the keyspace.
-ENDPOINTS = PREFIX + "endpoints"
+# Endpoints the routers route to, and the feed of their changes (store/endpoints.py).
+ENDPOINT_INDEX = PREFIX + "endpoint-index"  # hash: placement id -> endpoint JSON
+ENDPOINT_SEQ = PREFIX + "endpoint-seq"  # counter: bumped by every endpoint change
+ENDPOINT_FEED = PREFIX + "endpoint-feed"  # stream, entry id "{seq}-0": op, id, endpoint
 
 
-def endpoint(placement_id: str) -> str:
-    """String with a TTL: a healthy engine's endpoint JSON (the node's agent writes)."""
-    return f"{PREFIX}endpoint:{placement_id}"
+def node_endpoints(node_id: str) -> str:
+    """Set: the placement ids of a node's endpoints."""
+    return f"{PREFIX}node-endpoints:{node_id}"
+
+
+# Counter: bumped whenever what routers know besides endpoints changes (a model
+# loaded, unloading or gone; an API key created or deleted).
+ROUTING_VERSION = PREFIX + "routing-version"
 
 
 # API keys for /v1, stored hashed: hash sha256(key) hex -> JSON {name, rate_per_s, created_at}.

@@ -97,9 +97,8 @@ async def test_prometheus_scrapes_everything_and_every_query_runs(
     pending = await stack.load(state, "gpu_chat")
     await stack.status(state, pending.id, Status.PENDING)
     await state.endpoints.publish(
-        Endpoint("p-dead", chat.id, "tiny_chat", "node-a", "http://127.0.0.1:9"), 120,
-        announce=True,
-    )  # fmt: skip
+        Endpoint("p-dead", chat.id, "tiny_chat", "node-a", "http://127.0.0.1:9")
+    )
 
     # Prometheus, scraping every second through the router's discovery endpoint.
     key_file = tmp_path / "admin-read.key"

@@ -93,7 +93,7 @@ async def engines(tmp_path: Path) -> AsyncIterator[list[EngineProcess]]:
 async def publish(state: State, engines: list[EngineProcess]) -> None:
     for i, engine in enumerate(engines):
         endpoint = Endpoint(f"p{i}", "r", "chat", "n", engine.url, "chat")
-        await state.endpoints.publish(endpoint, 120, announce=True)
+        await state.endpoints.publish(endpoint)
 
 
 def stats(engine: EngineProcess) -> dict[str, int]:

@@ -39,9 +39,7 @@ def http(
     return status, headers, json.loads(answer or b"{}")
 
 
-async def publish(
-    state: State, engine: EngineProcess, placement_id: str, ttl_s: float = 60
-) -> None:
+async def publish(state: State, engine: EngineProcess, placement_id: str) -> None:
     await state.endpoints.publish(
         Endpoint(
             placement_id=placement_id,
@@ -49,9 +47,7 @@ async def publish(
             model=engine.model,
             node="test-node",
             url=engine.url,
-        ),
-        ttl_s,
-        announce=True,
+        )
     )
 
 
@@ -313,7 +309,7 @@ async def test_requests_keep_succeeding_while_redis_is_down(
     redis_server: RedisServer, state: State, router: RouterProcess, engines
 ) -> None:  # type: ignore[no-untyped-def]
     engine = engines(CHAT)
-    await publish(state, engine, "p-chat", ttl_s=60)
+    await publish(state, engine, "p-chat")
     await wait_served(router, CHAT)
     api = client(router)
     redis_server.stop()

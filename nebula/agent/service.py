@@ -59,6 +59,7 @@ class Agent:
         self._session: aiohttp.ClientSession | None = None
         self._redis_lost = False  # set by a failed Redis call, cleared by a heartbeat
         self._epoch = 0  # the state store's master epoch last announced to
+        self._resync = True  # withdraw endpoints no engine here serves (see converge)
 
     # ------------------------------------------------------------------ loops
 
@@ -71,12 +72,13 @@ class Agent:
             address = serve_metrics(self.settings.metrics_address,
                                     self.settings.agent_metrics_port,
                                     "NEBULA_AGENT_METRICS_PORT", "agent")  # fmt: skip
+            probe = self.settings.probe_interval_s
             await run_loops(
                 {
                     "heartbeat": self._heartbeat_loop,
                     "converge": lambda: reconcile_forever(
-                        "converge", self.converge, wake=self._wake,
-                        interval=self._probe_interval, on_error=self._converge_failed,
+                        "converge", self.converge, wake=self._wake, on_error=self._converge_failed,
+                        interval=lambda: probe_interval(self.engines.values(), probe),
                         listen=(self.state, keys.node_channel(self.node_id)),
                     ),
                     "advertise": lambda: advertise(
@@ -118,6 +120,7 @@ class Agent:
         log.info("state store reachable again; re-announcing this node's endpoints and states")
         for engine in self.engines.values():
             engine.published = False
+        self._resync = True
         # Reports written just before the outage may be lost with it: write them all.
         self.reported.clear()
         self._wake.set()
@@ -129,9 +132,6 @@ class Agent:
                 return
             self._redis_lost = True
         log.warning("converge: %s", exc.message)
-
-    def _probe_interval(self) -> float:
-        return probe_interval(self.engines.values(), self.settings.probe_interval_s)
 
     async def _restore(self) -> None:
         """Carry restart counts and failures over an agent restart."""
@@ -208,6 +208,13 @@ class Agent:
         await asyncio.gather(
             *(self._observe(e, processes.get(e.name), now) for e in wanted if not e.failed)
         )
+        if self._resync:
+            # After a start or an outage: withdrawals this agent (or its predecessor)
+            # could not write are written now; what serves is published again above.
+            live = {pid for pid, e in self.engines.items() if e.published}
+            if await self.state.endpoints.retain(self.node_id, live):
+                log.info("withdrew this node's stale endpoints")
+            self._resync = False
         await self._report()
 
     async def _observe(self, engine: Engine, info: dict[str, object] | None, now: float) -> None:
@@ -251,7 +258,7 @@ class Agent:
             return
         engine.healthy_since = None
         if engine.published:
-            await self.state.endpoints.withdraw(engine.placement.id)
+            await self.state.endpoints.withdraw(engine.placement.id, self.node_id)
             engine.published = False
             log.warning("engine %s failed its health probe; endpoint withdrawn", engine.name)
         waited = now - engine.first_seen
@@ -281,6 +288,10 @@ class Agent:
             agent_metrics.PROBE_SECONDS.labels(self.node_id).observe(time.perf_counter() - started)
 
     async def _publish(self, engine: Engine) -> None:
+        """Once per healthy stretch: nothing is rewritten while nothing changes (a dead
+        node's endpoints are withdrawn by the scheduler when it declares it dead)."""
+        if engine.published:
+            return
         p = engine.placement
         endpoint = Endpoint(
             placement_id=p.id,
@@ -290,13 +301,8 @@ class Agent:
             url=self._url(p),
             task=p.spec.task.value,
         )
-        # The node's TTL: a dead node's endpoints lapse with it, and an agent restart
-        # (which fits in the node TTL, see settings) does not withdraw them. A failed
-        # probe withdraws at once, whatever the TTL.
-        ttl = self.settings.node_ttl_s
-        await self.state.endpoints.publish(endpoint, ttl, announce=not engine.published)
-        if not engine.published:
-            log.info("engine %s healthy: endpoint %s published", engine.name, endpoint.url)
+        await self.state.endpoints.publish(endpoint)
+        log.info("engine %s healthy: endpoint %s published", engine.name, endpoint.url)
         engine.published = True
 
     async def _tail(self, engine: Engine) -> str:
@@ -307,7 +313,7 @@ class Agent:
         log.error("engine %s failed: %s", engine.name, message)
         engine.failed, engine.phase, engine.message = True, Phase.FAILED, message
         if engine.published:
-            await self.state.endpoints.withdraw(engine.placement.id)
+            await self.state.endpoints.withdraw(engine.placement.id, self.node_id)
             engine.published = False
         # Stopped, and left stopped: a failed engine needs an operator (unload, fix, load).
         with contextlib.suppress(Exception):
@@ -344,7 +350,7 @@ class Agent:
             engine.phase, engine.message = Phase.STOPPING, "draining"
             if report:
                 await self._report()
-            await self.state.endpoints.withdraw(pid)
+            await self.state.endpoints.withdraw(pid, self.node_id)
             engine.published = False
             if engine.healthy_once and not engine.failed:
                 # Routers drop the endpoint on the withdrawal event; the wait covers one

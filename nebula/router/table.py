@@ -1,7 +1,11 @@
 """The router's routing table: healthy endpoints per model, held in memory.
 
 Refreshed from Redis on a change event and on a short timer, never per
-request. When Redis cannot be reached, the last table keeps serving: the
+request: one full read, then only the changes (`routing_read`): a poll of two
+counters, the endpoint feed from the table's last sequence number when it
+moved, the models and keys when their version moved. A gap in the feed (it
+was trimmed past the table, or Redis came back with an older state) means a
+full read. When Redis cannot be reached, the last table keeps serving: the
 engines are still there, and a dead one is caught by the proxy's retry.
 
 After an outage the first reads may find endpoints missing that are only
@@ -18,43 +22,19 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import NamedTuple
 
 from nebula import keys
 from nebula.errors import StateUnavailable
 from nebula.loops import reconcile_forever
 from nebula.models import ApiKey, Endpoint
-from nebula.settings import redact
-from nebula.store import State, api_keys
+from nebula.router import routing_read
+from nebula.router.routing_read import Config
+from nebula.store import State, endpoints
+
+# Feed entries read per refresh at most; more behind than that: a full read.
+MAX_CHANGES = 5000
 
 log = logging.getLogger(__name__)
-
-
-class Routing(NamedTuple):
-    endpoints: list[Endpoint]
-    models: set[str]  # loaded (requested) models
-    api_keys: list[ApiKey]
-    unloading: set[str]  # models being unloaded
-
-
-async def read_routing(state: State) -> Routing:
-    """What a router needs, in two round trips."""
-    async with state.reachable(), state.redis.pipeline(transaction=False) as pipe:
-        state.endpoints.stage_read_live_ids(pipe)
-        state.requests.stage_read_routing(pipe)
-        state.api_keys.stage_read_all(pipe)
-        # A replica (a master demoted by a failover, or a misconfiguration) still
-        # answers reads, but nobody can refresh what it holds: its endpoints lapse
-        # one by one. That is an outage, not a dying cluster.
-        pipe.execute_command("ROLE")
-        ids, models, unloading, keys_raw, role = await pipe.execute()
-    if role and role[0] != "master":
-        raise StateUnavailable(
-            f"Redis at {redact(state.url)} is a {role[0]} (read-only): no writer can "
-            "refresh the routing state"
-        )
-    endpoints = await state.endpoints.read(ids)
-    return Routing(endpoints, set(models), [api_keys.decode(k) for k in keys_raw], set(unloading))
 
 
 class RoutingTable:
@@ -70,6 +50,10 @@ class RoutingTable:
         self._ever_read = False
         self._epoch = 0  # the state store's master epoch of the last read
         self.listeners: list[Callable[[], None]] = []  # told after every load
+        self.by_id: dict[str, Endpoint] = {}
+        self.seq: int | None = None  # the endpoint feed's position; None: read it all
+        self.version: int | None = None  # the routing version of models and keys
+        self.full_reads = 0
 
     def endpoints(self, model: str) -> list[Endpoint]:
         return self.by_model.get(model, [])
@@ -95,13 +79,31 @@ class RoutingTable:
                 for e in self.by_model.get(model, [])
                 if e.placement_id not in seen
             ]
+        self.by_id = {e.placement_id: e for e in endpoints}
+        self.configure(Config(self.version or 0, models, api_keys, unloading or set()))
+        self._rebuild(now)
+
+    def configure(self, config: Config) -> None:
+        self.models = set(config.models)
+        self.unloading = set(config.unloading)
+        self.api_keys = {k.digest: k for k in config.api_keys}
+
+    def apply(self, changes: list[tuple[int, str, str, str]]) -> None:
+        """Feed entries, in order: endpoints up (added or replaced) and down."""
+        for _, op, placement_id, raw in changes:
+            if op == "up":
+                self.by_id[placement_id] = endpoints.decode(raw)
+            else:
+                self.by_id.pop(placement_id, None)
+        self._rebuild(time.time())
+
+    def _rebuild(self, now: float) -> None:
         by_model: dict[str, list[Endpoint]] = defaultdict(list)
-        for endpoint in sorted(endpoints, key=lambda e: e.placement_id):
+        for pid in sorted(self.by_id):
+            endpoint = self.by_id[pid]
             by_model[endpoint.model].append(endpoint)
         self.by_model = dict(by_model)
-        self.models = models | set(by_model)
-        self.unloading = unloading or set()
-        self.api_keys = {k.digest: k for k in api_keys}
+        self.models |= set(by_model)
         self.refreshed_at = now
         self.fresh = True
         self._ever_read = True
@@ -113,24 +115,56 @@ class RoutingTable:
 
     async def refresh(self, state: State) -> None:
         try:
-            read = await read_routing(state)
+            await self._refresh(state)
         except StateUnavailable as exc:
             if self.fresh:
                 log.warning("%s; routing from the last table", exc.message)
             if self._ever_read:
                 self._merge_until = float("inf")  # until the first read after the outage
             self.fresh = False
-            return
+            self.seq = None  # Redis may come back with another state: read it all
+
+    async def _refresh(self, state: State) -> None:
         if self._epoch != state.master_epoch:
-            # A new master (failover): endpoints refreshed on the old one in its last
+            # A new master (failover): endpoints written on the old one in its last
             # moments may be missing here until their agents announce them again.
             self._epoch = state.master_epoch
             self._merge_until = float("inf")
+            self.seq = None
+        if self.seq is not None:
+            seq, version = await routing_read.poll(state)
+            reconfigured = version != self.version
+            if reconfigured:
+                self.configure(await routing_read.read_config(state))
+                self.version = version
+            if seq == self.seq:
+                if reconfigured:
+                    self._rebuild(time.time())
+                else:
+                    self._touch()
+                return
+            if self.seq < seq <= self.seq + MAX_CHANGES:
+                changes = await state.endpoints.changes_after(self.seq, seq - self.seq)
+                if changes and changes[0][0] == self.seq + 1 and changes[-1][0] >= seq:
+                    self.apply(changes)
+                    self.seq = changes[-1][0]
+                    return
+            log.info("endpoint feed: a gap after %d (now %d); reading the whole table",
+                     self.seq, seq)  # fmt: skip
+        full = await routing_read.read_full(state)
+        self.full_reads += 1
         if self._merge_until == float("inf"):
             self._merge_until = time.time() + self.merge_after_outage_s
             log.info("state store back; merging the routing table for %.1fs",
                      self.merge_after_outage_s)  # fmt: skip
-        self.load(*read)
+        self.version = full.config.version
+        c = full.config
+        self.load(full.endpoints, c.models, c.api_keys, c.unloading)
+        self.seq = full.seq
+
+    def _touch(self) -> None:
+        self.refreshed_at = time.time()
+        self.fresh = True
 
     async def keep_fresh(self, state: State, interval_s: float) -> None:
         """Refresh on every change event, and every `interval_s` regardless."""

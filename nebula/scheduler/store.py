@@ -158,6 +158,7 @@ class ClusterStore:
                     st.placements.stage_drop(pipe, p)
                 for node_id in changes.dead_nodes:
                     st.placements.stage_drop_node(pipe, node_id)
+                    st.endpoints.stage_withdraw_node(pipe, node_id)
                     st.nodes.stage_forget(pipe, node_id)
                 for request in changes.put_requests:
                     st.requests.stage_status(pipe, request)

@@ -50,7 +50,7 @@ class ApiKeys:
         async with self.core.reachable():
             if not await self.core.redis.hsetnx(keys.API_KEYS, name, encode(key)):
                 raise Conflict(f"an API key named {name!r} exists; delete it first")
-            await self.core.redis.publish(keys.EVENTS_CHANNEL, "api-keys")
+            await self._changed()
         return secret
 
     async def all(self) -> list[ApiKey]:
@@ -62,7 +62,13 @@ class ApiKeys:
         async with self.core.reachable():
             if not await self.core.redis.hdel(keys.API_KEYS, name):
                 raise NotFound(f"no API key named {name!r}")
-            await self.core.redis.publish(keys.EVENTS_CHANNEL, "api-keys")
+            await self._changed()
+
+    async def _changed(self) -> None:
+        async with self.core.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(keys.ROUTING_VERSION)
+            pipe.publish(keys.EVENTS_CHANNEL, "api-keys")
+            await pipe.execute()
 
     @staticmethod
     def stage_read_all(pipe: Pipeline) -> None:

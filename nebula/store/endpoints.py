@@ -1,14 +1,28 @@
-"""Endpoints: the healthy engines routers send requests to (node agents write).
+"""Endpoints: the healthy engines routers send requests to, and the feed of their changes.
 
-Keys: `nebula:endpoint:{placement}` (JSON with a TTL: an engine whose agent
-stops refreshing it lapses) and `nebula:endpoints` (sorted set, score = expiry
-in ms, so readers never SCAN the keyspace).
+Keys:
+- `nebula:endpoint-index`: hash placement id -> endpoint JSON, every endpoint now;
+- `nebula:node-endpoints:{node}`: set of a node's placement ids (for the agent's
+  resync and the scheduler's withdrawal of a dead node's endpoints);
+- `nebula:endpoint-seq`: counter, bumped by every change;
+- `nebula:endpoint-feed`: stream of the changes, entry id `{seq}-0`, fields
+  `op` (`up`/`down`), `id`, `endpoint`; capped at about `FEED_LENGTH` entries.
+
+Every change is one script: the index, the node's set, the counter and the
+feed move together, and the routers are woken on pub/sub. An endpoint is
+written when its engine becomes healthy and removed when it fails, stops, or
+its node dies (the scheduler, when it declares the node dead): nothing is
+rewritten while nothing changes, so the cost follows the rate of change, not
+the cluster's size. A router reads the whole index once, then only the feed
+from its last sequence number (`nebula.router.table`); a gap (the feed was
+trimmed past it, Redis restarted from an older state) sends it back to a full
+read.
 """
 
 from __future__ import annotations
 
 import json
-import time
+from typing import Any
 
 from redis.asyncio.client import Pipeline
 
@@ -16,6 +30,46 @@ from nebula import keys
 from nebula.models import Endpoint
 from nebula.store import wire
 from nebula.store.core import Core
+
+FEED_LENGTH = 10_000
+
+# KEYS: index, seq, feed, node set. ARGV: op, id, endpoint JSON, feed length, channel.
+_CHANGE = """
+local id, seq = ARGV[2], nil
+if ARGV[1] == 'up' then
+  if redis.call('HGET', KEYS[1], id) == ARGV[3] then return 0 end
+  redis.call('HSET', KEYS[1], id, ARGV[3])
+  redis.call('SADD', KEYS[4], id)
+else
+  if redis.call('HDEL', KEYS[1], id) == 0 then return 0 end
+  redis.call('SREM', KEYS[4], id)
+end
+seq = redis.call('INCR', KEYS[2])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], seq .. '-0',
+           'op', ARGV[1], 'id', id, 'endpoint', ARGV[3])
+redis.call('PUBLISH', ARGV[5], 'endpoints')
+return seq
+"""
+# A node's endpoints, all but `ARGV[3..]`, withdrawn. KEYS: index, seq, feed, node set.
+# ARGV: feed length, channel, ids to keep...
+_RETAIN = """
+local keep = {}
+for i = 3, #ARGV do keep[ARGV[i]] = true end
+local gone = 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  if not keep[id] then
+    redis.call('SREM', KEYS[4], id)
+    if redis.call('HDEL', KEYS[1], id) == 1 then
+      local seq = redis.call('INCR', KEYS[2])
+      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], seq .. '-0',
+                 'op', 'down', 'id', id, 'endpoint', '')
+      gone = gone + 1
+    end
+  end
+end
+if gone > 0 then redis.call('PUBLISH', ARGV[2], 'endpoints') end
+return gone
+"""
 
 
 def encode(endpoint: Endpoint) -> str:
@@ -35,49 +89,62 @@ def decode(raw: str | bytes) -> Endpoint:
     return Endpoint(**wire.known(Endpoint, json.loads(raw)))
 
 
+def _keys(node: str) -> list[str]:
+    return [keys.ENDPOINT_INDEX, keys.ENDPOINT_SEQ, keys.ENDPOINT_FEED, keys.node_endpoints(node)]
+
+
 class Endpoints:
     def __init__(self, core: Core) -> None:
         self.core = core
+        self._change = core.redis.register_script(_CHANGE)
 
-    async def publish(self, endpoint: Endpoint, ttl_s: float, *, announce: bool) -> None:
-        """Publish (or refresh) a healthy engine; it lapses with its TTL unless refreshed.
+    async def publish(self, endpoint: Endpoint) -> None:
+        """A healthy engine: routers may send it requests until it is withdrawn."""
+        args = ["up", endpoint.placement_id, encode(endpoint), FEED_LENGTH, keys.EVENTS_CHANNEL]
+        async with self.core.reachable():
+            await self._change(keys=_keys(endpoint.node), args=args)
 
-        `announce` wakes the routers at once (a new endpoint); plain refreshes don't.
-        """
-        ttl_ms = int(ttl_s * 1000)
-        now_ms = int(time.time() * 1000)
-        redis = self.core.redis
-        async with self.core.reachable(), redis.pipeline(transaction=True) as pipe:
-            pipe.set(keys.endpoint(endpoint.placement_id), encode(endpoint), px=ttl_ms)
-            pipe.zadd(keys.ENDPOINTS, {endpoint.placement_id: now_ms + ttl_ms})
-            pipe.zremrangebyscore(keys.ENDPOINTS, "-inf", now_ms)
-            if announce:
-                pipe.publish(keys.EVENTS_CHANNEL, "endpoints")
-            await pipe.execute()
+    async def withdraw(self, placement_id: str, node: str) -> None:
+        args = ["down", placement_id, "", FEED_LENGTH, keys.EVENTS_CHANNEL]
+        async with self.core.reachable():
+            await self._change(keys=_keys(node), args=args)
 
-    async def withdraw(self, placement_id: str) -> None:
-        redis = self.core.redis
-        async with self.core.reachable(), redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.endpoint(placement_id))
-            pipe.zrem(keys.ENDPOINTS, placement_id)
-            pipe.publish(keys.EVENTS_CHANNEL, "endpoints")
-            await pipe.execute()
-
-    @staticmethod
-    def stage_read_live_ids(pipe: Pipeline) -> None:
-        pipe.zrangebyscore(keys.ENDPOINTS, int(time.time() * 1000), "+inf")
+    async def retain(self, node: str, placement_ids: set[str]) -> int:
+        """Withdraw every endpoint of `node` but these (an agent's resync after a
+        restart or an outage: a withdrawal it could not write is written now)."""
+        args = [FEED_LENGTH, keys.EVENTS_CHANNEL, *sorted(placement_ids)]
+        async with self.core.reachable():
+            return int(await self.core.redis.eval(_RETAIN, 4, *_keys(node), *args))
 
     async def live(self) -> list[Endpoint]:
-        """Every endpoint whose TTL has not lapsed."""
-        async with self.core.reachable(), self.core.redis.pipeline(transaction=False) as pipe:
-            self.stage_read_live_ids(pipe)
-            [ids] = await pipe.execute()
-        return await self.read(ids)
-
-    async def read(self, placement_ids: list[str]) -> list[Endpoint]:
-        """The endpoints of `placement_ids` still present."""
-        if not placement_ids:
-            return []
+        """Every endpoint now."""
         async with self.core.reachable():
-            raw = await self.core.redis.mget([keys.endpoint(i) for i in placement_ids])
-        return [decode(r) for r in raw if r]
+            raw = await self.core.redis.hvals(keys.ENDPOINT_INDEX)
+        return sorted((decode(r) for r in raw), key=lambda e: e.placement_id)
+
+    # For the routers (router/table.py) and the scheduler, staged on their pipelines.
+
+    @staticmethod
+    def stage_withdraw_node(pipe: Pipeline, node: str) -> None:
+        """A dead node's endpoints, all withdrawn (inside the scheduler's MULTI)."""
+        pipe.eval(_RETAIN, 4, *_keys(node), FEED_LENGTH, keys.EVENTS_CHANNEL)
+
+    @staticmethod
+    def stage_read_seq(pipe: Pipeline) -> None:
+        pipe.get(keys.ENDPOINT_SEQ)
+
+    @staticmethod
+    def stage_read_all(pipe: Pipeline) -> None:
+        pipe.hvals(keys.ENDPOINT_INDEX)
+
+    async def changes_after(self, seq: int, count: int) -> list[tuple[int, str, str, str]]:
+        """Feed entries after `seq` (at most `count`): (seq, op, id, endpoint JSON)."""
+        async with self.core.reachable():
+            entries = await self.core.redis.xrange(
+                keys.ENDPOINT_FEED, min=f"{seq + 1}-0", count=count
+            )
+        return [_entry(entry_id, fields) for entry_id, fields in entries]
+
+
+def _entry(entry_id: Any, fields: dict[str, str]) -> tuple[int, str, str, str]:
+    return (int(str(entry_id).split("-", 1)[0]), fields["op"], fields["id"], fields["endpoint"])

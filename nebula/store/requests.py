@@ -132,6 +132,7 @@ class Requests:
                         )
                     pipe.multi()
                     pipe.hset(keys.MODELS, spec.name, request.id)
+                    pipe.incr(keys.ROUTING_VERSION)
                     pipe.hset(keys.request(request.id), mapping=encode(request))
                     pipe.sadd(keys.REQUESTS, request.id)
                     pipe.sadd(keys.REQUESTS_DIRTY, request.id)
@@ -173,6 +174,7 @@ class Requests:
                     pipe.hset(keys.request(request_id), mapping=fields)
                     pipe.sadd(keys.REQUESTS_DIRTY, request_id)
                     pipe.sadd(keys.UNLOADING, request.model)
+                    pipe.incr(keys.ROUTING_VERSION)
                     drain = (
                         "" if drain_timeout_s is None else f" (drain at most {drain_timeout_s:g}s)"
                     )
@@ -313,6 +315,7 @@ class Requests:
         )
         if request.status is Status.UNLOADING:  # an idle unload, an eviction
             pipe.sadd(keys.UNLOADING, request.model)
+            pipe.incr(keys.ROUTING_VERSION)
 
     @staticmethod
     def stage_gone(pipe: Pipeline, request: ModelRequest) -> None:
@@ -323,10 +326,15 @@ class Requests:
         pipe.hdel(keys.MODELS, request.model)
         pipe.srem(keys.UNLOADING, request.model)
         pipe.zrem(keys.LAST_USED, request.model)
+        pipe.incr(keys.ROUTING_VERSION)
 
     @staticmethod
     def stage_read_last_used(pipe: Pipeline) -> None:
         pipe.zrange(keys.LAST_USED, 0, -1, withscores=True)
+
+    @staticmethod
+    def stage_read_routing_version(pipe: Pipeline) -> None:
+        pipe.get(keys.ROUTING_VERSION)
 
     @staticmethod
     def stage_read_routing(pipe: Pipeline) -> None:

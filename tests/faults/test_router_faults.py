@@ -45,7 +45,7 @@ async def test_a_hung_engine_is_a_504_within_the_timeout_and_is_never_sent_twice
         for i, engine in enumerate(engines):
             engine.behave(delay_ms=5000)  # takes the request, answers nothing in time
             endpoint = Endpoint(f"p{i}", "r", "tiny_chat", "n", engine.url, "chat")
-            await state.endpoints.publish(endpoint, 60, announce=True)
+            await state.endpoints.publish(endpoint)
 
         async def both_routed() -> bool:
             async with aiohttp.ClientSession() as s, s.get(router.url + "/health") as r:
