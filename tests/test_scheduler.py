@@ -67,8 +67,9 @@ async def test_request_lifecycle_from_load_to_gone(
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     left = sorted(client.keys("*"))
     client.close()
-    # Only the node's own keys remain: no request, event stream, model index or placement.
-    assert left == [keys.node("cpu-1"), keys.NODES, keys.SCHEDULER_LEADER]
+    # Only the node's own keys remain, and the routers' version counter: no request,
+    # event stream, model index or placement.
+    assert left == [keys.node("cpu-1"), keys.NODES, keys.ROUTING_VERSION, keys.SCHEDULER_LEADER]
 
 
 async def test_event_history_tells_the_story(state: State, settings: Settings) -> None:
