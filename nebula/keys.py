@@ -75,6 +75,16 @@ def node_endpoints(node_id: str) -> str:
     return f"{PREFIX}node-endpoints:{node_id}"
 
 
+# The endpoints as Nebula wrote them before the change feed, for routers not yet
+# upgraded (written only with `legacy_endpoints`): a string per endpoint with a
+# TTL, refreshed every probe, and a sorted set index scored by expiry in ms.
+LEGACY_ENDPOINTS = PREFIX + "endpoints"
+
+
+def legacy_endpoint(placement_id: str) -> str:
+    return f"{PREFIX}endpoint:{placement_id}"
+
+
 # Counter: bumped whenever what routers know besides endpoints changes (a model
 # loaded, unloading or gone; an API key created or deleted).
 ROUTING_VERSION = PREFIX + "routing-version"

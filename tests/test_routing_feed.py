@@ -5,7 +5,9 @@ to a full read, and every router converges on the same table."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -153,3 +155,25 @@ async def test_an_agent_withdraws_its_nodes_stale_endpoints_when_it_starts(
         await wait_for(gone, 30, "the stale endpoint withdrawn by node-a's agent")
     finally:
         cluster.close()
+
+
+async def test_legacy_mode_writes_what_routers_before_the_feed_read(
+    state: State, client: redis.asyncio.Redis
+) -> None:
+    """During a rolling upgrade, agents also write the old form; a withdrawal removes
+    both. (What a router before the change feed did: ZRANGEBYSCORE + MGET.)"""
+    e = endpoint(5)
+    await state.endpoints.publish(e)
+    await state.endpoints.publish_legacy(e, ttl_s=30)
+    now_ms = int(time.time() * 1000)
+    ids = await client.zrangebyscore(keys.LEGACY_ENDPOINTS, now_ms, "+inf")
+    assert ids == ["p5"]
+    [raw] = await client.mget([keys.legacy_endpoint(i) for i in ids])
+    old = json.loads(raw)
+    assert {k: old[k] for k in ("placement_id", "model", "url")} == {
+        "placement_id": "p5", "model": "m", "url": e.url
+    }  # fmt: skip
+    await state.endpoints.withdraw("p5", "node-x")
+    assert await client.zrangebyscore(keys.LEGACY_ENDPOINTS, now_ms, "+inf") == []
+    assert await client.get(keys.legacy_endpoint("p5")) is None
+    assert await index(state) == {}

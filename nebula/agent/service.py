@@ -61,8 +61,6 @@ class Agent:
         self._epoch = 0  # the state store's master epoch last announced to
         self._resync = True  # withdraw endpoints no engine here serves (see converge)
 
-    # ------------------------------------------------------------------ loops
-
     async def run(self) -> None:
         log.info("agent for node %s starting", self.node_id)
         probe_timeout = max(0.5, min(2.0, self.settings.probe_interval_s))
@@ -288,10 +286,7 @@ class Agent:
             agent_metrics.PROBE_SECONDS.labels(self.node_id).observe(time.perf_counter() - started)
 
     async def _publish(self, engine: Engine) -> None:
-        """Once per healthy stretch: nothing is rewritten while nothing changes (a dead
-        node's endpoints are withdrawn by the scheduler when it declares it dead)."""
-        if engine.published:
-            return
+        """Once per healthy stretch (a dead node's are withdrawn by the scheduler)."""
         p = engine.placement
         endpoint = Endpoint(
             placement_id=p.id,
@@ -301,6 +296,10 @@ class Agent:
             url=self._url(p),
             task=p.spec.task.value,
         )
+        if self.settings.legacy_endpoints:  # every probe, for routers not yet upgraded
+            await self.state.endpoints.publish_legacy(endpoint, self.settings.node_ttl_s)
+        if engine.published:
+            return
         await self.state.endpoints.publish(endpoint)
         log.info("engine %s healthy: endpoint %s published", engine.name, endpoint.url)
         engine.published = True

@@ -22,6 +22,7 @@ read.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from redis.asyncio.client import Pipeline
@@ -33,9 +34,14 @@ from nebula.store.core import Core
 
 FEED_LENGTH = 10_000
 
-# KEYS: index, seq, feed, node set. ARGV: op, id, endpoint JSON, feed length, channel.
+# KEYS: index, seq, feed, node set, legacy key, legacy index.
+# ARGV: op, id, endpoint JSON, feed length, channel.
 _CHANGE = """
 local id, seq = ARGV[2], nil
+if ARGV[1] == 'down' then
+  redis.call('DEL', KEYS[5])
+  redis.call('ZREM', KEYS[6], id)
+end
 if ARGV[1] == 'up' then
   if redis.call('HGET', KEYS[1], id) == ARGV[3] then return 0 end
   redis.call('HSET', KEYS[1], id, ARGV[3])
@@ -93,6 +99,10 @@ def _keys(node: str) -> list[str]:
     return [keys.ENDPOINT_INDEX, keys.ENDPOINT_SEQ, keys.ENDPOINT_FEED, keys.node_endpoints(node)]
 
 
+def _change_keys(node: str, placement_id: str) -> list[str]:
+    return [*_keys(node), keys.legacy_endpoint(placement_id), keys.LEGACY_ENDPOINTS]
+
+
 class Endpoints:
     def __init__(self, core: Core) -> None:
         self.core = core
@@ -102,12 +112,26 @@ class Endpoints:
         """A healthy engine: routers may send it requests until it is withdrawn."""
         args = ["up", endpoint.placement_id, encode(endpoint), FEED_LENGTH, keys.EVENTS_CHANNEL]
         async with self.core.reachable():
-            await self._change(keys=_keys(endpoint.node), args=args)
+            await self._change(keys=_change_keys(endpoint.node, endpoint.placement_id), args=args)
 
     async def withdraw(self, placement_id: str, node: str) -> None:
+        """Gone from routers (and from those not yet upgraded, see `publish_legacy`)."""
         args = ["down", placement_id, "", FEED_LENGTH, keys.EVENTS_CHANNEL]
         async with self.core.reachable():
-            await self._change(keys=_keys(node), args=args)
+            await self._change(keys=_change_keys(node, placement_id), args=args)
+
+    async def publish_legacy(self, endpoint: Endpoint, ttl_s: float) -> None:
+        """Also as Nebula before the change feed wrote it (a key with a TTL, refreshed by
+        every probe), so routers not yet upgraded keep routing during a rolling
+        upgrade (setting `legacy_endpoints`)."""
+        ttl_ms = int(ttl_s * 1000)
+        now_ms = int(time.time() * 1000)
+        redis = self.core.redis
+        async with self.core.reachable(), redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.legacy_endpoint(endpoint.placement_id), encode(endpoint), px=ttl_ms)
+            pipe.zadd(keys.LEGACY_ENDPOINTS, {endpoint.placement_id: now_ms + ttl_ms})
+            pipe.zremrangebyscore(keys.LEGACY_ENDPOINTS, "-inf", now_ms)
+            await pipe.execute()
 
     async def retain(self, node: str, placement_ids: set[str]) -> int:
         """Withdraw every endpoint of `node` but these (an agent's resync after a
