@@ -287,16 +287,13 @@ class Agent:
 
     async def _publish(self, engine: Engine) -> None:
         """Once per healthy stretch (a dead node's are withdrawn by the scheduler)."""
+        legacy = self.settings.legacy_endpoints
+        if engine.published and not legacy:
+            return
         p = engine.placement
-        endpoint = Endpoint(
-            placement_id=p.id,
-            request_id=p.request_id,
-            model=p.model,
-            node=self.node_id,
-            url=self._url(p),
-            task=p.spec.task.value,
-        )
-        if self.settings.legacy_endpoints:  # every probe, for routers not yet upgraded
+        endpoint = Endpoint(p.id, p.request_id, p.model, self.node_id, self._url(p),
+                            p.spec.task.value)  # fmt: skip
+        if legacy:  # every probe, for routers not yet upgraded
             await self.state.endpoints.publish_legacy(endpoint, self.settings.node_ttl_s)
         if engine.published:
             return

@@ -31,7 +31,7 @@ from aiohttp import web
 
 from nebula.catalog import Catalog
 from nebula.durations import parse_keep_alive
-from nebula.errors import Conflict, NebulaError, NotFound, StateUnavailable
+from nebula.errors import Conflict, NebulaError, NotFound
 from nebula.models import Endpoint, ModelSpec, Status
 from nebula.router import router_metrics
 from nebula.router.openai_errors import stream_error_event
@@ -189,6 +189,9 @@ class OnDemand:
                     pass  # gone since the table was read: ask again next round
                 except NebulaError as exc:
                     log.warning("on-demand load of %s: %s", model, exc.message)
+                except Exception:
+                    # A bug must not leave holders waiting for a wake-up that never comes.
+                    log.exception("on-demand load of %s failed; retrying", model)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(waiter.changed.wait(), STATUS_POLL_S)
         finally:
@@ -203,8 +206,6 @@ class OnDemand:
             await self.state.requests.create(spec, 1, keep_alive_s=keep_alive, on_demand=True)
         except Conflict:
             return True  # another router (or worker) asked first: one load for all
-        except StateUnavailable:
-            raise
         router_metrics.ON_DEMAND_LOADS.labels(waiter.model).inc()
         log.info("loading %s on demand (%d request(s) waiting)", waiter.model, waiter.held)
         return True
@@ -244,8 +245,9 @@ class UsageRecorder:
             batch = self.batch()
             try:
                 await self.state.requests.mark_used(batch)
-            except StateUnavailable as exc:
-                log.debug("recording last use: %s", exc.message)
+            except Exception as exc:
+                # Never dies: without it, models in use would look idle to the scheduler.
+                log.warning("recording last use failed (%s); retrying", exc)
                 for model, at in batch.items():  # keep them for the next try
                     self.ended[model] = max(at, self.ended.get(model, 0.0))
 

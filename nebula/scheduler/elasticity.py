@@ -9,8 +9,9 @@ model serving a request is never unloaded or evicted.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 from nebula.durations import show_duration
@@ -116,7 +117,11 @@ def _fits(
     trial = Usage.of(
         (p for pid, p in usage.placements.items() if pid not in gone), usage.confirmed - gone
     )
-    ids: Callable[[], str] = iter(f"trial-{i}" for i in range(1 << 30)).__next__
+    counter = itertools.count()
+
+    def ids() -> str:
+        return f"trial-{next(counter)}"
+
     result = plan(
         trial_nodes, [request], usage=trial, ceiling=ceiling, now=now, new_id=ids, spared=spared
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from dataclasses import asdict
 
 from redis.asyncio.client import Pipeline
 
@@ -19,14 +20,7 @@ from nebula.store.core import Core
 
 
 def encode(key: ApiKey) -> str:
-    return wire.dumps(
-        {
-            "name": key.name,
-            "digest": key.digest,
-            "rate_per_s": key.rate_per_s,
-            "created_at": key.created_at,
-        }
-    )
+    return wire.dumps(asdict(key))
 
 
 def decode(raw: str | bytes) -> ApiKey:

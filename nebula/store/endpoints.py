@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from typing import Any
 
 from redis.asyncio.client import Pipeline
@@ -79,16 +80,7 @@ return gone
 
 
 def encode(endpoint: Endpoint) -> str:
-    return wire.dumps(
-        {
-            "placement_id": endpoint.placement_id,
-            "request_id": endpoint.request_id,
-            "model": endpoint.model,
-            "node": endpoint.node,
-            "url": endpoint.url,
-            "task": endpoint.task,
-        }
-    )
+    return wire.dumps(asdict(endpoint))
 
 
 def decode(raw: str | bytes) -> Endpoint:

@@ -154,11 +154,7 @@ class Requests:
         async with self.core.reachable(), redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    request_id = await self._resolve(ref)
-                    await pipe.watch(keys.request(request_id))
-                    raw = await pipe.hgetall(keys.request(request_id))
-                    if not raw:
-                        raise NotFound(f"no model request {ref!r}")
+                    request_id, raw = await self._watch(pipe, ref)
                     request = decode(raw)
                     if request.status is Status.UNLOADING:
                         return request
@@ -191,11 +187,7 @@ class Requests:
         async with self.core.reachable(), redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    request_id = await self._resolve(ref)
-                    await pipe.watch(keys.request(request_id))
-                    raw = await pipe.hgetall(keys.request(request_id))
-                    if not raw:
-                        raise NotFound(f"no model request {ref!r}")
+                    request_id, raw = await self._watch(pipe, ref)
                     request = decode(raw)
                     if request.status is Status.UNLOADING:
                         raise Conflict(f"model {request.model!r} is being unloaded")
@@ -222,6 +214,15 @@ class Requests:
     async def last_used(self) -> dict[str, float]:
         async with self.core.reachable():
             return dict(await self.core.redis.zrange(keys.LAST_USED, 0, -1, withscores=True))
+
+    async def _watch(self, pipe: Pipeline, ref: str) -> tuple[str, dict[str, str]]:
+        """Resolve `ref` and WATCH its request (before MULTI): its id and fields."""
+        request_id = await self._resolve(ref)
+        await pipe.watch(keys.request(request_id))
+        raw = await pipe.hgetall(keys.request(request_id))
+        if not raw:
+            raise NotFound(f"no model request {ref!r}")
+        return request_id, raw
 
     async def _resolve(self, ref: str) -> str:
         """A request id from an id or a served model name."""
