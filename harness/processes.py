@@ -6,7 +6,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+import warnings
 from pathlib import Path
 
 
@@ -137,22 +139,37 @@ def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subp
         )
 
 
-def stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:
+class ShutdownCutShort(UserWarning):
+    """A process stopped in time only by cutting its own shutdown short (see
+    `nebula.process.bounded`): shown in the warnings summary, not a failure."""
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 10, log: Path | None = None) -> int:
+    """SIGTERM, then SIGKILL after `timeout`; a process that needed the kill has the
+    end of its `log` shown (pytest prints it with the failure), or nobody learns why."""
     if proc.poll() is None:
         proc.terminate()
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
+        if log is not None:
+            print(f"pid {proc.pid} ignored SIGTERM for {timeout}s; the end of {log}:\n"
+                  + tail(log, 60), file=sys.stderr)  # fmt: skip
         return proc.wait(timeout)
+
+
+def tail(path: Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"({exc})"
 
 
 class EngineProcess:
     """Nebula's test engine in its own process, on a free port."""
 
     def __init__(self, model: str, folder: Path, api_key: str = "", *extra: str) -> None:
-        import sys
-
         self.model = model
         self.port = free_port()
         self.log = folder / f"engine-{model}-{self.port}.log"
@@ -194,14 +211,14 @@ class RouterProcess:
     """`nebula router` in its own process, on a free port."""
 
     def __init__(self, redis_url: str, folder: Path, workers: int = 1, **env: str) -> None:
-        import sys
-
         self.port = free_port()
         self.log = folder / f"router-{self.port}.log"
         self.env = {
             "NEBULA_REDIS_URL": redis_url,
             "NEBULA_ROUTER_PORT": str(self.port),
             "NEBULA_ROUTING_REFRESH_S": "0.2",
+            # Stops well within the 10 s `stop` gives it; a test of the drain sets its own.
+            "NEBULA_ROUTER_DRAIN_S": "1",
             **env,
         }
         self.proc = spawn(
@@ -216,4 +233,10 @@ class RouterProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> int:
-        return stop(self.proc)
+        code = stop(self.proc, log=self.log)
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        if "stopping anyway" in text:
+            # It stopped in time, but only by cutting its shutdown short: a hang to find.
+            cut = ShutdownCutShort(f"router shutdown was cut short:\n{tail(self.log, 40)}")
+            warnings.warn(cut, stacklevel=2)
+        return code

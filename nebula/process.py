@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
+import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+log = logging.getLogger(__name__)
 
 
 def run_async(coro: Coroutine[Any, Any, None]) -> None:
@@ -67,3 +71,53 @@ def die_with_parent(
     # The parent may have died before prctl(): then no signal comes.
     if os.getppid() != expected:
         sys.exit(exit_code)
+
+
+async def bounded(what: str, step: Awaitable[None], seconds: float) -> None:
+    """Await a shutdown `step` for at most `seconds`.
+
+    A process asked to stop must stop: whoever stops it (supervisord, a test) kills
+    it after a while, and then nobody learns why. Past the bound, where every task
+    still waits is logged and the step is cancelled; the thread stacks go to stderr
+    a second later (a loop blocked in a synchronous call shows only there). A step
+    that goes on even once cancelled ends the process here: closing the event loop
+    would wait for it too.
+    """
+    task = asyncio.ensure_future(step)
+    faulthandler.dump_traceback_later(seconds + 1.0, exit=False)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    if done:
+        task.result()  # its error, if it failed
+        return
+    log.error("%s took over %gs; stopping anyway. Still running:\n%s",
+              what, seconds, running_tasks())  # fmt: skip
+    task.cancel()
+    await asyncio.wait({task}, timeout=1.0)
+    if not task.done():
+        log.error("%s would not stop when cancelled; exiting now", what)
+        logging.shutdown()
+        os._exit(0)  # asked to stop, and stopped: not a crash for supervisord
+
+
+def running_tasks() -> str:
+    """Every task of this loop but the caller's, each with the chain it awaits."""
+    me = asyncio.current_task()
+    out = []
+    for task in asyncio.all_tasks():
+        if task is me or task.done():
+            continue
+        chain: list[str] = []
+        coro: Any = task.get_coro()
+        while coro is not None and len(chain) < 12:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None:
+                chain.append(
+                    f"{frame.f_code.co_name} "
+                    f"({os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})"
+                )
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        out.append(f"  {task.get_name()}: {' -> '.join(chain) or 'not started'}")
+    return "\n".join(out) or "  (no task)"

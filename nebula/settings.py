@@ -198,6 +198,9 @@ class Settings(BaseSettings):
     router_host: str = Field("127.0.0.1", description="Address the router listens on.")
     router_port: int = Field(8080, ge=1, le=65535, description="Port for /v1, /admin, /metrics.")
     router_workers: int = Field(1, ge=1, le=64, description="Router processes sharing the port.")
+    router_drain_s: float = Field(
+        30.0, ge=0, le=3600, description="On SIGTERM, how long in-flight requests get to finish."
+    )
     api_keys: list[str] = Field(
         default_factory=list,
         description="Client keys for /v1 (comma-separated in the environment); more can be "

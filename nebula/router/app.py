@@ -20,6 +20,7 @@ from nebula.catalog import Catalog, load_catalog
 from nebula.exporter import advertise
 from nebula.exposure import engine_key, is_loopback
 from nebula.names import shown
+from nebula.process import bounded
 from nebula.router import admin, router_metrics
 from nebula.router.auth import KeyRing, bearer
 from nebula.router.ondemand import OnDemand, UsageRecorder
@@ -32,6 +33,9 @@ from nebula.store import State
 log = logging.getLogger(__name__)
 
 PROXY = web.AppKey("proxy", Proxy)
+# Cancelling the background tasks and closing the connections: well under the
+# 10 s a process manager commonly waits after SIGTERM before it kills.
+CLEANUP_S = 5.0
 
 # Dot segments and encoded slashes or dots: a path that could mean another path
 # once something downstream decodes or normalises it.
@@ -99,13 +103,17 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
         )
         recorder = asyncio.create_task(usage.run(), name="last-use")
         yield
-        await ondemand.close()
-        for task in (refresher, sampler, advertiser, health, recorder):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await proxy.stop()
-        await app[admin.STATE].close()
+
+        async def stop() -> None:
+            await ondemand.close()
+            for task in (refresher, sampler, advertiser, health, recorder):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await proxy.stop()
+            await app[admin.STATE].close()
+
+        await bounded("stopping the router's tasks", stop(), CLEANUP_S)
 
     app.cleanup_ctx.append(lifetime)
 

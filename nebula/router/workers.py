@@ -20,8 +20,8 @@ from collections.abc import Callable
 from aiohttp import web
 
 from nebula.exposure import check_exposure
-from nebula.process import die_with_parent, run_async, stop_signal
-from nebula.router.app import build_app
+from nebula.process import bounded, die_with_parent, run_async, stop_signal
+from nebula.router.app import CLEANUP_S, build_app
 from nebula.router.protocol import Runner
 from nebula.settings import Settings
 
@@ -41,7 +41,9 @@ def _bind(settings: Settings) -> socket.socket:
 
 async def _serve_one(settings: Settings) -> None:
     app = build_app(settings)
-    runner = Runner(app, access_log=None, handle_signals=False)
+    runner = Runner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=settings.router_drain_s
+    )
     await runner.setup()
     site = web.SockSite(runner, _bind(settings))
     await site.start()
@@ -50,10 +52,12 @@ async def _serve_one(settings: Settings) -> None:
         settings.router_host, settings.router_port, os.getpid(),
     )  # fmt: skip
     async with stop_signal() as stop:
-        try:
-            await stop.wait()
-        finally:
-            await runner.cleanup()
+        await stop.wait()
+    log.info("stopping: in-flight requests get up to %gs", settings.router_drain_s)
+    # aiohttp waits up to the drain for in-flight requests, then up to the drain again
+    # for those it cancelled; the app's own cleanup is bounded by CLEANUP_S.
+    bound = 2 * settings.router_drain_s + CLEANUP_S + 1.0
+    await bounded("router shutdown", runner.cleanup(), bound)
 
 
 def _worker(settings: Settings, parent: int) -> None:

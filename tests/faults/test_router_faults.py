@@ -208,3 +208,69 @@ async def test_unload_waits_for_streams_and_a_cut_stream_says_it_was_unloaded(
     last = json.loads(answer.strip().split("data: ")[-1])
     assert last["error"]["code"] == "model_unloaded", last
     await node.cluster.gone(node.state, request_id)
+
+
+async def _read_stream(url: str, done: list[str]) -> str:
+    words = " ".join(f"w{i}" for i in range(20))
+    body = {"model": "tiny_chat", "stream": True,
+            "messages": [{"role": "user", "content": words}]}  # fmt: skip
+    timeout = aiohttp.ClientTimeout(total=60)
+    text = ""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.post(url + "/v1/chat/completions", json=body) as r,
+        ):
+            assert r.status == 200
+            async for chunk in r.content.iter_any():
+                text += chunk.decode()
+    except aiohttp.ClientError as exc:  # the connection cut under the stream
+        text += f"\n(cut: {type(exc).__name__})"
+    done.append(text)
+    return text
+
+
+@pytest.mark.timeout(120)
+async def test_a_router_stopped_mid_stream_finishes_its_answers_within_its_drain(
+    state: State, redis_url: str, tmp_path: Path
+) -> None:
+    # Streams of 20 chunks 150 ms apart (3 s) in flight when the router gets SIGTERM:
+    # with a 20 s drain every answer ends with [DONE]; with a 0.5 s drain the router
+    # stops at once anyway, cutting them. Either way it exits 0, in its own time.
+    engine = EngineProcess("tiny_chat", tmp_path, ENGINE_KEY,
+                           "--chunk-delay-ms", "150", "--tokens", "20")  # fmt: skip
+    try:
+        await state.endpoints.publish(Endpoint("p0", "r", "tiny_chat", "n", engine.url, "chat"))
+        for drain, finished in ((20.0, True), (0.5, False)):
+            router = RouterProcess(
+                redis_url, tmp_path, NEBULA_ENGINE_API_KEY=ENGINE_KEY,
+                NEBULA_ROUTER_DRAIN_S=str(drain),
+            )  # fmt: skip
+
+            async def routed(router: RouterProcess = router) -> bool:
+                async with aiohttp.ClientSession() as s, s.get(router.url + "/health") as r:
+                    return (await r.json())["endpoints"] == 1
+
+            await wait_for(routed, 20, "the endpoint routed")
+            done: list[str] = []
+            before = engine.served()
+            streams = [asyncio.create_task(_read_stream(router.url, done)) for _ in range(4)]
+
+            async def in_flight(before: int = before, done: list[str] = done) -> bool:
+                return engine.served() - before == 4 and not done
+
+            await wait_for(in_flight, 20, "4 streams in flight")
+            started = time.monotonic()
+            code = await asyncio.to_thread(router.stop)
+            stopped_s = time.monotonic() - started
+            answers = await asyncio.gather(*streams)
+            assert code == 0, f"router exit {code} (drain {drain} s)"
+            complete = [a.rstrip().endswith("data: [DONE]") for a in answers]
+            if finished:
+                assert all(complete), answers
+                assert stopped_s >= 1.0, f"stopped in {stopped_s:.1f}s under 3 s streams"
+            else:
+                assert not any(complete), answers
+                assert stopped_s < 10, f"stopped in {stopped_s:.1f}s with a 0.5 s drain"
+    finally:
+        stop(engine.proc)
