@@ -218,7 +218,7 @@ class RouterProcess:
             "NEBULA_ROUTER_PORT": str(self.port),
             "NEBULA_ROUTING_REFRESH_S": "0.2",
             # Stops well within the 10 s `stop` gives it; a test of the drain sets its own.
-            "NEBULA_ROUTER_DRAIN_S": "1",
+            "NEBULA_ROUTER_DRAIN_S": "0.5",
             **env,
         }
         self.proc = spawn(

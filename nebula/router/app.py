@@ -36,6 +36,9 @@ PROXY = web.AppKey("proxy", Proxy)
 # Cancelling the background tasks and closing the connections: well under the
 # 10 s a process manager commonly waits after SIGTERM before it kills.
 CLEANUP_S = 5.0
+# aiohttp waits this much longer than the drain for in-flight requests, so that the
+# router cuts its streams itself first (see `draining`).
+DRAIN_GRACE_S = 1.0
 
 # Dot segments and encoded slashes or dots: a path that could mean another path
 # once something downstream decodes or normalises it.
@@ -116,6 +119,14 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
         await bounded("stopping the router's tasks", stop(), CLEANUP_S)
 
     app.cleanup_ctx.append(lifetime)
+
+    async def draining(app: web.Application) -> None:
+        # Runs as the router stops accepting, before aiohttp waits for in-flight
+        # requests (`DRAIN_GRACE_S` longer): at the drain's end, end the streams still
+        # running ourselves, each with an event that says why.
+        asyncio.get_running_loop().call_later(settings.router_drain_s, proxy.streams.stop_all)
+
+    app.on_shutdown.append(draining)
 
     def model_object(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": 0, "owned_by": "nebula"}

@@ -24,9 +24,10 @@ from nebula.router import router_metrics
 from nebula.router.auth import KeyRing, bearer
 from nebula.router.balance import LeastOutstanding, Policy
 from nebula.router.ondemand import OnDemand, Refused, UsageRecorder, into_stream
-from nebula.router.openai_errors import error, invalid_api_key, stream_error_event
+from nebula.router.openai_errors import error, invalid_api_key
 from nebula.router.prefix import PrefixAffinity, prefix_of
 from nebula.router.ratelimit import ClusterLimiter
+from nebula.router.relay import Streams, relay
 from nebula.router.table import RoutingTable
 from nebula.settings import Settings
 
@@ -99,6 +100,7 @@ class Proxy:
         self.limiter = ClusterLimiter(settings.redis_url, settings.redis_sentinel_password)
         self.inflight: dict[str, int] = defaultdict(int)  # placement id -> requests in flight
         self.session: aiohttp.ClientSession | None = None
+        self.streams = Streams()
         self.labels = router_metrics.Labels()
         self.timeout = aiohttp.ClientTimeout(
             total=None,
@@ -217,7 +219,7 @@ class Proxy:
                 f"(send {task} requests to {TASK_ROUTES.get(Task(task), 'its own route')})",
                 "wrong_model_task",
             )
-        key = (
+        prefix = (
             prefix_of(payload, self.prefix.chars)
             if self.prefix is not None and wanted is Task.CHAT
             else None
@@ -241,7 +243,7 @@ class Proxy:
                     return stream  # type: ignore[return-value]
             latency, ttft = self.labels.get(model, route)
             response = await self._forward(
-                request, route, body, model, candidates, started, ttft, key, stream
+                request, route, body, model, candidates, started, ttft, prefix, stream
             )
             if stream is not None and response is not stream:
                 response = await into_stream(stream, response)
@@ -261,7 +263,7 @@ class Proxy:
         candidates: list[Endpoint],
         started: float,
         ttft: Any,
-        key: str | None = None,
+        prefix: str | None = None,
         stream: web.StreamResponse | None = None,
     ) -> web.StreamResponse:
         assert self.session is not None
@@ -272,8 +274,8 @@ class Proxy:
             left = [c for c in candidates if c.placement_id not in tried] if tried else candidates
             if not left:
                 break
-            if key is not None and not attempt:
-                endpoint, own = self.prefix.choose(left, self.inflight, key)  # type: ignore[union-attr]
+            if prefix is not None and not attempt:
+                endpoint, own = self.prefix.choose(left, self.inflight, prefix)  # type: ignore[union-attr]
                 self.labels.decision(model, "affinity" if own else "overflow").inc()
             else:
                 endpoint = self.policy.choose(left, self.inflight)
@@ -325,9 +327,12 @@ class Proxy:
                     continue
                 headers = answer_headers(upstream.headers)
                 if headers.get("Content-Type", "").startswith("text/event-stream"):
-                    return await self._relay(
-                        request, upstream, headers, model, started, ttft, stream
-                    )
+                    return await relay(
+                        request, upstream, headers, model, started=started, ttft=ttft,
+                        idle_read_timeout_s=settings.idle_read_timeout_s,
+                        table=self.table, streams=self.streams,
+                        response=stream,
+                    )  # fmt: skip
                 # Not streamed: read it whole (nothing has reached the client yet, so a
                 # replica that dies now is retried like one that never answered).
                 try:
@@ -349,52 +354,3 @@ class Proxy:
         return error(
             502, f"no replica of {model!r} could answer: {last_error}", "upstream_unavailable"
         )
-
-    async def _relay(
-        self,
-        request: web.Request,
-        upstream: aiohttp.ClientResponse,
-        headers: dict[str, str],
-        model: str,
-        started: float,
-        ttft: Any,
-        response: web.StreamResponse | None = None,
-    ) -> web.StreamResponse:
-        """Pass a stream back chunk by chunk as it arrives; the first byte commits to it.
-        `response`: the stream already answering the client (a held request)."""
-        # The idle timeout applies between chunks from here on.
-        if upstream.connection is not None and upstream.connection.protocol is not None:
-            upstream.connection.protocol.read_timeout = self.settings.idle_read_timeout_s
-        if response is None:
-            response = web.StreamResponse(status=upstream.status, headers=headers)
-            await response.prepare(request)
-        first = True
-        last = b""
-        try:
-            async for chunk in upstream.content.iter_any():
-                if first:
-                    ttft.observe(time.perf_counter() - started)
-                    first = False
-                await response.write(chunk)
-                last = chunk
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            router_metrics.UPSTREAM_ERRORS.labels(model, "broken_stream").inc()
-            reason = type(exc).__name__
-            log.warning("stream from %s broke: %s", upstream.url.host, reason)
-            if model in self.table.unloading:
-                # The unload's drain timeout stopped the engine under this stream.
-                event = stream_error_event(
-                    f"model {model!r} was unloaded and its drain timeout ended this answer "
-                    "before it was complete",
-                    "model_unloaded",
-                )
-            else:
-                event = stream_error_event(
-                    f"the replica's stream broke off ({reason}); the answer is incomplete",
-                    "upstream_broken",
-                )
-            await response.write(event)
-        else:
-            router_metrics.count_usage(model, last)
-        await response.write_eof()
-        return response

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from nebula.exposure import check_exposure
 from nebula.process import bounded, die_with_parent, run_async, stop_signal
-from nebula.router.app import CLEANUP_S, build_app
+from nebula.router.app import CLEANUP_S, DRAIN_GRACE_S, build_app
 from nebula.router.protocol import Runner
 from nebula.settings import Settings
 
@@ -42,7 +42,10 @@ def _bind(settings: Settings) -> socket.socket:
 async def _serve_one(settings: Settings) -> None:
     app = build_app(settings)
     runner = Runner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=settings.router_drain_s
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=settings.router_drain_s + DRAIN_GRACE_S,
     )
     await runner.setup()
     site = web.SockSite(runner, _bind(settings))
@@ -54,9 +57,9 @@ async def _serve_one(settings: Settings) -> None:
     async with stop_signal() as stop:
         await stop.wait()
     log.info("stopping: in-flight requests get up to %gs", settings.router_drain_s)
-    # aiohttp waits up to the drain for in-flight requests, then up to the drain again
-    # for those it cancelled; the app's own cleanup is bounded by CLEANUP_S.
-    bound = 2 * settings.router_drain_s + CLEANUP_S + 1.0
+    # aiohttp waits up to its shutdown timeout for in-flight requests, then as long
+    # again for those it cancelled; the app's own cleanup is bounded by CLEANUP_S.
+    bound = 2 * (settings.router_drain_s + DRAIN_GRACE_S) + CLEANUP_S + 1.0
     await bounded("router shutdown", runner.cleanup(), bound)
 
 

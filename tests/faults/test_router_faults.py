@@ -236,7 +236,8 @@ async def test_a_router_stopped_mid_stream_finishes_its_answers_within_its_drain
 ) -> None:
     # Streams of 20 chunks 150 ms apart (3 s) in flight when the router gets SIGTERM:
     # with a 20 s drain every answer ends with [DONE]; with a 0.5 s drain the router
-    # stops at once anyway, cutting them. Either way it exits 0, in its own time.
+    # stops at once anyway, and each cut stream ends with an error event saying so.
+    # Either way it exits 0, in its own time.
     engine = EngineProcess("tiny_chat", tmp_path, ENGINE_KEY,
                            "--chunk-delay-ms", "150", "--tokens", "20")  # fmt: skip
     try:
@@ -272,5 +273,9 @@ async def test_a_router_stopped_mid_stream_finishes_its_answers_within_its_drain
             else:
                 assert not any(complete), answers
                 assert stopped_s < 10, f"stopped in {stopped_s:.1f}s with a 0.5 s drain"
+                # Cut, and told so: the last event names the router's stop.
+                for answer in answers:
+                    last = json.loads(answer.strip().split("data: ")[-1])
+                    assert last["error"]["code"] == "router_stopped", answer
     finally:
         stop(engine.proc)
