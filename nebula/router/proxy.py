@@ -25,6 +25,7 @@ from nebula.router.auth import KeyRing, bearer
 from nebula.router.balance import LeastOutstanding, Policy
 from nebula.router.ondemand import OnDemand, Refused, UsageRecorder, into_stream
 from nebula.router.openai_errors import error, invalid_api_key
+from nebula.router.outliers import Outliers
 from nebula.router.prefix import PrefixAffinity, prefix_of
 from nebula.router.ratelimit import ClusterLimiter
 from nebula.router.relay import Streams, relay
@@ -101,6 +102,8 @@ class Proxy:
         self.inflight: dict[str, int] = defaultdict(int)  # placement id -> requests in flight
         self.session: aiohttp.ClientSession | None = None
         self.streams = Streams()
+        self.outliers = Outliers()
+        table.listeners.append(lambda: self.outliers.keep_only(e.url for e in table.by_id.values()))
         self.labels = router_metrics.Labels()
         self.timeout = aiohttp.ClientTimeout(
             total=None,
@@ -133,6 +136,11 @@ class Proxy:
         for model, n in per_model.items():
             router_metrics.IN_FLIGHT.labels(model).set(n)
             router_metrics.ENDPOINTS.labels(model).set(len(self.table.endpoints(model)))
+
+    def _eject(self, endpoint: Endpoint, why: str) -> None:
+        seconds = self.outliers.failed(endpoint)
+        router_metrics.EJECTIONS.labels(endpoint.model).inc()
+        log.warning("%s: leaving %s out for %gs", why, endpoint.url, seconds)
 
     def _done(self, model: str, route: str, status: int) -> None:
         self.labels.requests(model, route, status).inc()
@@ -270,8 +278,11 @@ class Proxy:
         settings = self.settings
         tried: set[str] = set()
         last_error = "no replica answered"
+        usable, ejected = self.outliers.split(candidates)
         for attempt in range(settings.max_retries + 1):
-            left = [c for c in candidates if c.placement_id not in tried] if tried else candidates
+            left = [c for c in usable if c.placement_id not in tried] if tried else usable
+            if not left:  # replicas left out after failed connects: a last resort
+                left = [c for c in ejected if c.placement_id not in tried]
             if not left:
                 break
             if prefix is not None and not attempt:
@@ -304,7 +315,9 @@ class Proxy:
                 self.inflight[endpoint.placement_id] -= 1
                 router_metrics.UPSTREAM_ERRORS.labels(model, "connect").inc()
                 last_error = f"replica on {endpoint.node} unreachable ({type(exc).__name__})"
+                self._eject(endpoint, last_error)
                 continue
+            self.outliers.answered(endpoint)
             retryable = len(tried) < len(candidates) and attempt < settings.max_retries
             try:
                 if upstream.status in (401, 403):

@@ -53,6 +53,11 @@ UPSTREAM_ERRORS = Counter(
     "Failures talking to engines, by kind (connect, status_5xx, timeout, broken_stream).",
     ["model", "kind"],
 )
+EJECTIONS = Counter(
+    "nebula_router_ejections",
+    "Replicas left out of routing for a while after a connect to them failed.",
+    ["model"],
+)
 TOKENS = Counter(
     "nebula_router_tokens",
     "Tokens reported in answers' usage, by kind (prompt, completion).",

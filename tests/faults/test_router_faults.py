@@ -279,3 +279,66 @@ async def test_a_router_stopped_mid_stream_finishes_its_answers_within_its_drain
                     assert last["error"]["code"] == "router_stopped", answer
     finally:
         stop(engine.proc)
+
+
+def counter(router: RouterProcess, name: str, **labels: str) -> float:
+    """A counter's value from the router's /metrics (0 when it has no such series)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(router.url + "/metrics", timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.timeout(120)
+async def test_a_replica_that_died_unannounced_is_left_out_after_a_refused_connect(
+    state: State, redis_url: str, tmp_path: Path
+) -> None:
+    # An engine killed with nothing to withdraw its endpoint (its supervisord died
+    # too, say): until the endpoint goes, every request sent there pays a failed
+    # connect before its retry. The router leaves it out after the first, for 0.5 s,
+    # then 1 s, 2 s, ... while it keeps refusing: a few connects, not one request in two.
+    engines = [EngineProcess("tiny_chat", tmp_path, ENGINE_KEY) for _ in range(2)]
+    router = RouterProcess(
+        redis_url, tmp_path, NEBULA_ENGINE_API_KEY=ENGINE_KEY, NEBULA_API_KEYS=CLIENT_KEY,
+        NEBULA_ROUTING_POLICY="least_outstanding",
+    )  # fmt: skip
+    replacement = None
+    try:
+        for i, engine in enumerate(engines):
+            await state.endpoints.publish(
+                Endpoint(f"p{i}", "r", "tiny_chat", "n", engine.url, "chat")
+            )
+
+        async def routed() -> bool:
+            async with aiohttp.ClientSession() as s, s.get(router.url + "/health") as r:
+                return (await r.json())["endpoints"] == 2
+
+        await wait_for(routed, 20, "both endpoints routed")
+        engines[0].kill()
+        async with steady_load(router.url, workers=4, pause_s=0.01) as load:
+            await asyncio.sleep(4)
+        assert not load.failures, load.failures[:5]
+        assert load.total >= 40, load.results
+        connects = counter(router, "nebula_router_upstream_errors_total", kind="connect")
+        assert 1 <= connects <= 16, f"{connects} failed connects in {load.total} requests"
+        assert counter(router, "nebula_router_ejections_total", model="tiny_chat") == connects
+
+        # The placement comes back at another address: no ejection carries over.
+        replacement = EngineProcess("tiny_chat", tmp_path, ENGINE_KEY)
+        await state.endpoints.publish(
+            Endpoint("p0", "r", "tiny_chat", "n", replacement.url, "chat")
+        )
+
+        async def replacement_serves() -> bool:
+            await post(router.url + "/v1/chat/completions", CHAT)
+            return replacement.served() > 0  # type: ignore[union-attr]
+
+        await wait_for(replacement_serves, 20, "the replacement to get requests")
+    finally:
+        for proc in [*(e.proc for e in engines), *([replacement.proc] if replacement else [])]:
+            stop(proc)
+        router.stop()
