@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from harness.cluster import TEST_CATALOG, Cluster, wait_for
+from harness.cluster import TEST_CATALOG, Cluster
 from harness.processes import RouterProcess
 from nebula.models import Status
 from nebula.store import State
@@ -185,15 +185,24 @@ async def test_models_outside_the_catalog_or_not_on_demand_are_404_and_load_noth
 async def test_a_load_that_fails_answers_its_held_requests_with_the_reason(
     state: State, cluster: Cluster
 ) -> None:
-    router = cluster.start_router()
+    router = cluster.start_router(NEBULA_KEEP_ALIVE="2s")
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
+        status, headers, body = await post(session, router.url, chat_body("broken_chat"))
+        assert status == 503, body
+        error = json.loads(body)["error"]
+        assert error["code"] == "model_load_failed" and "weights not found" in error["message"]
+        assert "tries again" in error["message"] and 1 <= int(headers["Retry-After"]) <= 2
+
+        [first] = await loads_of(state, "broken_chat")
+        assert (await state.requests.get(first)).status is Status.FAILED
+        # Requests meanwhile are told at once, without a load of their own.
         status, _, body = await post(session, router.url, chat_body("broken_chat"))
-    assert status == 503, body
-    error = json.loads(body)["error"]
-    assert error["code"] == "model_load_failed" and "weights not found" in error["message"]
+        assert status == 503 and json.loads(body)["error"]["code"] == "model_load_failed"
 
-    async def failed() -> bool:
-        [request_id] = await loads_of(state, "broken_chat")
-        return (await state.requests.get(request_id)).status is Status.FAILED
-
-    await wait_for(failed, 10, "the failed load to stay Failed")
+        # One keep-alive after it failed, the failed load is removed, and the next
+        # request tries again: a new load (which fails the same way here).
+        await cluster.gone(state, first)
+        status, _, body = await post(session, router.url, chat_body("broken_chat"))
+        assert status == 503 and "weights not found" in json.loads(body)["error"]["message"]
+        [second] = await loads_of(state, "broken_chat")
+        assert second != first

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from nebula.catalog import Catalog
-from nebula.durations import parse_keep_alive
+from nebula.durations import parse_keep_alive, show_duration
 from nebula.errors import Conflict, NebulaError, NotFound
 from nebula.models import Endpoint, ModelSpec, Status
 from nebula.router import router_metrics
@@ -48,13 +48,14 @@ RETRY_AFTER = "10"
 class Refused(Exception):
     """A held request that cannot be served: an OpenAI-shaped error to send."""
 
-    def __init__(self, status: int, message: str, code: str) -> None:
+    def __init__(self, status: int, message: str, code: str, retry_after_s: float = 0) -> None:
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
+        self.retry_after = str(max(1, round(retry_after_s))) if retry_after_s else RETRY_AFTER
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": RETRY_AFTER}
+        return {"Retry-After": self.retry_after}
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Waiter:
     spec: ModelSpec
     held: int = 0
     failure: str = ""
+    retry_in_s: float = 0.0  # a failed load is removed (and tried again) after this
     done: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
@@ -149,8 +151,10 @@ class OnDemand:
                         await response.prepare(request)
                     await response.write(f": waiting for model {model} to load\n\n".encode())
             if waiter.failure:
-                raise Refused(503, f"model {model!r} could not be loaded: {waiter.failure}",
-                              "model_load_failed")  # fmt: skip
+                again = (f"; a request in {show_duration(waiter.retry_in_s)} tries again"
+                         if waiter.retry_in_s else "")  # fmt: skip
+                raise Refused(503, f"model {model!r} could not be loaded: {waiter.failure}"
+                              f"{again}", "model_load_failed", waiter.retry_in_s)  # fmt: skip
             router_metrics.HOLD_SECONDS.labels(model).observe(time.monotonic() - started)
             return Held(self.table.endpoints(model), response)
         except Refused as refused:
@@ -183,6 +187,10 @@ class OnDemand:
                         request = await self.state.requests.get(model)
                         if request.status is Status.FAILED:
                             waiter.failure = request.message
+                            if request.on_demand and request.keep_alive_s is not None:
+                                # The scheduler removes it one keep-alive after it failed.
+                                removed_at = request.updated_at + request.keep_alive_s
+                                waiter.retry_in_s = max(1.0, removed_at - time.time())
                             waiter.done.set()
                             break
                 except NotFound:

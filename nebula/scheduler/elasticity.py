@@ -30,10 +30,24 @@ def idle_since(request: ModelRequest, last_used: dict[str, float]) -> float:
 def idle_unloads(
     requests: Iterable[ModelRequest], last_used: dict[str, float], now: float, grace_s: float
 ) -> list[tuple[ModelRequest, str]]:
-    """Unpinned models idle past their keep-alive, each with the reason."""
+    """Unpinned models idle past their keep-alive, each with the reason.
+
+    A load made on demand that failed is removed one keep-alive after it failed
+    (however many requests it turned away meanwhile, each told why at once), so
+    that a later request tries again: once per keep-alive, not once per request.
+    """
     out = []
     for r in requests:
-        if r.keep_alive_s is None or r.status not in IDLE_STATUSES:
+        if r.keep_alive_s is None:
+            continue
+        if r.status is Status.FAILED and r.on_demand:
+            failed = now - r.updated_at
+            if failed > r.keep_alive_s:
+                out.append((r, f"the load on demand failed {show_duration(failed)} ago "
+                               f"(keep-alive {show_duration(r.keep_alive_s)}): removing it, "
+                               "so that the next request tries again"))  # fmt: skip
+            continue
+        if r.status not in IDLE_STATUSES:
             continue
         idle = now - idle_since(r, last_used)
         if idle > r.keep_alive_s + grace_s:
