@@ -206,3 +206,6 @@ async def test_a_load_that_fails_answers_its_held_requests_with_the_reason(
         assert status == 503 and "weights not found" in json.loads(body)["error"]["message"]
         [second] = await loads_of(state, "broken_chat")
         assert second != first
+        # The scheduler's log says why the first went (its events went with it).
+        log = (cluster.folder / "scheduler.log").read_text()
+        assert f"{first} (Unloading): the load on demand failed" in log, log[-2000:]

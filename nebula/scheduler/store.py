@@ -8,6 +8,7 @@ successor started.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -16,6 +17,8 @@ from redis.exceptions import WatchError
 from nebula import keys
 from nebula.scheduler.snapshot import Changes, Snapshot
 from nebula.store import State, nodes, placements, requests
+
+log = logging.getLogger(__name__)
 
 
 class ClusterStore:
@@ -172,4 +175,8 @@ class ClusterStore:
                 await pipe.execute()
             except WatchError:
                 return False
+        # What happened to each model, in the log too (`nebula-cli model show` has it
+        # until the request is gone; the log keeps it after).
+        for request_id, text, status in changes.events:
+            log.info("%s (%s): %s", request_id, status.value, text)
         return True
