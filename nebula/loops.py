@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from nebula.errors import NebulaError
-from nebula.process import bounded, stop_signal
+from nebula.process import bounded, stop_signal, wait_event
 
 if TYPE_CHECKING:
     from nebula.store.core import Core
@@ -94,8 +94,7 @@ async def reconcile_forever(
                 log.exception("%s failed; retrying", name)
                 if on_bug is not None:
                     on_bug()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), interval())
+            await wait_event(wake, interval())
     finally:
         if listener is not None:
             listener.cancel()

@@ -50,6 +50,21 @@ async def stop_signal() -> AsyncIterator[asyncio.Event]:
             loop.remove_signal_handler(sig)
 
 
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait up to `timeout` for `event`; True if it was set.
+
+    Never `asyncio.wait_for(event.wait(), timeout)` on Python 3.11: when the event
+    is set in the same loop turn as the task is cancelled, that returns normally
+    and the cancellation is lost, so a loop around it never stops (a router that
+    needed a SIGKILL in CI; tests/test_shutdown.py shows it).
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            return await event.wait()
+    except TimeoutError:
+        return False
+
+
 def die_with_parent(
     sig: int = signal.SIGTERM, *, parent: int | None = None, exit_code: int = 1
 ) -> None:
@@ -73,7 +88,7 @@ def die_with_parent(
         sys.exit(exit_code)
 
 
-async def bounded(what: str, step: Awaitable[None], seconds: float) -> None:
+async def bounded(what: str, step: Awaitable[object], seconds: float) -> None:
     """Await a shutdown `step` for at most `seconds`.
 
     A process asked to stop must stop: whoever stops it (supervisord, a test) kills

@@ -12,7 +12,39 @@ import textwrap
 
 import pytest
 
-from nebula.process import bounded
+from nebula.loops import reconcile_forever
+from nebula.process import bounded, wait_event
+
+
+async def test_a_loop_cancelled_in_the_turn_it_is_woken_stops() -> None:
+    # What kept a router from stopping in CI: on Python 3.11, `asyncio.wait_for(
+    # event.wait(), t)` returns normally when the event is set in the same loop turn
+    # as the task is cancelled; the loop around it went on forever.
+    wake = asyncio.Event()
+    passes = 0
+
+    async def step() -> None:
+        nonlocal passes
+        passes += 1
+
+    task = asyncio.create_task(
+        reconcile_forever(
+            "test loop", step, wake=wake, interval=lambda: 60.0, on_error=lambda exc: None
+        )
+    )
+    await asyncio.sleep(0.05)  # it waits for a wake-up now
+    wake.set()
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=10)
+    assert done, f"the cancellation was lost: the loop went on ({passes} passes)"
+    assert task.cancelled()
+
+
+async def test_wait_event_says_whether_the_event_came() -> None:
+    event = asyncio.Event()
+    assert await wait_event(event, 0.05) is False
+    asyncio.get_running_loop().call_later(0.01, event.set)
+    assert await wait_event(event, 10) is True
 
 
 async def waits_forever() -> None:

@@ -33,6 +33,7 @@ from nebula.catalog import Catalog
 from nebula.durations import parse_keep_alive, show_duration
 from nebula.errors import Conflict, NebulaError, NotFound
 from nebula.models import Endpoint, ModelSpec, Status
+from nebula.process import wait_event
 from nebula.router import router_metrics
 from nebula.router.openai_errors import stream_error_event
 from nebula.router.table import RoutingTable
@@ -141,8 +142,7 @@ class OnDemand:
                                   f"{self.settings.hold_timeout_s:g}s; retry shortly (the load "
                                   "goes on)", "model_loading")  # fmt: skip
                 step = min(left, self.settings.hold_keepalive_s) if stream else left
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter.done.wait(), step)
+                await wait_event(waiter.done, step)
                 if stream and not waiter.done.is_set() and time.monotonic() < deadline:
                     if response is None:
                         response = web.StreamResponse(
@@ -200,8 +200,7 @@ class OnDemand:
                 except Exception:
                     # A bug must not leave holders waiting for a wake-up that never comes.
                     log.exception("on-demand load of %s failed; retrying", model)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter.changed.wait(), STATUS_POLL_S)
+                await wait_event(waiter.changed, STATUS_POLL_S)
         finally:
             if self.waiters.get(model) is waiter:
                 del self.waiters[model]

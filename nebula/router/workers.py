@@ -9,7 +9,6 @@ while the others keep serving.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import multiprocessing
 import os
@@ -20,7 +19,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from nebula.exposure import check_exposure
-from nebula.process import bounded, die_with_parent, run_async, stop_signal
+from nebula.process import bounded, die_with_parent, run_async, stop_signal, wait_event
 from nebula.router.app import CLEANUP_S, DRAIN_GRACE_S, build_app
 from nebula.router.protocol import Runner
 from nebula.settings import Settings
@@ -100,8 +99,7 @@ async def _supervise(
     restart_at = [0.0] * len(procs)
     try:
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
+            await wait_event(stop, 0.5)
             now = time.monotonic()
             for i, proc in enumerate(procs):
                 if proc.is_alive() or stop.is_set():
