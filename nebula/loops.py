@@ -15,16 +15,12 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from nebula.errors import NebulaError
-from nebula.process import bounded, stop_signal, wait_event
+from nebula.process import STOP_STEP_S, bounded, stop_signal, wait_event
 
 if TYPE_CHECKING:
     from nebula.store.core import Core
 
 log = logging.getLogger(__name__)
-
-# Loops are cancelled on a signal; well under the 10 s a process manager commonly
-# waits before it kills.
-STOP_S = 5.0
 
 
 def jittered(seconds: float, spread: float = 0.1) -> float:
@@ -45,7 +41,7 @@ async def run_loops(loops: dict[str, Callable[[], Awaitable[None]]]) -> None:
             await bounded(
                 "stopping the loops",
                 asyncio.gather(*tasks, stopper, return_exceptions=True),
-                STOP_S,
+                STOP_STEP_S,
             )
     for task in done:
         if task is stopper:

@@ -103,6 +103,15 @@ class ModelRequest:
         return self.keep_alive_s is None
 
     @property
+    def removed_after_failure_at(self) -> float | None:
+        """When the scheduler removes this load because it failed, so that a later
+        request tries again: one keep-alive after it failed, for a load made on
+        demand (an operator's stays Failed until unloaded). None: not removed."""
+        if self.status is not Status.FAILED or not self.on_demand or self.keep_alive_s is None:
+            return None
+        return self.updated_at + self.keep_alive_s
+
+    @property
     def model(self) -> str:
         return self.spec.name
 

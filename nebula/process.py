@@ -18,6 +18,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# The bound on one shutdown step (cancelling loops, closing connections): well
+# under the 10 s a process manager commonly waits after SIGTERM before it kills.
+STOP_STEP_S = 5.0
 
 log = logging.getLogger(__name__)
 

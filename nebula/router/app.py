@@ -20,7 +20,7 @@ from nebula.catalog import Catalog, load_catalog
 from nebula.exporter import advertise
 from nebula.exposure import engine_key, is_loopback
 from nebula.names import shown
-from nebula.process import bounded
+from nebula.process import STOP_STEP_S, bounded
 from nebula.router import admin, router_metrics
 from nebula.router.auth import KeyRing, bearer
 from nebula.router.ondemand import OnDemand, UsageRecorder
@@ -33,9 +33,6 @@ from nebula.store import State
 log = logging.getLogger(__name__)
 
 PROXY = web.AppKey("proxy", Proxy)
-# Cancelling the background tasks and closing the connections: well under the
-# 10 s a process manager commonly waits after SIGTERM before it kills.
-CLEANUP_S = 5.0
 # aiohttp waits this much longer than the drain for in-flight requests, so that the
 # router cuts its streams itself first (see `draining`).
 DRAIN_GRACE_S = 1.0
@@ -116,7 +113,7 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
             await proxy.stop()
             await app[admin.STATE].close()
 
-        await bounded("stopping the router's tasks", stop(), CLEANUP_S)
+        await bounded("stopping the router's tasks", stop(), STOP_STEP_S)
 
     app.cleanup_ctx.append(lifetime)
 

@@ -187,9 +187,8 @@ class OnDemand:
                         request = await self.state.requests.get(model)
                         if request.status is Status.FAILED:
                             waiter.failure = request.message
-                            if request.on_demand and request.keep_alive_s is not None:
-                                # The scheduler removes it one keep-alive after it failed.
-                                removed_at = request.updated_at + request.keep_alive_s
+                            removed_at = request.removed_after_failure_at
+                            if removed_at is not None:
                                 waiter.retry_in_s = max(1.0, removed_at - time.time())
                             waiter.done.set()
                             break

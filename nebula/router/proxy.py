@@ -28,7 +28,7 @@ from nebula.router.openai_errors import error, invalid_api_key
 from nebula.router.outliers import Outliers
 from nebula.router.prefix import PrefixAffinity, prefix_of
 from nebula.router.ratelimit import ClusterLimiter
-from nebula.router.relay import Streams, relay
+from nebula.router.relay import Streams
 from nebula.router.table import RoutingTable
 from nebula.settings import Settings
 
@@ -101,7 +101,7 @@ class Proxy:
         self.limiter = ClusterLimiter(settings.redis_url, settings.redis_sentinel_password)
         self.inflight: dict[str, int] = defaultdict(int)  # placement id -> requests in flight
         self.session: aiohttp.ClientSession | None = None
-        self.streams = Streams()
+        self.streams = Streams(table, settings.idle_read_timeout_s)
         self.outliers = Outliers()
         table.listeners.append(lambda: self.outliers.keep_only(e.url for e in table.by_id.values()))
         self.labels = router_metrics.Labels()
@@ -340,10 +340,8 @@ class Proxy:
                     continue
                 headers = answer_headers(upstream.headers)
                 if headers.get("Content-Type", "").startswith("text/event-stream"):
-                    return await relay(
+                    return await self.streams.relay(
                         request, upstream, headers, model, started=started, ttft=ttft,
-                        idle_read_timeout_s=settings.idle_read_timeout_s,
-                        table=self.table, streams=self.streams,
                         response=stream,
                     )  # fmt: skip
                 # Not streamed: read it whole (nothing has reached the client yet, so a

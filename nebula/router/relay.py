@@ -23,10 +23,13 @@ log = logging.getLogger(__name__)
 
 
 class Streams:
-    """The streams being relayed now, so that a stopping router can end them itself
-    with an event that says why, rather than have aiohttp drop the connections."""
+    """Relays streamed answers, and knows which are running, so that a stopping
+    router can end them itself with an event that says why, rather than have
+    aiohttp drop the connections."""
 
-    def __init__(self) -> None:
+    def __init__(self, table: RoutingTable, idle_read_timeout_s: float) -> None:
+        self.table = table
+        self.idle_read_timeout_s = idle_read_timeout_s
         self.active: set[aiohttp.ClientResponse] = set()
         self.stopped = False
 
@@ -38,72 +41,64 @@ class Streams:
         for upstream in list(self.active):
             upstream.close()
 
+    async def relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        headers: dict[str, str],
+        model: str,
+        *,
+        started: float,
+        ttft: Any,
+        response: web.StreamResponse | None = None,
+    ) -> web.StreamResponse:
+        """Pass a stream back chunk by chunk; `response`: the stream already answering
+        the client (a held request), else one is opened here."""
+        # The idle timeout applies between chunks from here on.
+        if upstream.connection is not None and upstream.connection.protocol is not None:
+            upstream.connection.protocol.read_timeout = self.idle_read_timeout_s
+        if response is None:
+            response = web.StreamResponse(status=upstream.status, headers=headers)
+            await response.prepare(request)
+        first = True
+        last = b""
+        self.active.add(upstream)
+        try:
+            async for chunk in upstream.content.iter_any():
+                if first:
+                    ttft.observe(time.perf_counter() - started)
+                    first = False
+                await response.write(chunk)
+                last = chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            await response.write(self._why_it_ended(exc, model, upstream))
+        else:
+            router_metrics.count_usage(model, last)
+        finally:
+            self.active.discard(upstream)
+        await response.write_eof()
+        return response
 
-async def relay(
-    request: web.Request,
-    upstream: aiohttp.ClientResponse,
-    headers: dict[str, str],
-    model: str,
-    *,
-    started: float,
-    ttft: Any,
-    idle_read_timeout_s: float,
-    table: RoutingTable,
-    streams: Streams,
-    response: web.StreamResponse | None = None,
-) -> web.StreamResponse:
-    """Pass a stream back chunk by chunk; `response`: the stream already answering
-    the client (a held request), else one is opened here."""
-    # The idle timeout applies between chunks from here on.
-    if upstream.connection is not None and upstream.connection.protocol is not None:
-        upstream.connection.protocol.read_timeout = idle_read_timeout_s
-    if response is None:
-        response = web.StreamResponse(status=upstream.status, headers=headers)
-        await response.prepare(request)
-    first = True
-    last = b""
-    streams.active.add(upstream)
-    try:
-        async for chunk in upstream.content.iter_any():
-            if first:
-                ttft.observe(time.perf_counter() - started)
-                first = False
-            await response.write(chunk)
-            last = chunk
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        await response.write(_why_it_ended(exc, model, upstream, table, streams))
-    else:
-        router_metrics.count_usage(model, last)
-    finally:
-        streams.active.discard(upstream)
-    await response.write_eof()
-    return response
-
-
-def _why_it_ended(
-    exc: BaseException,
-    model: str,
-    upstream: aiohttp.ClientResponse,
-    table: RoutingTable,
-    streams: Streams,
-) -> bytes:
-    if streams.stopped:
+    def _why_it_ended(
+        self, exc: BaseException, model: str, upstream: aiohttp.ClientResponse
+    ) -> bytes:
+        if self.stopped:
+            return stream_error_event(
+                "the router stopped (router_drain_s ran out) before this answer was "
+                "complete; send it again",
+                "router_stopped",
+            )
+        router_metrics.UPSTREAM_ERRORS.labels(model, "broken_stream").inc()
+        reason = type(exc).__name__
+        log.warning("stream from %s broke: %s", upstream.url.host, reason)
+        if model in self.table.unloading:  # as the table is now, not when the stream began
+            # The unload's drain timeout stopped the engine under this stream.
+            return stream_error_event(
+                f"model {model!r} was unloaded and its drain timeout ended this answer "
+                "before it was complete",
+                "model_unloaded",
+            )
         return stream_error_event(
-            "the router stopped (router_drain_s ran out) before this answer was complete; "
-            "send it again",
-            "router_stopped",
+            f"the replica's stream broke off ({reason}); the answer is incomplete",
+            "upstream_broken",
         )
-    router_metrics.UPSTREAM_ERRORS.labels(model, "broken_stream").inc()
-    reason = type(exc).__name__
-    log.warning("stream from %s broke: %s", upstream.url.host, reason)
-    if model in table.unloading:  # as the table is now, not when the stream began
-        # The unload's drain timeout stopped the engine under this stream.
-        return stream_error_event(
-            f"model {model!r} was unloaded and its drain timeout ended this answer "
-            "before it was complete",
-            "model_unloaded",
-        )
-    return stream_error_event(
-        f"the replica's stream broke off ({reason}); the answer is incomplete",
-        "upstream_broken",
-    )

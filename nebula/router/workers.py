@@ -19,8 +19,15 @@ from collections.abc import Callable
 from aiohttp import web
 
 from nebula.exposure import check_exposure
-from nebula.process import bounded, die_with_parent, run_async, stop_signal, wait_event
-from nebula.router.app import CLEANUP_S, DRAIN_GRACE_S, build_app
+from nebula.process import (
+    STOP_STEP_S,
+    bounded,
+    die_with_parent,
+    run_async,
+    stop_signal,
+    wait_event,
+)
+from nebula.router.app import DRAIN_GRACE_S, build_app
 from nebula.router.protocol import Runner
 from nebula.settings import Settings
 
@@ -57,8 +64,8 @@ async def _serve_one(settings: Settings) -> None:
         await stop.wait()
     log.info("stopping: in-flight requests get up to %gs", settings.router_drain_s)
     # aiohttp waits up to its shutdown timeout for in-flight requests, then as long
-    # again for those it cancelled; the app's own cleanup is bounded by CLEANUP_S.
-    bound = 2 * (settings.router_drain_s + DRAIN_GRACE_S) + CLEANUP_S + 1.0
+    # again for those it cancelled; the app's own cleanup is bounded by STOP_STEP_S.
+    bound = 2 * (settings.router_drain_s + DRAIN_GRACE_S) + STOP_STEP_S + 1.0
     await bounded("router shutdown", runner.cleanup(), bound)
 
 

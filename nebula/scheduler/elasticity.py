@@ -38,16 +38,14 @@ def idle_unloads(
     """
     out = []
     for r in requests:
-        if r.keep_alive_s is None:
-            continue
-        if r.status is Status.FAILED and r.on_demand:
-            failed = now - r.updated_at
-            if failed > r.keep_alive_s:
-                out.append((r, f"the load on demand failed {show_duration(failed)} ago "
-                               f"(keep-alive {show_duration(r.keep_alive_s)}): removing it, "
+        removed_at = r.removed_after_failure_at
+        if removed_at is not None:
+            if now > removed_at:
+                out.append((r, f"the load on demand failed {show_duration(now - r.updated_at)} "
+                               f"ago (keep-alive {show_duration(r.keep_alive_s)}): removing it, "
                                "so that the next request tries again"))  # fmt: skip
             continue
-        if r.status not in IDLE_STATUSES:
+        if r.keep_alive_s is None or r.status not in IDLE_STATUSES:
             continue
         idle = now - idle_since(r, last_used)
         if idle > r.keep_alive_s + grace_s:

@@ -32,7 +32,8 @@ NODES_LOST = Counter(
 )
 IDLE_UNLOADS = Counter(
     "nebula_scheduler_idle_unloads",
-    "Models unloaded for idling past their keep-alive, by model.",
+    "Models unloaded for idling past their keep-alive (and failed on-demand loads removed "
+    "one keep-alive after they failed), by model.",
     ["model"],
 )
 EVICTIONS = Counter(
