@@ -106,3 +106,14 @@ METRICS_TARGETS = PREFIX + "metrics-targets"
 
 # Scheduler leadership: SET NX PX, value = the leader's identity.
 SCHEDULER_LEADER = PREFIX + "scheduler:leader"
+
+
+# What routers have in flight to each engine: the drain's second witness
+# (store/inflight.py). A sorted set of router processes (member: instance id,
+# score: unix time of its last report), and per router process a hash with a TTL,
+# placement id -> requests in flight, written once a second while not empty.
+ROUTER_IN_FLIGHT = PREFIX + "router-in-flight"
+
+
+def router_in_flight(instance: str) -> str:
+    return f"{PREFIX}router-in-flight:{instance}"

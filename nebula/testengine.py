@@ -36,12 +36,15 @@ class Behaviour:
     chunk_delay_ms: float = 0.0  # between streamed chunks
     delay_ms: float = 0.0  # before any answer
     fail_status: int | None = None  # answer every API call with this HTTP status
+    fail_plain: bool = False  # ...as a plain-text page (a proxy's, a crashed server's)
     die_after_chunks: int | None = None  # exit the process mid-stream, after N chunks
     unhealthy: bool = False  # /health answers 503
     tokens: int = 8  # the most words in an answer (max_tokens lowers it)
     # A prefix cache like vLLM's: the first byte waits this long per 1,000 characters of
     # the prompt that are not cached yet (0: no delay; the cache is kept either way).
     prefill_ms_per_kchar: float = 0.0
+    # Generation time per token of the answer, streamed or not (vLLM's decode steps).
+    token_ms: float = 0.0
 
 
 BEHAVIOUR = web.AppKey("behaviour", Behaviour)
@@ -74,6 +77,8 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
         behaviour = app[BEHAVIOUR]
         if behaviour.delay_ms:
             await asyncio.sleep(behaviour.delay_ms / 1000)
+        if behaviour.fail_status and behaviour.fail_plain:
+            return web.Response(status=behaviour.fail_status, text="Internal Server Error")
         if behaviour.fail_status:
             return _error(behaviour.fail_status, "the test engine was told to fail", "server_error")
     app[RUNNING][0] += 1
@@ -104,6 +109,23 @@ async def _body(request: web.Request) -> dict[str, Any]:
             content_type="application/json",
         )
     return body
+
+
+def _invalid(body: dict[str, Any], chat: bool) -> str | None:
+    """What vLLM would refuse with a 400 in a completion request, else None."""
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return "messages: a non-empty list of message objects is required"
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                return f"messages[{i}]: an object with a `role` string is required"
+    elif not isinstance(body.get("prompt"), str | list):
+        return "prompt: a string or a list is required"
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
+        return "max_tokens: a positive integer is required"
+    return None
 
 
 def _words(text: str, limit: int) -> list[str]:
@@ -146,6 +168,9 @@ async def _prefill(app: web.Application, body: dict[str, Any], chat: bool) -> No
 
 async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
     body = await _body(request)
+    invalid = _invalid(body, chat)
+    if invalid is not None:
+        return _error(400, invalid, "BadRequestError")
     app = request.app
     behaviour = app[BEHAVIOUR]
     await _prefill(app, body, chat)
@@ -168,6 +193,7 @@ async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
         "total_tokens": len(prompt.split()) + len(words),
     }
     if not body.get("stream"):
+        await asyncio.sleep(behaviour.token_ms * len(words) / 1000)
         if chat:
             choice: dict[str, Any] = {
                 "index": 0,
@@ -217,6 +243,8 @@ async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
             os._exit(17)  # a crash mid-stream, without goodbye
         if behaviour.chunk_delay_ms and sent:
             await asyncio.sleep(behaviour.chunk_delay_ms / 1000)
+        if behaviour.token_ms:
+            await asyncio.sleep(behaviour.token_ms / 1000)
         await send(chunk(word))
     await send(chunk(None, finish))
     if (body.get("stream_options") or {}).get("include_usage"):
@@ -365,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunk-delay-ms", type=float, default=0.0)
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--prefill-ms-per-kchar", type=float, default=0.0)
+    p.add_argument("--token-ms", type=float, default=0.0, help="generation time per token")
     # vLLM's flags that the admin API may set change sizes, not behaviour, here:
     # accepted and ignored, so a load with overrides runs as it would on vLLM.
     for flag, check in API_FLAGS.items():
@@ -382,14 +411,22 @@ def main(argv: list[str] | None = None) -> None:
         chunk_delay_ms=args.chunk_delay_ms,
         tokens=args.tokens,
         prefill_ms_per_kchar=args.prefill_ms_per_kchar,
+        token_ms=args.token_ms,
     )
     app = make_app(
         args.model, api_key=args.api_key, dimensions=args.dimensions, behaviour=behaviour
     )
     # Like vLLM, a stopped engine does not finish its answers: on SIGTERM, in-flight
     # requests are cut after a moment (aiohttp would otherwise wait a minute for them).
+    # Like vLLM too, a request whose client leaves is aborted (handler cancellation).
     web.run_app(
-        app, host=args.host, port=args.port, print=None, access_log=None, shutdown_timeout=0.5
+        app,
+        host=args.host,
+        port=args.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=0.5,
+        handler_cancellation=True,
     )
 
 

@@ -22,7 +22,7 @@ import aiohttp
 
 from nebula import keys, redis_health
 from nebula.agent import agent_metrics
-from nebula.agent.engine import Engine, drain_timeout, drained, probe_interval, watch_start
+from nebula.agent.engine import Engine, drain, probe_interval, watch_start
 from nebula.agent.programs import engine_program, program_name
 from nebula.agent.supervisor import Supervisor, SupervisorUnavailable
 from nebula.agent.telemetry import Telemetry
@@ -352,11 +352,9 @@ class Agent:
                 # Routers drop the endpoint on the withdrawal event; the wait covers one
                 # that polls instead.
                 await asyncio.sleep(self.settings.routing_refresh_s)
-                timeout = drain_timeout(engine.placement, self.settings)
                 assert self._session is not None
-                if not await drained(self._session, self._url(engine.placement), timeout):
-                    log.warning("engine %s: drain timeout (%gs) reached, stopping with "
-                                "requests left", name, timeout)  # fmt: skip
+                url = self._url(engine.placement)
+                await drain(engine, self._session, url, self.sup, self.state, self.settings)
             await self.sup.remove(name)
             self.sup.delete(name)
             engine.phase, engine.message, engine.pid = Phase.STOPPED, "stopped", None

@@ -78,6 +78,8 @@ async def _json(request: web.Request) -> dict[str, Any]:
         raise InvalidRequest(f"the body is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("the body's JSON is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
     return body

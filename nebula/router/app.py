@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from nebula import redis_health
 from nebula.catalog import Catalog, load_catalog
+from nebula.errors import NebulaError
 from nebula.exporter import advertise
 from nebula.exposure import engine_key, is_loopback
 from nebula.names import shown
@@ -33,6 +35,9 @@ from nebula.store import State
 log = logging.getLogger(__name__)
 
 PROXY = web.AppKey("proxy", Proxy)
+# The in-flight sampler's period, and how long a router's in-flight report outlives it.
+SAMPLE_S = 1.0
+IN_FLIGHT_TTL_S = 5 * SAMPLE_S
 # aiohttp waits this much longer than the drain for in-flight requests, so that the
 # router cuts its streams itself first (see `draining`).
 DRAIN_GRACE_S = 1.0
@@ -40,6 +45,20 @@ DRAIN_GRACE_S = 1.0
 # Dot segments and encoded slashes or dots: a path that could mean another path
 # once something downstream decodes or normalises it.
 SUSPECT_PATH = re.compile(r"(^|/)\.{1,2}(/|$)|%2[ef]|%5c|\\", re.IGNORECASE)
+
+
+async def report_in_flight(state: State, instance: str, proxy: Proxy, reported: bool) -> bool:
+    """Tell drains what this process has in flight to each replica (see
+    store/inflight.py); True while a report is stored. Nothing to say, and nothing
+    said before: no write."""
+    if not proxy.inflight and not reported:
+        return False
+    try:
+        await state.in_flight.report(instance, proxy.inflight, IN_FLIGHT_TTL_S)
+    except NebulaError as exc:
+        log.debug("reporting requests in flight: %s", exc.message)
+        return reported
+    return bool(proxy.inflight)
 
 
 def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Application:
@@ -61,7 +80,7 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
         settings,
         table,
         keys,
-        engine_key=engine_key(settings, create=False),
+        engine_key=lambda: engine_key(settings, create=False),
         ondemand=ondemand,
         usage=usage,
     )
@@ -82,9 +101,13 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
         )
 
         async def sample() -> None:
+            instance = f"{socket.gethostname()}:{os.getpid()}"
+            reported = False
             while True:
                 proxy.sample_in_flight()
-                await asyncio.sleep(1.0)
+                proxy.forwarder.refresh_engine_key()
+                reported = await report_in_flight(app[admin.STATE], instance, proxy, reported)
+                await asyncio.sleep(SAMPLE_S)
 
         sampler = asyncio.create_task(sample(), name="in-flight-sampler")
         host = (
@@ -121,7 +144,11 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
         # Runs as the router stops accepting, before aiohttp waits for in-flight
         # requests (`DRAIN_GRACE_S` longer): at the drain's end, end the streams still
         # running ourselves, each with an event that says why.
-        asyncio.get_running_loop().call_later(settings.router_drain_s, proxy.streams.stop_all)
+        def stop_all() -> None:
+            proxy.streams.stop_all()
+            ondemand.stop_holding()
+
+        asyncio.get_running_loop().call_later(settings.router_drain_s, stop_all)
 
     app.on_shutdown.append(draining)
 
@@ -167,15 +194,10 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
         )
 
     async def metrics_endpoint(request: web.Request) -> web.Response:
-        from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
-
-        registry: Any = REGISTRY
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-        return web.Response(
-            body=generate_latest(registry), headers={"Content-Type": "text/plain; version=0.0.4"}
-        )
+        # With several workers, merging their files is file I/O and parsing: done in a
+        # thread, so that a scraper never stalls the event loop that serves /v1.
+        body = await asyncio.to_thread(router_metrics.exposition)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{id}", model)

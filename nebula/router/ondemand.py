@@ -78,6 +78,7 @@ class Held:
 
     endpoints: list[Endpoint]
     stream: web.StreamResponse | None = None
+    answered: bool = False  # the stream already told the client why it was refused
 
 
 class OnDemand:
@@ -89,6 +90,7 @@ class OnDemand:
         self.catalog = catalog
         self.settings = settings
         self.waiters: dict[str, Waiter] = {}
+        self.stopped = False  # the router's drain is over: holds end with router_stopped
         table.listeners.append(self._table_changed)
 
     def loadable(self, model: str) -> ModelSpec | None:
@@ -108,6 +110,12 @@ class OnDemand:
                 waiter.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await waiter.task
+
+    def stop_holding(self) -> None:
+        """The router's drain is over: every held request ends now, saying why."""
+        self.stopped = True
+        for waiter in self.waiters.values():
+            waiter.done.set()
 
     def _table_changed(self) -> None:
         for waiter in self.waiters.values():
@@ -134,7 +142,7 @@ class OnDemand:
         response: web.StreamResponse | None = None
         try:
             deadline = started + self.settings.hold_timeout_s
-            while not waiter.done.is_set():
+            while not waiter.done.is_set() and not self.stopped:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     router_metrics.HOLD_TIMEOUTS.labels(model).inc()
@@ -150,11 +158,7 @@ class OnDemand:
                         )
                         await response.prepare(request)
                     await response.write(f": waiting for model {model} to load\n\n".encode())
-            if waiter.failure:
-                again = (f"; a request in {show_duration(waiter.retry_in_s)} tries again"
-                         if waiter.retry_in_s else "")  # fmt: skip
-                raise Refused(503, f"model {model!r} could not be loaded: {waiter.failure}"
-                              f"{again}", "model_load_failed", waiter.retry_in_s)  # fmt: skip
+            self._check_served(waiter)
             router_metrics.HOLD_SECONDS.labels(model).observe(time.monotonic() - started)
             return Held(self.table.endpoints(model), response)
         except Refused as refused:
@@ -162,10 +166,28 @@ class OnDemand:
                 raise
             await response.write(stream_error_event(refused.message, refused.code))
             await response.write_eof()
-            return Held([], response)
+            return Held([], response, answered=True)
         finally:
             waiter.held -= 1
             router_metrics.HELD.labels(model).dec()
+
+    def _check_served(self, waiter: Waiter) -> None:
+        """After the wait: raise `Refused` unless a replica is there to serve."""
+        model = waiter.model
+        if self.stopped:
+            raise Refused(503, "the router stopped (router_drain_s ran out) while this "
+                          f"request waited for model {model!r} to load; send it again",
+                          "router_stopped")  # fmt: skip
+        if waiter.failure:
+            again = (f"; a request in {show_duration(waiter.retry_in_s)} tries again"
+                     if waiter.retry_in_s else "")  # fmt: skip
+            raise Refused(503, f"model {model!r} could not be loaded: {waiter.failure}"
+                          f"{again}", "model_load_failed", waiter.retry_in_s)  # fmt: skip
+        if not self.table.endpoints(model):
+            # Loaded, then gone again before this request woke (an unload, an engine
+            # that died): never an empty answer.
+            raise Refused(503, f"model {model!r} has no healthy replica right now; retry "
+                          "shortly", "no_healthy_replica", 5)  # fmt: skip
 
     async def _drive(self, waiter: Waiter) -> None:
         """Ask for the load once, watch it, wake the holders; end when it is served,

@@ -21,6 +21,16 @@ from nebula.router.table import RoutingTable
 
 log = logging.getLogger(__name__)
 
+# Bytes kept from a stream's end to find its `usage` chunk (vLLM's, with
+# `stream_options.include_usage`, comes just before `[DONE]`, perhaps in a chunk of
+# its own).
+USAGE_TAIL = 4096
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
 
 class Streams:
     """Relays streamed answers, and knows which are running, so that a stopping
@@ -61,7 +71,7 @@ class Streams:
             response = web.StreamResponse(status=upstream.status, headers=headers)
             await response.prepare(request)
         first = True
-        last = b""
+        tail = b""  # the stream's last bytes: where the engine puts `usage`
         self.active.add(upstream)
         try:
             async for chunk in upstream.content.iter_any():
@@ -69,11 +79,15 @@ class Streams:
                     ttft.observe(time.perf_counter() - started)
                     first = False
                 await response.write(chunk)
-                last = chunk
+                tail = (tail + chunk)[-USAGE_TAIL:]
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if _client_gone(request):
+                # Nobody to tell: drop the engine's connection so that it stops too.
+                upstream.close()
+                return response
             await response.write(self._why_it_ended(exc, model, upstream))
         else:
-            router_metrics.count_usage(model, last)
+            router_metrics.count_usage(model, tail, streamed=True)
         finally:
             self.active.discard(upstream)
         await response.write_eof()

@@ -7,6 +7,7 @@ them; `nebula router` sets that up before this module is imported.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -131,17 +132,30 @@ class Labels:
         return child
 
 
-def count_usage(model: str, data: bytes) -> None:
-    """Tokens from the `usage` an answer (or a stream's last chunk) reports, if any."""
-    at = data.rfind(b'"usage"')
-    if at < 0:
+def exposition() -> bytes:
+    """The metrics page: this process's, or every worker's merged in multiprocess mode."""
+    from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
+
+    registry: Any = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    return bytes(generate_latest(registry))
+
+
+def count_usage(model: str, data: bytes, *, streamed: bool = False) -> None:
+    """Tokens from the `usage` an answer reports, if any; for a stream, `data` is its
+    last bytes (perhaps starting mid-event), and the last event with a usage counts."""
+    if data.rfind(b'"usage"') < 0:
         return
-    if data.startswith(b"data:"):
+    if streamed:
         events = [e for e in data.split(b"\n\n") if b'"usage"' in e]
-        data = events[-1].removeprefix(b"data:").strip() if events else b""
+        data = events[-1].strip().removeprefix(b"data:").strip() if events else b""
     try:
         usage = json.loads(data).get("usage") or {}
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
+        return
+    if not isinstance(usage, dict):
         return
     for kind in ("prompt_tokens", "completion_tokens"):
         n = usage.get(kind)

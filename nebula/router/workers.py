@@ -51,6 +51,10 @@ async def _serve_one(settings: Settings) -> None:
         app,
         access_log=None,
         handle_signals=False,
+        # A client that leaves cancels its handler, and so its upstream request: the
+        # engine sees the connection close and stops generating (aiohttp's default,
+        # since 3.9, lets the handler run on for nobody).
+        handler_cancellation=True,
         shutdown_timeout=settings.router_drain_s + DRAIN_GRACE_S,
     )
     await runner.setup()

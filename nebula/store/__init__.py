@@ -5,6 +5,7 @@
     nodes.Nodes          heartbeats, cordon and drain marks
     placements.Placements  desired placements and their observed states
     endpoints.Endpoints  healthy engines for the routers
+    inflight.RouterInFlight  what routers have in flight to each engine (drains)
     api_keys.ApiKeys     hashed client keys
     targets.MetricsTargets  /metrics addresses for Prometheus
     lease.Lease          the scheduler's leader lease
@@ -21,6 +22,7 @@ from nebula.settings import Settings
 from nebula.store.api_keys import ApiKeys
 from nebula.store.core import Core
 from nebula.store.endpoints import Endpoints
+from nebula.store.inflight import RouterInFlight
 from nebula.store.lease import Lease
 from nebula.store.nodes import Nodes
 from nebula.store.placements import Placements
@@ -37,6 +39,7 @@ class State(Core):
         self.nodes = Nodes(self)
         self.placements = Placements(self)
         self.endpoints = Endpoints(self)
+        self.in_flight = RouterInFlight(self)
         self.api_keys = ApiKeys(self)
         self.targets = MetricsTargets(self)
         self.lease = Lease(self)

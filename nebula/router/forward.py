@@ -1,0 +1,302 @@
+"""Sending a request on to a replica: choose one, send, retry another on a failure
+before the first byte, pass the answer back.
+
+A connect error or a 5xx before anything reached the client is retried on
+another replica; after that, a failure ends the stream with an error event
+(`relay`). A client that leaves cancels its handler, and so the attempt: the
+engine's connection is closed, and vLLM aborts the request. The in-flight count
+of each replica is exact (taken and given back once per attempt, whatever ends
+it) and holds only replicas in use; routers report it so that a drain can wait
+for it (`store/inflight.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from nebula.models import Endpoint
+from nebula.router import router_metrics
+from nebula.router.balance import LeastOutstanding, Policy
+from nebula.router.openai_errors import error, upstream_error
+from nebula.router.outliers import Outliers
+from nebula.router.prefix import PrefixAffinity
+from nebula.router.relay import Streams
+from nebula.router.table import RoutingTable
+from nebula.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Engine response headers worth passing on; the rest describe the hop (connection,
+# length, server, date) and aiohttp sets its own.
+PASSED_HEADERS = ("Content-Type", "X-Request-Id", "Content-Encoding")
+# Seconds a client is told to wait when a known model has no replica to answer.
+NO_REPLICA_RETRY_AFTER = "5"
+
+
+def answer_headers(upstream: Any) -> dict[str, str]:
+    headers = {}
+    for name in PASSED_HEADERS:
+        value = upstream.get(name)
+        if value is not None:
+            headers[name] = value
+    return headers
+
+
+class Forwarder:
+    """The replicas' side of the proxy: one client session, the in-flight counts, the
+    routing policy, outlier ejection and the stream relay."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        table: RoutingTable,
+        policy: Policy | None = None,
+        *,
+        engine_key: Callable[[], str] = lambda: "",
+    ) -> None:
+        self.settings = settings
+        self.policy = policy or LeastOutstanding()
+        self.prefix = (
+            PrefixAffinity(settings.prefix_load_factor, settings.prefix_chars)
+            if settings.routing_policy == "prefix"
+            else None
+        )
+        self.inflight: dict[str, int] = defaultdict(int)  # placement id -> requests in flight
+        self.session: aiohttp.ClientSession | None = None
+        self.streams = Streams(table, settings.idle_read_timeout_s)
+        self.outliers = Outliers()
+        table.listeners.append(lambda: self.outliers.keep_only(e.url for e in table.by_id.values()))
+        self.labels = router_metrics.Labels()
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=settings.connect_timeout_s,
+            sock_read=settings.first_byte_timeout_s,
+        )
+        self.upstream_headers = {"Content-Type": "application/json"}
+        self._engine_key = engine_key
+        self.refresh_engine_key()
+
+    def refresh_engine_key(self) -> None:
+        """Take the engine key if there is one now (configured, or the one the node
+        keeps: a router started before its node finds it once the node made it)."""
+        if "Authorization" in self.upstream_headers:
+            return
+        key = self._engine_key()
+        if key:
+            self.upstream_headers["Authorization"] = f"Bearer {key}"
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # engines set none; skip the jar's work
+        )
+
+    async def stop(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def _eject(self, endpoint: Endpoint, why: str) -> None:
+        seconds = self.outliers.failed(endpoint)
+        router_metrics.EJECTIONS.labels(endpoint.model).inc()
+        log.warning("%s: leaving %s out for %gs", why, endpoint.url, seconds)
+
+    async def forward(
+        self,
+        request: web.Request,
+        path: str,
+        body: bytes,
+        model: str,
+        candidates: list[Endpoint],
+        started: float,
+        ttft: Any,
+        prefix: str | None = None,
+        stream: web.StreamResponse | None = None,
+    ) -> web.StreamResponse:
+        """Send to one replica after another until one answers (see the module's doc)."""
+        tried: set[str] = set()
+        failures = Failures()
+        usable, ejected = self.outliers.split(candidates)
+        for attempt in range(self.settings.max_retries + 1):
+            endpoint = self._choose(model, usable, ejected, tried, prefix if not attempt else None)
+            if endpoint is None:
+                break
+            tried.add(endpoint.placement_id)
+            if attempt:
+                router_metrics.RETRIES.labels(model).inc()
+            retryable = len(tried) < len(candidates) and attempt < self.settings.max_retries
+            send = Send(request, path, body, model, endpoint, retryable, started, ttft, stream)
+            pid = endpoint.placement_id
+            self.inflight[pid] += 1
+            try:
+                answer = await self._send(send, failures)
+            finally:
+                # Exactly once, whatever ended the attempt (the client leaving included).
+                left = self.inflight[pid] - 1
+                if left > 0:
+                    self.inflight[pid] = left
+                else:
+                    del self.inflight[pid]  # pruned: the dict holds only replicas in use
+            if answer is not None:
+                return answer
+        return failures.answer(model)
+
+    def _choose(
+        self,
+        model: str,
+        usable: Sequence[Endpoint],
+        ejected: Sequence[Endpoint],
+        tried: set[str],
+        prefix: str | None,
+    ) -> Endpoint | None:
+        left = [c for c in usable if c.placement_id not in tried] if tried else usable
+        if not left:  # replicas left out after failed connects: a last resort
+            left = [c for c in ejected if c.placement_id not in tried]
+        if not left:
+            return None
+        if prefix is not None and self.prefix is not None:
+            endpoint, own = self.prefix.choose(left, self.inflight, prefix)
+            self.labels.decision(model, "affinity" if own else "overflow").inc()
+            return endpoint
+        self.labels.decision(model, "least_outstanding").inc()
+        return self.policy.choose(left, self.inflight)
+
+    async def _send(self, send: Send, failures: Failures) -> web.StreamResponse | None:
+        """One attempt: the answer to give, or None to try another replica."""
+        assert self.session is not None
+        endpoint, model = send.endpoint, send.model
+        try:
+            upstream = await self.session.post(
+                endpoint.url + send.path,
+                data=send.body,
+                headers=self.upstream_headers,
+                timeout=self.timeout,
+            )
+        except aiohttp.SocketTimeoutError:
+            # Sent, and no answer in time: the engine may be working on it, so it is
+            # never sent again (aiohttp's timeouts subclass its connection errors:
+            # this clause must come first).
+            router_metrics.UPSTREAM_ERRORS.labels(model, "timeout").inc()
+            timeout = self.settings.first_byte_timeout_s
+            return error(504, f"replica on {endpoint.node} sent nothing for {timeout:g}s",
+                         "upstream_timeout")  # fmt: skip
+        except (aiohttp.ClientConnectionError, aiohttp.ClientOSError, TimeoutError) as exc:
+            # Not connected (refused, reset before an answer, connect timeout): retry.
+            router_metrics.UPSTREAM_ERRORS.labels(model, "connect").inc()
+            failures.unreachable(f"replica on {endpoint.node} unreachable ({type(exc).__name__})")
+            self._eject(endpoint, failures.last)
+            return None
+        self.outliers.answered(endpoint)
+        try:
+            answer = await self._answer(send, upstream, failures)
+        except BaseException:
+            # The client left (the handler was cancelled) or the relay failed: close the
+            # connection, so that the engine sees it go and aborts the request (vLLM
+            # does) instead of generating an answer for nobody.
+            upstream.close()
+            raise
+        upstream.release()
+        return answer
+
+    async def _answer(
+        self, send: Send, upstream: aiohttp.ClientResponse, failures: Failures
+    ) -> web.StreamResponse | None:
+        endpoint, model = send.endpoint, send.model
+        if upstream.status in (401, 403):
+            # The client's key was good: the engine refused ours. Never pass that on
+            # as the client's fault.
+            router_metrics.UPSTREAM_ERRORS.labels(model, "engine_auth").inc()
+            log.error(
+                "replica on %s refused the internal engine key (HTTP %d); "
+                "check NEBULA_ENGINE_API_KEY on routers and nodes",
+                endpoint.node,
+                upstream.status,
+            )
+            failures.failed(f"replica on {endpoint.node} refused the router's engine key")
+            return None if send.retryable else failures.answer(model)
+        if upstream.status >= 500 and send.retryable:
+            router_metrics.UPSTREAM_ERRORS.labels(model, "status_5xx").inc()
+            failures.failed(f"replica on {endpoint.node} answered {upstream.status}")
+            return None
+        headers = answer_headers(upstream.headers)
+        if headers.get("Content-Type", "").startswith("text/event-stream"):
+            return await self.streams.relay(
+                send.request,
+                upstream,
+                headers,
+                model,
+                started=send.started,
+                ttft=send.ttft,
+                response=send.stream,
+            )
+        # Not streamed: read it whole (nothing has reached the client yet, so a replica
+        # that dies now is retried like one that never answered).
+        try:
+            data = await upstream.read()
+        except aiohttp.SocketTimeoutError:
+            router_metrics.UPSTREAM_ERRORS.labels(model, "timeout").inc()
+            timeout = self.settings.first_byte_timeout_s
+            return error(504, f"replica on {endpoint.node} stopped sending for {timeout:g}s",
+                         "upstream_timeout")  # fmt: skip
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            router_metrics.UPSTREAM_ERRORS.labels(model, "broken_stream").inc()
+            failures.failed(f"replica on {endpoint.node} broke off ({type(exc).__name__})")
+            return None
+        if upstream.status >= 400:
+            return upstream_error(upstream.status, data, headers)
+        router_metrics.count_usage(model, data)
+        return web.Response(status=upstream.status, body=data, headers=headers)
+
+
+@dataclass(slots=True)
+class Send:
+    """One attempt's request: what is sent, to whom, and where the answer goes."""
+
+    request: web.Request
+    path: str
+    body: bytes
+    model: str
+    endpoint: Endpoint
+    retryable: bool
+    started: float
+    ttft: Any
+    stream: web.StreamResponse | None
+
+
+@dataclass(slots=True)
+class Failures:
+    """Why no replica has answered yet, and the answer to give if none does."""
+
+    last: str = "no replica answered"
+    attempts: int = 0
+    unreachable_count: int = 0
+
+    def unreachable(self, why: str) -> None:
+        self.unreachable_count += 1
+        self.failed(why)
+
+    def failed(self, why: str) -> None:
+        self.attempts += 1
+        self.last = why
+
+    def answer(self, model: str) -> web.Response:
+        if self.attempts == self.unreachable_count:
+            # No replica could be reached at all (its node died, its engine is gone):
+            # the model is known but has no replica right now, as when none is listed.
+            return error(
+                503,
+                f"model {model!r} has no reachable replica right now ({self.last}); "
+                "retry shortly",
+                "no_healthy_replica",
+                {"Retry-After": NO_REPLICA_RETRY_AFTER},
+            )
+        return error(
+            502, f"no replica of {model!r} could answer: {self.last}", "upstream_unavailable"
+        )
