@@ -26,7 +26,7 @@ OVERRIDABLE = frozenset(
 )
 
 
-# Nebula's own OpenAI-compatible fake (nebula/testengine.py), for test clusters only.
+# Nebula's own OpenAI-compatible fake (nebula/testengine/), for test clusters only.
 TEST_ENGINE = "test"
 
 

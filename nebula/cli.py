@@ -57,13 +57,18 @@ class _Parser(argparse.ArgumentParser):
 
 def parser(prog: str = "nebula-cli") -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
-    common.add_argument("--json", action="store_true", help="machine-readable output")
+    # SUPPRESS: a subcommand that was not given --json leaves the value alone, so
+    # `--json` works anywhere on the line (before the group or after the command).
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
     p = _Parser(
         prog=prog,
         description="Operate a Nebula cluster through its admin API. The admin key comes from "
         "NEBULA_ADMIN_KEY or the config file.",
-        parents=[common],
     )
+    # Its own action (one shared with the subcommands would share its default too).
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--url", help="router URL (default NEBULA_URL, else http://127.0.0.1:8080)")
     p.add_argument("--version", action="version", version=f"nebula-cli {__version__}")
     groups = p.add_subparsers(dest="group", required=True, metavar="GROUP", parser_class=_Parser)

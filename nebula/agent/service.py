@@ -109,6 +109,9 @@ class Agent:
                 if not self._redis_lost:
                     log.warning("heartbeat: %s; engines keep running", exc.message)
                 self._redis_lost = True
+            except Exception:
+                # Never dies: a node whose heartbeat stops is dead, its replicas moved.
+                log.exception("heartbeat failed; retrying")
             await asyncio.sleep(jittered(self.settings.heartbeat_interval_s))
 
     def _back_from_outage(self) -> None:
@@ -140,8 +143,10 @@ class Agent:
 
     async def converge(self) -> None:
         now = time.time()
-        placements = {p.id: p for p in await self.state.placements.of_node(self.node_id)}
-        self.stopped &= placements.keys()
+        read = await self.state.placements.read_node(self.node_id)
+        placements = {p.id: p for p in read.placements}
+        unreadable = read.unreadable  # left as they are: neither started nor stopped
+        self.stopped &= placements.keys() | unreadable
         for pid, p in placements.items():
             if pid in self.stopped:
                 continue
@@ -158,12 +163,14 @@ class Agent:
 
         # Engines nobody wants any more: drain and stop, one task each.
         for pid, engine in self.engines.items():
+            if pid in unreadable:
+                continue
             unwanted = pid not in placements or engine.placement.desired is Desired.STOP
             if unwanted and engine.retiring is None:
                 engine.retiring = asyncio.create_task(
                     self._retire(engine, report=pid in placements), name=f"retire-{pid}"
                 )
-        known = {program_name(pid) for pid in self.engines}
+        known = {program_name(pid) for pid in self.engines.keys() | unreadable}
         for name in self.sup.files() - known:  # left by an agent before a crash
             log.info("removing orphan engine program %s", name)
             await self.sup.remove(name)

@@ -34,44 +34,50 @@ def _nvml() -> Any | None:
 
 
 class Telemetry:
-    def __init__(self) -> None:
-        self.nvml = _nvml()
+    """Samples this node. One GPU whose NVML calls fail never takes the node out: that
+    device is reported from its last good sample (or, never read, with no memory, so
+    nothing new is placed on it), and the others as they are; a failure of NVML as a
+    whole reports the last good devices. Each failure is logged once until it clears."""
+
+    def __init__(self, nvml: Any | None = None) -> None:
+        self.nvml = _nvml() if nvml is None else nvml
+        self.last: dict[int, Device] = {}  # index -> last good sample
+        self.failing: set[int | None] = set()  # devices (None: NVML itself) now failing
 
     def gpus(self) -> tuple[Device, ...]:
         nv = self.nvml
         if nv is None:
             return ()
+        try:
+            count = nv.nvmlDeviceGetCount()
+        except Exception as exc:
+            self._failed(None, exc)
+            return tuple(self.last[i] for i in sorted(self.last))
+        self._cleared(None)
         devices = []
-        for i in range(nv.nvmlDeviceGetCount()):
-            handle = nv.nvmlDeviceGetHandleByIndex(i)
-            name = nv.nvmlDeviceGetName(handle)
-            memory = nv.nvmlDeviceGetMemoryInfo(handle)
+        for i in range(count):
             try:
-                util = float(nv.nvmlDeviceGetUtilizationRates(handle).gpu)
-            except nv.NVMLError:
-                util = 0.0
-            try:
-                temp: float | None = float(
-                    nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU)
-                )
-            except nv.NVMLError:
-                temp = None
-            try:
-                power: float | None = nv.nvmlDeviceGetPowerUsage(handle) / 1000.0
-            except nv.NVMLError:
-                power = None
-            devices.append(
-                Device(
-                    index=i,
-                    name=name.decode() if isinstance(name, bytes) else str(name),
-                    memory_total_mib=int(memory.total // MIB),
-                    memory_used_mib=int(memory.used // MIB),
-                    utilization_pct=util,
-                    temperature_c=temp,
-                    power_w=power,
-                )
-            )
+                device = _sample_gpu(nv, i)
+            except Exception as exc:
+                self._failed(i, exc)
+                device = self.last.get(i) or Device(i, "unreadable (NVML error)", 0, 0)
+            else:
+                self._cleared(i)
+                self.last[i] = device
+            devices.append(device)
         return tuple(devices)
+
+    def _failed(self, index: int | None, exc: Exception) -> None:
+        if index not in self.failing:
+            what = "NVML" if index is None else f"GPU {index}"
+            log.warning("%s: telemetry failed (%s: %s); reporting its last good sample",
+                        what, type(exc).__name__, exc)  # fmt: skip
+            self.failing.add(index)
+
+    def _cleared(self, index: int | None) -> None:
+        if index in self.failing:
+            self.failing.discard(index)
+            log.info("%s: telemetry back", "NVML" if index is None else f"GPU {index}")
 
     def sample(self, settings: Settings) -> Node:
         total, available = memory_mib()
@@ -87,6 +93,34 @@ class Telemetry:
             version=__version__,
             heartbeat_at=time.time(),
         )
+
+
+def _sample_gpu(nv: Any, i: int) -> Device:
+    """One GPU through NVML; the optional readings are left out where unsupported."""
+    handle = nv.nvmlDeviceGetHandleByIndex(i)
+    name = nv.nvmlDeviceGetName(handle)
+    memory = nv.nvmlDeviceGetMemoryInfo(handle)
+    try:
+        util = float(nv.nvmlDeviceGetUtilizationRates(handle).gpu)
+    except nv.NVMLError:
+        util = 0.0
+    try:
+        temp: float | None = float(nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))
+    except nv.NVMLError:
+        temp = None
+    try:
+        power: float | None = nv.nvmlDeviceGetPowerUsage(handle) / 1000.0
+    except nv.NVMLError:
+        power = None
+    return Device(
+        index=i,
+        name=name.decode() if isinstance(name, bytes) else str(name),
+        memory_total_mib=int(memory.total // MIB),
+        memory_used_mib=int(memory.used // MIB),
+        utilization_pct=util,
+        temperature_c=temp,
+        power_w=power,
+    )
 
 
 def memory_mib() -> tuple[int, int]:

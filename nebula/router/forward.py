@@ -292,8 +292,7 @@ class Failures:
             # the model is known but has no replica right now, as when none is listed.
             return error(
                 503,
-                f"model {model!r} has no reachable replica right now ({self.last}); "
-                "retry shortly",
+                f"model {model!r} has no reachable replica right now ({self.last}); retry shortly",
                 "no_healthy_replica",
                 {"Retry-After": NO_REPLICA_RETRY_AFTER},
             )

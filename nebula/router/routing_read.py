@@ -19,7 +19,7 @@ from typing import NamedTuple
 from nebula.errors import StateUnavailable
 from nebula.models import ApiKey, Endpoint
 from nebula.settings import redact
-from nebula.store import State, api_keys, endpoints
+from nebula.store import State, api_keys, endpoints, wire
 
 
 class Config(NamedTuple):
@@ -37,6 +37,10 @@ class Full(NamedTuple):
 
 def _number(raw: object) -> int:
     return int(raw) if raw else 0  # type: ignore[call-overload]
+
+
+def _keys(raw: list[str]) -> list[ApiKey]:
+    return wire.readable(api_keys.decode, raw, "API key")
 
 
 def _check_role(state: State, role: object) -> None:
@@ -61,10 +65,8 @@ async def read_full(state: State) -> Full:
         pipe.execute_command("ROLE")
         seq, version, raw, models, unloading, keys_raw, role = await pipe.execute()
     _check_role(state, role)
-    config = Config(
-        _number(version), set(models), [api_keys.decode(k) for k in keys_raw], set(unloading)
-    )
-    return Full(_number(seq), [endpoints.decode(r) for r in raw], config)
+    config = Config(_number(version), set(models), _keys(keys_raw), set(unloading))
+    return Full(_number(seq), wire.readable(endpoints.decode, raw, "endpoint"), config)
 
 
 async def poll(state: State) -> tuple[int, int]:
@@ -84,6 +86,4 @@ async def read_config(state: State) -> Config:
         state.requests.stage_read_routing(pipe)
         state.api_keys.stage_read_all(pipe)
         version, models, unloading, keys_raw = await pipe.execute()
-    return Config(
-        _number(version), set(models), [api_keys.decode(k) for k in keys_raw], set(unloading)
-    )
+    return Config(_number(version), set(models), _keys(keys_raw), set(unloading))

@@ -12,7 +12,10 @@ After an outage the first reads may find endpoints missing that are only
 late: their keys lapsed while Redis was away (or were lost with it) and the
 agents have not republished them yet. So for one endpoint TTL after an
 outage the table merges (what it had, plus what it reads) instead of
-replacing itself, and never goes blank because Redis came back.
+replacing itself, and never goes blank because Redis came back. When that
+window ends, the table reads everything again and keeps only what it reads:
+an endpoint kept by the merge is checked again then (its engine may have died
+during the outage, and its withdrawal may have been written before the merge).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from nebula.loops import reconcile_forever
 from nebula.models import ApiKey, Endpoint
 from nebula.router import routing_read
 from nebula.router.routing_read import Config
-from nebula.store import State, endpoints
+from nebula.store import State, endpoints, wire
 
 # Feed entries read per refresh at most; more behind than that: a full read.
 MAX_CHANGES = 5000
@@ -47,6 +50,7 @@ class RoutingTable:
         self.fresh = False  # False until the first read, and while Redis is away
         self.merge_after_outage_s = merge_after_outage_s
         self._merge_until = 0.0
+        self._merged: set[str] = set()  # placement ids kept by the merge, not read
         self._ever_read = False
         self._epoch = 0  # the state store's master epoch of the last read
         self.listeners: list[Callable[[], None]] = []  # told after every load
@@ -73,12 +77,16 @@ class RoutingTable:
             # Just after an outage: keep what agents have not republished yet, except
             # for models no longer loaded at all.
             seen = {e.placement_id for e in endpoints}
-            endpoints = endpoints + [
+            kept = [
                 e
                 for model in models - (unloading or set())
                 for e in self.by_model.get(model, [])
                 if e.placement_id not in seen
             ]
+            self._merged = {e.placement_id for e in kept}
+            endpoints = endpoints + kept
+        else:
+            self._merged = set()
         self.by_id = {e.placement_id: e for e in endpoints}
         self.configure(Config(self.version or 0, models, api_keys, unloading or set()))
         self._rebuild(now)
@@ -91,9 +99,14 @@ class RoutingTable:
     def apply(self, changes: list[tuple[int, str, str, str]]) -> None:
         """Feed entries, in order: endpoints up (added or replaced) and down."""
         for _, op, placement_id, raw in changes:
-            if op == "up":
+            if op != "up":
+                self.by_id.pop(placement_id, None)
+                continue
+            try:
                 self.by_id[placement_id] = endpoints.decode(raw)
-            else:
+            except wire.UNREADABLE as exc:
+                # Not routable: one that cannot be read is left out, never a stop.
+                wire.skipped("endpoint", placement_id, exc)
                 self.by_id.pop(placement_id, None)
         self._rebuild(time.time())
 
@@ -130,6 +143,10 @@ class RoutingTable:
             # moments may be missing here until their agents announce them again.
             self._epoch = state.master_epoch
             self._merge_until = float("inf")
+            self.seq = None
+        if self._merged and time.time() >= self._merge_until:
+            # The merge window is over: read it all, and keep only what is there.
+            log.info("re-checking %d endpoint(s) kept over an outage", len(self._merged))
             self.seq = None
         if self.seq is not None:
             seq, version = await routing_read.poll(state)

@@ -35,6 +35,16 @@ log = logging.getLogger(__name__)
 FULL_RESYNC_S = 30.0
 
 
+def refreeze() -> None:
+    """Tens of thousands of long-lived objects (requests, placements) were just read:
+    keep the collector from walking them on every later pass (`gc.freeze`). The
+    previous full pass's objects, frozen then, are garbage now: unfreeze and collect
+    them first, or each full pass would leak the one before it."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 class Scheduler:
     def __init__(self, state: State, settings: Settings, *, identity: str | None = None) -> None:
         self.state = state
@@ -169,9 +179,7 @@ class Scheduler:
         scheduler_metrics.record(snap, changes.pending)
         self._was_exporting = True
         if full:
-            # Tens of thousands of long-lived objects (requests, placements) were just
-            # read; keep the collector from walking them again on every later pass.
-            gc.freeze()
+            refreeze()
         if not changes:
             scheduler_metrics.PASS_SECONDS.observe(time.perf_counter() - started)
             return changes

@@ -31,6 +31,9 @@ class Snapshot:
     # Pending requests waiting for evicted models to unload -> why (kept between the
     # passes that decide evictions, so their message stays put).
     making_room: dict[str, str] = field(default_factory=dict)
+    # Requests whose stored value could not be read (a newer writer's, or damaged):
+    # neither they nor their replicas are touched until they can be read again.
+    unreadable_requests: set[str] = field(default_factory=set)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from redis.exceptions import WatchError
 
 from nebula import keys
 from nebula.scheduler.snapshot import Changes, Snapshot
-from nebula.store import State, nodes, placements, requests
+from nebula.store import State, nodes, placements, requests, wire
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class ClusterStore:
         if full:
             snapshot.states = {}
             snapshot.state_ids = {}
+            snapshot.unreadable_requests = set()
         for node_id in state_nodes:
             fresh = placements.decode_states(next(rows))
             for pid in snapshot.state_ids.get(node_id, set()) - fresh.keys():
@@ -103,17 +104,23 @@ class ClusterStore:
         if full:
             snapshot.placements = {}
             for _ in ids:
-                for raw in next(rows).values():
-                    p = placements.decode(raw)
+                for p in wire.readable(placements.decode, next(rows).values(), "placement"):
                     snapshot.placements[p.id] = p
             snapshot.requests = {}
         snapshot.dirty_requests = set(request_ids)
         for request_id in request_ids:
             row = next(rows)
-            if row:
-                snapshot.requests[request_id] = requests.decode(row)
-            else:
+            snapshot.unreadable_requests.discard(request_id)
+            try:
+                if row:
+                    snapshot.requests[request_id] = requests.decode(row)
+                else:
+                    snapshot.requests.pop(request_id, None)
+            except wire.UNREADABLE as exc:
+                # Left alone (its replicas too) until it can be read: never taken for gone.
+                wire.skipped("model request", request_id, exc)
                 snapshot.requests.pop(request_id, None)
+                snapshot.unreadable_requests.add(request_id)
         return snapshot
 
     async def snapshot(self) -> Snapshot:

@@ -50,7 +50,7 @@ class ApiKeys:
     async def all(self) -> list[ApiKey]:
         async with self.core.reachable():
             raw = await self.core.redis.hvals(keys.API_KEYS)
-        return sorted((decode(r) for r in raw), key=lambda k: k.name)
+        return sorted(wire.readable(decode, raw, "API key"), key=lambda k: k.name)
 
     async def delete(self, name: str) -> None:
         async with self.core.reachable():

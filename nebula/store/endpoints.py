@@ -136,7 +136,7 @@ class Endpoints:
         """Every endpoint now."""
         async with self.core.reachable():
             raw = await self.core.redis.hvals(keys.ENDPOINT_INDEX)
-        return sorted((decode(r) for r in raw), key=lambda e: e.placement_id)
+        return sorted(wire.readable(decode, raw, "endpoint"), key=lambda e: e.placement_id)
 
     # For the routers (router/table.py) and the scheduler, staged on their pipelines.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from redis.asyncio.client import Pipeline
 
@@ -75,7 +76,13 @@ def decode_state(raw: str | bytes) -> PlacementState:
 
 
 def decode_states(raw: dict[str, str]) -> dict[str, PlacementState]:
-    return {pid: decode_state(value) for pid, value in raw.items()}
+    """The states that can be read (the others are skipped and logged)."""
+    return wire.readable_items(decode_state, raw, "placement state")[0]
+
+
+class NodePlacements(NamedTuple):
+    placements: list[Placement]
+    unreadable: set[str]  # placement ids whose value could not be read
 
 
 class Placements:
@@ -83,9 +90,15 @@ class Placements:
         self.core = core
 
     async def of_node(self, node_id: str) -> list[Placement]:
+        return (await self.read_node(node_id)).placements
+
+    async def read_node(self, node_id: str) -> NodePlacements:
+        """The node's placements, and the ids of those that cannot be read (an agent
+        leaves their engines as they are rather than take them for unwanted)."""
         async with self.core.reachable():
             raw = await self.core.redis.hgetall(keys.placements(node_id))
-        return [decode(value) for value in raw.values()]
+        readable, bad = wire.readable_items(decode, raw, "placement")
+        return NodePlacements(list(readable.values()), bad)
 
     async def states(self, node_id: str) -> dict[str, PlacementState]:
         async with self.core.reachable():
@@ -121,9 +134,10 @@ class Placements:
             rows = await pipe.execute()
         out: list[tuple[Placement, PlacementState | None]] = []
         for placements, states in zip(rows[::2], rows[1::2], strict=True):
-            for pid, raw in sorted(placements.items()):
-                state = states.get(pid)
-                out.append((decode(raw), decode_state(state) if state else None))
+            readable, _ = wire.readable_items(decode, placements, "placement")
+            known = decode_states(states)
+            for pid, placement in sorted(readable.items()):
+                out.append((placement, known.get(pid)))
         return out
 
     # Staged onto a caller's pipeline (see Requests).

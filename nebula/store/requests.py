@@ -19,7 +19,7 @@ from redis.exceptions import WatchError
 
 from nebula import keys
 from nebula.durations import show_duration
-from nebula.errors import Conflict, InvalidRequest, NotFound
+from nebula.errors import Conflict, InvalidRequest, NebulaError, NotFound
 from nebula.models import ModelRequest, ModelSpec, Status
 from nebula.store import wire
 from nebula.store.core import Core
@@ -244,7 +244,14 @@ class Requests:
             raw = await self.core.redis.hgetall(keys.request(request_id))
         if not raw:
             raise NotFound(f"no model request {ref!r}")
-        return decode(raw)
+        try:
+            return decode(raw)
+        except wire.UNREADABLE as exc:
+            wire.skipped("model request", request_id, exc)
+            raise NebulaError(
+                f"model request {ref!r} is stored in a form this Nebula cannot read "
+                f"({type(exc).__name__}: {exc}); a newer version may have written it"
+            ) from None
 
     async def all(self) -> list[ModelRequest]:
         async with self.core.reachable():
@@ -253,7 +260,8 @@ class Requests:
                 for request_id in ids:
                     pipe.hgetall(keys.request(request_id))
                 rows = await pipe.execute()
-        return sorted((decode(r) for r in rows if r), key=lambda r: (r.created_at, r.id))
+        readable = wire.readable(decode, (r for r in rows if r), "model request")
+        return sorted(readable, key=lambda r: (r.created_at, r.id))
 
     async def events(self, request_id: str, count: int | None = None) -> list[dict[str, Any]]:
         """The request's event history, oldest first."""

@@ -29,6 +29,8 @@ from typing import Any
 from aiohttp import web
 
 from nebula.engine_flags import API_FLAGS
+from nebula.testengine import prompts
+from nebula.testengine.prompts import cached_prefix, prompt_text
 
 
 @dataclass
@@ -56,8 +58,6 @@ API_KEY = web.AppKey("api_key", str)
 DIMENSIONS = web.AppKey("dimensions", int)
 PREFIX_CACHE = web.AppKey("prefix_cache", dict)  # block hash -> None, oldest first (LRU)
 PREFIX_STATS = web.AppKey("prefix_stats", list)  # [characters hit, characters queried]
-BLOCK_CHARS = 64  # like vLLM's blocks of 16 tokens, in characters
-CACHE_BLOCKS = 20_000
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
@@ -111,23 +111,6 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _invalid(body: dict[str, Any], chat: bool) -> str | None:
-    """What vLLM would refuse with a 400 in a completion request, else None."""
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            return "messages: a non-empty list of message objects is required"
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                return f"messages[{i}]: an object with a `role` string is required"
-    elif not isinstance(body.get("prompt"), str | list):
-        return "prompt: a string or a list is required"
-    max_tokens = body.get("max_tokens")
-    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
-        return "max_tokens: a positive integer is required"
-    return None
-
-
 def _words(text: str, limit: int) -> list[str]:
     words = ("echo: " + text).split()
     return [w + " " for w in words[:limit]] or ["… "]
@@ -135,30 +118,8 @@ def _words(text: str, limit: int) -> list[str]:
 
 async def _prefill(app: web.Application, body: dict[str, Any], chat: bool) -> None:
     """The prefix cache: count the prompt's cached leading blocks, wait for the rest."""
-    if chat:
-        text = "".join(
-            f"{m.get('role', '')}:{m.get('content', '')}\n"
-            for m in body.get("messages") or []
-            if isinstance(m, dict)
-        )
-    else:
-        text = str(body.get("prompt", ""))
-    cache = app[PREFIX_CACHE]
-    hit = 0
-    chain = hashlib.blake2b(digest_size=8)
-    keys = []
-    for start in range(0, len(text) - len(text) % BLOCK_CHARS, BLOCK_CHARS):
-        chain.update(text[start : start + BLOCK_CHARS].encode())
-        keys.append(chain.hexdigest())
-    for key in keys:
-        if key not in cache:
-            break
-        hit += BLOCK_CHARS
-    for key in keys:  # all of this prompt is cached now, most recent last
-        cache.pop(key, None)
-        cache[key] = None
-    while len(cache) > CACHE_BLOCKS:
-        cache.pop(next(iter(cache)))
+    text = prompt_text(body, chat)
+    hit = cached_prefix(app[PREFIX_CACHE], text)
     app[PREFIX_STATS][0] += hit
     app[PREFIX_STATS][1] += len(text)
     per_kchar = app[BEHAVIOUR].prefill_ms_per_kchar
@@ -168,7 +129,7 @@ async def _prefill(app: web.Application, body: dict[str, Any], chat: bool) -> No
 
 async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
     body = await _body(request)
-    invalid = _invalid(body, chat)
+    invalid = prompts.invalid(body, chat)
     if invalid is not None:
         return _error(400, invalid, "BadRequestError")
     app = request.app
@@ -428,7 +389,3 @@ def main(argv: list[str] | None = None) -> None:
         shutdown_timeout=0.5,
         handler_cancellation=True,
     )
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,5 @@
+"""`python -m nebula.testengine`: see the package's doc."""
+
+from nebula.testengine import main
+
+main()

@@ -1,0 +1,59 @@
+"""What the test engine makes of a request's prompt: vLLM's validation (a 400 for
+what vLLM refuses) and a prefix cache of chained block hashes, as vLLM keeps one."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+BLOCK_CHARS = 64  # like vLLM's blocks of 16 tokens, in characters
+CACHE_BLOCKS = 20_000
+
+
+def invalid(body: dict[str, Any], chat: bool) -> str | None:
+    """What vLLM would refuse with a 400 in a completion request, else None."""
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return "messages: a non-empty list of message objects is required"
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                return f"messages[{i}]: an object with a `role` string is required"
+    elif not isinstance(body.get("prompt"), str | list):
+        return "prompt: a string or a list is required"
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
+        return "max_tokens: a positive integer is required"
+    return None
+
+
+def prompt_text(body: dict[str, Any], chat: bool) -> str:
+    if chat:
+        return "".join(
+            f"{m.get('role', '')}:{m.get('content', '')}\n"
+            for m in body.get("messages") or []
+            if isinstance(m, dict)
+        )
+    return str(body.get("prompt", ""))
+
+
+def cached_prefix(cache: dict[str, None], text: str) -> int:
+    """Characters of `text`'s leading blocks already in `cache` (block hash -> None,
+    oldest first); then all of `text` is cached, most recent last, the oldest evicted
+    past `CACHE_BLOCKS`."""
+    hit = 0
+    chain = hashlib.blake2b(digest_size=8)
+    keys = []
+    for start in range(0, len(text) - len(text) % BLOCK_CHARS, BLOCK_CHARS):
+        chain.update(text[start : start + BLOCK_CHARS].encode())
+        keys.append(chain.hexdigest())
+    for key in keys:
+        if key not in cache:
+            break
+        hit += BLOCK_CHARS
+    for key in keys:
+        cache.pop(key, None)
+        cache[key] = None
+    while len(cache) > CACHE_BLOCKS:
+        cache.pop(next(iter(cache)))
+    return hit
