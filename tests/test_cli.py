@@ -60,6 +60,10 @@ async def test_every_command_against_a_live_stack(stack: Cluster) -> None:
 
     loaded = ok(cli(stack, "model", "load", "tiny_chat", "--replicas", "1", "--wait"))
     assert "loading tiny_chat as tiny_chat-" in loaded and "tiny_chat is Ready" in loaded
+    # --json anywhere on the line: before the group as after the command.
+    for args in (("--json", "model", "list"), ("model", "list", "--json")):
+        [row] = json.loads(ok(cli(stack, *args)))
+        assert row["model"] == "tiny_chat", args
     [model] = json.loads(ok(cli(stack, "model", "list", "--json")))
     assert model["status"] == "Ready" and model["ready_replicas"] == 1
     table = ok(cli(stack, "model", "list")).splitlines()

@@ -27,6 +27,12 @@ engine = "test"
 cpu_memory_gib = 1
 engine_args = ["--startup-delay-s", "3"]
 
+[models.slower_start_chat]
+model = "test/slower-start"
+engine = "test"
+cpu_memory_gib = 1
+engine_args = ["--startup-delay-s", "8"]
+
 [models.brief_chat]
 model = "test/brief"
 engine = "test"
@@ -209,3 +215,40 @@ async def test_a_load_that_fails_answers_its_held_requests_with_the_reason(
         # The scheduler's log says why the first went (its events went with it).
         log = (cluster.folder / "scheduler.log").read_text()
         assert f"{first} (Unloading): the load on demand failed" in log, log[-2000:]
+
+
+async def test_a_held_request_whose_client_leaves_frees_its_hold(
+    state: State, cluster: Cluster
+) -> None:
+    """Two clients hold the only two slots and leave: their slots are free at once, so
+    the next two are held (not refused) and answered once the model is up."""
+    router = cluster.start_router(NEBULA_HOLD_QUEUE_LIMIT="2")
+    leaving = aiohttp.ClientTimeout(total=1.0)
+    async with aiohttp.ClientSession(timeout=leaving) as session:
+        for stream in (False, True):
+            with pytest.raises(TimeoutError):
+                await post(session, router.url, chat_body("slower_start_chat", stream))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        answers = await asyncio.gather(
+            *(post(session, router.url, chat_body("slower_start_chat")) for _ in range(2))
+        )
+    assert [status for status, _, _ in answers] == [200, 200], answers
+    assert len(await loads_of(state, "slower_start_chat")) == 1
+
+
+async def test_a_held_stream_ends_with_router_stopped_when_the_drain_runs_out(
+    state: State, cluster: Cluster
+) -> None:
+    """A stream held while its model loads, and the router stopped with a 1 s drain:
+    the stream ends with the router_stopped error event, like a relayed one."""
+    router = cluster.start_router(NEBULA_ROUTER_DRAIN_S="1")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        body = chat_body("slower_start_chat", stream=True)
+        async with session.post(router.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+            first = await r.content.readline()
+            assert first.startswith(b": waiting for model"), first
+            router.proc.terminate()
+            rest = await r.content.read()
+    assert b'"code": "router_stopped"' in rest, rest[-500:]
+    assert router.proc.wait(10) == 0

@@ -4,7 +4,9 @@ end-to-end test."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import subprocess
 import time
@@ -85,3 +87,54 @@ def test_shell_run_serves_the_default_models_and_stops_clean(tmp_path: Path) -> 
     while stack_processes(str(state_dir)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert stack_processes(str(state_dir)) == []
+
+
+def test_shell_run_stops_the_stack_when_its_output_pipe_is_gone(tmp_path: Path) -> None:
+    """`shell/run | tee run.log`, then Ctrl-C: tee dies with the shell's group, and
+    shell/run's own goodbye is a write to a closed pipe. It must stop the stack anyway."""
+    state_dir = tmp_path / "stack"
+    redis_port = free_port()
+    env = {
+        **os.environ,
+        "NEBULA_STATE_DIR": str(state_dir),
+        "NEBULA_ROUTER_PORT": str(free_port()),
+        "NEBULA_REDIS_PORT": str(redis_port),
+    }
+    run = subprocess.Popen(
+        [str(ROOT / "shell" / "run")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    assert run.stdout is not None
+    seen = b""
+    try:
+        deadline = time.monotonic() + 600
+        while b"waiting for the models" not in seen:  # the stack is up, models loading
+            assert time.monotonic() < deadline, f"the stack never started:\n{seen[-3000:]!r}"
+            ready, _, _ = select.select([run.stdout], [], [], 1.0)
+            if ready:
+                chunk = os.read(run.stdout.fileno(), 65536)
+                assert chunk, f"shell/run ended early:\n{seen[-3000:]!r}"
+                seen += chunk
+        assert stack_processes(str(state_dir)), "no stack processes while it was starting"
+        run.stdout.close()  # the reader is gone
+        os.killpg(run.pid, signal.SIGINT)  # Ctrl-C
+        run.wait(180)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait(10)
+    deadline = time.monotonic() + 90
+    while stack_processes(str(state_dir)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = stack_processes(str(state_dir))
+    # Clean up what a shell/run that failed here left: each process's whole group, and
+    # its Redis (which rewrites its own environment, so the marker misses it).
+    redis = subprocess.run(["pgrep", "-f", f"redis-server 127.0.0.1:{redis_port}"],
+                           capture_output=True, text=True).stdout.split()  # fmt: skip
+    for pid in [int(line.split()[0]) for line in left] + [int(p) for p in redis]:
+        with contextlib.suppress(ProcessLookupError):
+            group = os.getpgid(pid)
+            if group != os.getpgrp():  # never this test's own group
+                os.killpg(group, signal.SIGKILL)
+    assert left == [], f"the stack outlived shell/run: {left}"

@@ -322,3 +322,30 @@ async def test_two_scheduler_daemons_one_leader_and_failover(
             assert proc.wait(10) == 0
     # The survivor released its lease on a clean stop.
     assert await state.lease.holder() is None
+
+
+def test_each_full_pass_collects_what_the_previous_one_froze() -> None:
+    """`gc.freeze` keeps a full pass's objects out of later collections; the next full
+    pass must collect those that died since (cyclic garbage is never freed otherwise)."""
+    import gc
+    import weakref
+
+    from nebula.scheduler.service import refreeze
+
+    class Node:
+        pass
+
+    def garbage_cycle() -> weakref.ref[Node]:
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # type: ignore[attr-defined]
+        return weakref.ref(a)
+
+    try:
+        alive = garbage_cycle()  # unreachable, but only a collection frees a cycle
+        gc.freeze()  # what the previous full pass did
+        assert alive() is not None
+        refreeze()  # the next full pass
+        assert alive() is None, "the previous pass's garbage outlived the next full pass"
+        assert gc.get_freeze_count() > 0  # and the new pass's objects are frozen
+    finally:
+        gc.unfreeze()

@@ -123,9 +123,9 @@ def reconcile(
                 lost = f"node {p.node} lost: replica on it is gone"
                 ch.events.append((p.request_id, lost, requests[p.request_id].status))
     draining = {n for n, node in live.items() if node.draining}
-    focus -= snap.unreadable_requests
     for node_id in (snap.dirty_nodes | draining) & usage.by_node.keys():
         focus.update(usage.placements[pid].request_id for pid in usage.by_node[node_id])
+    focus -= snap.unreadable_requests  # left as they are until they can be read
 
     # Retire placements: stopped ones are deleted, unwanted or failed ones asked to stop.
     bumped: dict[str, ModelRequest] = {}  # requests with a replica that failed this pass

@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from nebula.engine_flags import API_FLAGS
-from nebula.testengine import prompts
+from nebula.testengine import prompts, vllm_metrics
 from nebula.testengine.prompts import cached_prefix, prompt_text
 
 
@@ -45,8 +45,11 @@ class Behaviour:
     # A prefix cache like vLLM's: the first byte waits this long per 1,000 characters of
     # the prompt that are not cached yet (0: no delay; the cache is kept either way).
     prefill_ms_per_kchar: float = 0.0
-    # Generation time per token of the answer, streamed or not (vLLM's decode steps).
+    # Generation time per token of the answer, streamed or not (vLLM's decode steps):
+    # before each streamed event after the first, `usage` and `[DONE]` included.
     token_ms: float = 0.0
+    metrics_delay_ms: float = 0.0  # /metrics answers this late (a busy engine)
+    hide_running: bool = False  # /metrics says 0 running (a request not queued yet)
 
 
 BEHAVIOUR = web.AppKey("behaviour", Behaviour)
@@ -69,19 +72,20 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> we
 @web.middleware
 async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
     app = request.app
-    if request.path.startswith("/v1/"):
-        app[SERVED][0] += 1
-        key = app[API_KEY]
-        if key and request.headers.get("Authorization") != f"Bearer {key}":
-            return web.json_response({"error": "Unauthorized"}, status=401)
-        behaviour = app[BEHAVIOUR]
-        if behaviour.delay_ms:
-            await asyncio.sleep(behaviour.delay_ms / 1000)
-        if behaviour.fail_status and behaviour.fail_plain:
-            return web.Response(status=behaviour.fail_status, text="Internal Server Error")
-        if behaviour.fail_status:
-            return _error(behaviour.fail_status, "the test engine was told to fail", "server_error")
-    app[RUNNING][0] += 1
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    app[SERVED][0] += 1
+    key = app[API_KEY]
+    if key and request.headers.get("Authorization") != f"Bearer {key}":
+        return web.json_response({"error": "Unauthorized"}, status=401)
+    behaviour = app[BEHAVIOUR]
+    if behaviour.delay_ms:
+        await asyncio.sleep(behaviour.delay_ms / 1000)
+    if behaviour.fail_status and behaviour.fail_plain:
+        return web.Response(status=behaviour.fail_status, text="Internal Server Error")
+    if behaviour.fail_status:
+        return _error(behaviour.fail_status, "the test engine was told to fail", "server_error")
+    app[RUNNING][0] += 1  # API requests in progress, like vLLM's num_requests_running
     try:
         return await handler(request)
     finally:
@@ -177,7 +181,13 @@ async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
 
+    sent_events = 0
+
     async def send(payload: dict[str, Any] | str) -> None:
+        nonlocal sent_events
+        if behaviour.token_ms and sent_events:
+            await asyncio.sleep(behaviour.token_ms / 1000)
+        sent_events += 1
         data = payload if isinstance(payload, str) else json.dumps(payload)
         await response.write(f"data: {data}\n\n".encode())
 
@@ -204,8 +214,6 @@ async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
             os._exit(17)  # a crash mid-stream, without goodbye
         if behaviour.chunk_delay_ms and sent:
             await asyncio.sleep(behaviour.chunk_delay_ms / 1000)
-        if behaviour.token_ms:
-            await asyncio.sleep(behaviour.token_ms / 1000)
         await send(chunk(word))
     await send(chunk(None, finish))
     if (body.get("stream_options") or {}).get("include_usage"):
@@ -269,31 +277,12 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    # The requests in progress, less this scrape itself.
-    running = request.app[RUNNING][0] - 1
-    model = request.app[MODEL]
-    text = (
-        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
-        "# TYPE vllm:num_requests_running gauge\n"
-        f'vllm:num_requests_running{{model_name="{model}"}} {running}\n'
-        "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
-        "# TYPE vllm:num_requests_waiting gauge\n"
-        f'vllm:num_requests_waiting{{model_name="{model}"}} 0\n'
-        "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n"
-        "# TYPE vllm:kv_cache_usage_perc gauge\n"
-        f'vllm:kv_cache_usage_perc{{model_name="{model}"}} {min(1.0, running / 16):.4f}\n'
-        "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.\n"
-        "# TYPE vllm:prompt_tokens_total counter\n"
-        f'vllm:prompt_tokens_total{{model_name="{model}"}} {request.app[TOKENS][0]}\n'
-        "# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
-        "# TYPE vllm:generation_tokens_total counter\n"
-        f'vllm:generation_tokens_total{{model_name="{model}"}} {request.app[TOKENS][1]}\n'
-        "# HELP vllm:prefix_cache_queries_total Prefix cache queries (characters here).\n"
-        "# TYPE vllm:prefix_cache_queries_total counter\n"
-        f'vllm:prefix_cache_queries_total{{model_name="{model}"}} {request.app[PREFIX_STATS][1]}\n'
-        "# HELP vllm:prefix_cache_hits_total Prefix cache hits (characters here).\n"
-        "# TYPE vllm:prefix_cache_hits_total counter\n"
-        f'vllm:prefix_cache_hits_total{{model_name="{model}"}} {request.app[PREFIX_STATS][0]}\n'
+    behaviour = request.app[BEHAVIOUR]
+    if behaviour.metrics_delay_ms:
+        await asyncio.sleep(behaviour.metrics_delay_ms / 1000)
+    running = 0 if behaviour.hide_running else request.app[RUNNING][0]
+    text = vllm_metrics.exposition(
+        request.app[MODEL], running, request.app[TOKENS], request.app[PREFIX_STATS]
     )
     return web.Response(text=text, content_type="text/plain")
 
@@ -355,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--prefill-ms-per-kchar", type=float, default=0.0)
     p.add_argument("--token-ms", type=float, default=0.0, help="generation time per token")
+    p.add_argument("--metrics-delay-ms", type=float, default=0.0, help="a slow /metrics")
     # vLLM's flags that the admin API may set change sizes, not behaviour, here:
     # accepted and ignored, so a load with overrides runs as it would on vLLM.
     for flag, check in API_FLAGS.items():
@@ -373,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         tokens=args.tokens,
         prefill_ms_per_kchar=args.prefill_ms_per_kchar,
         token_ms=args.token_ms,
+        metrics_delay_ms=args.metrics_delay_ms,
     )
     app = make_app(
         args.model, api_key=args.api_key, dimensions=args.dimensions, behaviour=behaviour
