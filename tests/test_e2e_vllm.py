@@ -12,6 +12,7 @@ import asyncio
 import json
 import re
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -21,6 +22,7 @@ import openai
 import pytest
 
 from harness.cluster import ENGINE_KEY, Cluster
+from nebula.agent.engine import running_requests
 from nebula.agent.telemetry import memory_mib
 from nebula.models import Status
 from nebula.settings import Settings
@@ -64,6 +66,51 @@ async def long_stream(url: str, first: asyncio.Event) -> tuple[int, bool]:
                 chunks += 1
                 first.set()
     return chunks, done
+
+
+# A busy loop that stops itself (bounded) if the test is killed before it kills it.
+BUSY_LOOP = [
+    sys.executable,
+    "-c",
+    "import time\nend = time.time() + 900\nwhile time.time() < end: pass",
+]
+
+
+def engine_requests(target: str) -> int:
+    with urllib.request.urlopen(f"http://{target}/metrics", timeout=30) as r:
+        return running_requests(r.read().decode())
+
+
+async def leave_after(url: str, stream: bool, seconds: float) -> None:
+    """Ask for a 1,500-token answer, then go away after `seconds`."""
+    body = {
+        "model": CHAT,
+        "messages": [{"role": "user", "content": "Tell me a very long story."}],
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+    timeout = aiohttp.ClientTimeout(total=seconds)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        try:
+            async with session.post(url + "/v1/chat/completions", json=body) as r:
+                await r.read()
+        except TimeoutError:
+            return
+    raise AssertionError("a 1,500-token answer ended before its client left")
+
+
+async def abandoned_answers_leave_the_engine_idle(url: str, target: str) -> float:
+    """4 non-streamed and 4 streamed answers, abandoned after 2 s: vLLM aborts a request
+    whose connection closes, and the router passes the leaving on. Seconds from the
+    clients leaving to the engine idle (the answers would have run for minutes)."""
+    await asyncio.gather(*(leave_after(url, stream, 2.0) for stream in [False, True] * 4))
+    left = time.monotonic()
+    deadline = left + 60
+    while await asyncio.to_thread(engine_requests, target):
+        assert time.monotonic() < deadline, "the engine still works for clients that left"
+        await asyncio.sleep(0.1)
+    return time.monotonic() - left
 
 
 async def test_both_default_models_on_vllm_cpu(
@@ -142,17 +189,27 @@ async def test_both_default_models_on_vllm_cpu(
         for api in (chat_api, embed_api, via):
             api.close()
 
-        # Unload while three long answers stream through the router: the drain waits
-        # for them (the default drain timeout, 600 s, covers any answer the router
-        # waits for), so every one ends with [DONE], none is cut.
-        started = [asyncio.Event() for _ in range(3)]
-        streams = [asyncio.create_task(long_stream(router.url, first)) for first in started]
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
-        unload_started = time.monotonic()
-        await state.requests.delete(chat_request.id)
-        await state.requests.delete(embed_request.id)
-        answers = await asyncio.gather(*streams)
-        streamed_s = time.monotonic() - unload_started
+        # Clients that leave take their work with them, streamed or not.
+        idle_s = await abandoned_answers_leave_the_engine_idle(router.url, engines[CHAT])
+
+        # Unload while three long answers stream through the router, with two busy loops
+        # saturating the CPU (an engine too busy to answer its metrics in time is not
+        # idle): the drain waits for them (the default drain timeout, 600 s, covers any
+        # answer the router waits for), so every one ends with [DONE], none is cut.
+        busy = [subprocess.Popen(BUSY_LOOP) for _ in range(2)]
+        try:
+            started = [asyncio.Event() for _ in range(3)]
+            streams = [asyncio.create_task(long_stream(router.url, first)) for first in started]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
+            unload_started = time.monotonic()
+            await state.requests.delete(chat_request.id)
+            await state.requests.delete(embed_request.id)
+            answers = await asyncio.gather(*streams)
+            streamed_s = time.monotonic() - unload_started
+        finally:
+            for proc in busy:
+                proc.kill()
+                proc.wait()
         for chunks, done in answers:
             assert done, f"a stream was cut after {chunks} chunks"
             assert chunks >= 250, f"only {chunks} chunks"  # ~300 tokens, ignore_eos
@@ -170,7 +227,9 @@ async def test_both_default_models_on_vllm_cpu(
         print(
             f"\nvLLM CPU: {CHAT} Ready in {ready_at[chat_request.id]:.0f}s, "
             f"{EMBED} Ready in {ready_at[embed_request.id]:.0f}s (loaded together); "
-            f"3 streams of 300 tokens finished {streamed_s:.1f}s into the unload; "
+            f"8 abandoned answers: engine idle {idle_s:.1f}s after the clients left; "
+            f"3 streams of 300 tokens finished {streamed_s:.1f}s into the unload "
+            "(2 busy loops running); "
             f"unload -> gone {unload_s:.1f}s, last vLLM process gone {gone_s:.1f}s; "
             f"RAM available {available_before} MiB before, {available_after} MiB after"
         )

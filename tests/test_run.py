@@ -37,6 +37,22 @@ def stack_processes(marker: str) -> list[str]:
     return found
 
 
+def descendants(pids: list[int]) -> set[int]:
+    """`pids` and every process below them."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found = set(pids)
+    while True:
+        more = {child for child, up in parent.items() if up in found} - found
+        if not more:
+            return found
+        found |= more
+
+
 def test_shell_run_serves_the_default_models_and_stops_clean(tmp_path: Path) -> None:
     state_dir = tmp_path / "stack"
     router_port, redis_port = free_port(), free_port()
@@ -128,13 +144,12 @@ def test_shell_run_stops_the_stack_when_its_output_pipe_is_gone(tmp_path: Path) 
     while stack_processes(str(state_dir)) and time.monotonic() < deadline:
         time.sleep(0.5)
     left = stack_processes(str(state_dir))
-    # Clean up what a shell/run that failed here left: each process's whole group, and
-    # its Redis (which rewrites its own environment, so the marker misses it).
+    # Clean up what a shell/run that failed here left: every process and its children
+    # (vLLM's engine cores rename themselves, and Redis rewrites its environment, so
+    # the marker misses them), by PID.
     redis = subprocess.run(["pgrep", "-f", f"redis-server 127.0.0.1:{redis_port}"],
                            capture_output=True, text=True).stdout.split()  # fmt: skip
-    for pid in [int(line.split()[0]) for line in left] + [int(p) for p in redis]:
+    for pid in descendants([int(line.split()[0]) for line in left] + [int(p) for p in redis]):
         with contextlib.suppress(ProcessLookupError):
-            group = os.getpgid(pid)
-            if group != os.getpgrp():  # never this test's own group
-                os.killpg(group, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
     assert left == [], f"the stack outlived shell/run: {left}"
