@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from harness.cluster import wait_for
 from harness.processes import EngineProcess, RedisServer, RouterProcess, free_port, http_bytes, stop
 from nebula import keys
 from nebula.agent.engine import running_requests
@@ -84,13 +85,8 @@ def served(router: RouterProcess) -> int:
 
 
 async def until(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await asyncio.to_thread(check)
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(0.05)
+    """Wait for a blocking `check` (run in a thread) to hold."""
+    return await wait_for(lambda: asyncio.to_thread(check), timeout, what)
 
 
 def engine_requests(engine: EngineProcess) -> int:
@@ -154,17 +150,11 @@ async def test_a_client_that_leaves_stops_the_engines_work(
     )
     await until(lambda: metric(router, "nebula_router_in_flight", model=CHAT) == 0, "in-flight 0")
     # Nothing reported in flight for a drain to wait on.
-    await until(lambda: not state_sync_members(state), "the router's in-flight report gone")
 
+    async def unreported() -> bool:
+        return not await state.redis.zrange(keys.ROUTER_IN_FLIGHT, 0, -1)
 
-def state_sync_members(state: State) -> list[Any]:
-    import redis
-
-    client = redis.Redis.from_url(state.url)
-    try:
-        return list(client.zrange(keys.ROUTER_IN_FLIGHT, 0, -1))
-    finally:
-        client.close()
+    await wait_for(unreported, 10, "the router's in-flight report gone")
 
 
 async def test_a_router_reports_what_it_has_in_flight_for_drains(
@@ -177,21 +167,15 @@ async def test_a_router_reports_what_it_has_in_flight_for_drains(
     body = chat(stream=True, content=LONG_PROMPT)
     streams = [asyncio.create_task(leave_after(router.url, body, 30)) for _ in range(3)]
 
-    async def reported() -> int:
-        return await state.in_flight.to("p-1")
+    async def reported(count: int) -> bool:
+        return await state.in_flight.to("p-1") == count
 
-    deadline = time.monotonic() + 10
-    while await reported() != 3:
-        assert time.monotonic() < deadline, "the router never reported 3 requests in flight"
-        await asyncio.sleep(0.1)
+    await wait_for(lambda: reported(3), 10, "the router to report 3 requests in flight")
     assert await state.in_flight.to("p-other") == 0
     for task in streams:
         with pytest.raises(AssertionError, match="ended before the client left"):
             await task
-    deadline = time.monotonic() + 10
-    while await reported() != 0:
-        assert time.monotonic() < deadline, "the report outlived the requests"
-        await asyncio.sleep(0.1)
+    await wait_for(lambda: reported(0), 10, "the report to go with the requests")
 
 
 async def test_every_error_keeps_openai_shape(
