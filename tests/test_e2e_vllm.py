@@ -21,6 +21,7 @@ import aiohttp
 import openai
 import pytest
 
+from harness import clients
 from harness.cluster import ENGINE_KEY, Cluster
 from nebula.agent.engine import running_requests
 from nebula.agent.telemetry import memory_mib
@@ -90,14 +91,7 @@ async def leave_after(url: str, stream: bool, seconds: float) -> None:
         "ignore_eos": True,
         "stream": stream,
     }
-    timeout = aiohttp.ClientTimeout(total=seconds)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        try:
-            async with session.post(url + "/v1/chat/completions", json=body) as r:
-                await r.read()
-        except TimeoutError:
-            return
-    raise AssertionError("a 1,500-token answer ended before its client left")
+    await clients.leave_after(url, body, seconds)
 
 
 async def abandoned_answers_leave_the_engine_idle(url: str, target: str) -> float:

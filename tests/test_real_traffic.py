@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
+from harness import clients
 from harness.cluster import wait_for
 from harness.processes import EngineProcess, RedisServer, RouterProcess, free_port, http_bytes, stop
 from nebula import keys
@@ -114,16 +114,7 @@ def chat(stream: bool = False, content: str = "hello", **extra: Any) -> dict[str
 
 
 async def leave_after(url: str, body: dict[str, Any], seconds: float) -> None:
-    """Ask, then go away after `seconds` (the connection closes) before the answer ends."""
-    timeout = aiohttp.ClientTimeout(total=seconds)
-    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
-    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
-        try:
-            async with session.post(url + "/v1/chat/completions", json=body) as r:
-                await r.read()
-        except TimeoutError:
-            return
-    raise AssertionError("the answer ended before the client left")
+    await clients.leave_after(url, body, seconds, CLIENT_KEY)
 
 
 async def test_a_client_that_leaves_stops_the_engines_work(
@@ -173,7 +164,7 @@ async def test_a_router_reports_what_it_has_in_flight_for_drains(
     await wait_for(lambda: reported(3), 10, "the router to report 3 requests in flight")
     assert await state.in_flight.to("p-other") == 0
     for task in streams:
-        with pytest.raises(AssertionError, match="ended before the client left"):
+        with pytest.raises(clients.AnsweredBeforeLeaving):
             await task
     await wait_for(lambda: reported(0), 10, "the report to go with the requests")
 
