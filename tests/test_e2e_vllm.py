@@ -123,6 +123,9 @@ async def test_both_default_models_on_vllm_cpu(
             "NEBULA_MODELS_DIR": str(models_dir),
             "NEBULA_PROBE_INTERVAL_S": "1",
             "NEBULA_ENGINE_START_TIMEOUT_S": "900",
+            # The default (the test cluster's is 15 s): the unload below must wait for
+            # every answer, however busy the machine.
+            "NEBULA_DRAIN_TIMEOUT_S": "600",
         },
     )
     try:
