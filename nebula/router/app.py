@@ -101,15 +101,21 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
         )
 
         async def sample() -> None:
-            instance = f"{socket.gethostname()}:{os.getpid()}"
-            reported = False
             while True:
                 proxy.sample_in_flight()
                 proxy.forwarder.refresh_engine_key()
+                await asyncio.sleep(SAMPLE_S)
+
+        async def report() -> None:
+            # Its own task: a Redis that hangs delays the report, never the gauges.
+            instance = f"{socket.gethostname()}:{os.getpid()}"
+            reported = False
+            while True:
                 reported = await report_in_flight(app[admin.STATE], instance, proxy, reported)
                 await asyncio.sleep(SAMPLE_S)
 
         sampler = asyncio.create_task(sample(), name="in-flight-sampler")
+        reporter = asyncio.create_task(report(), name="in-flight-reporter")
         host = (
             settings.node_address
             if settings.router_host in ("0.0.0.0", "::")
@@ -129,7 +135,7 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
 
         async def stop() -> None:
             await ondemand.close()
-            for task in (refresher, sampler, advertiser, health, recorder):
+            for task in (refresher, sampler, reporter, advertiser, health, recorder):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

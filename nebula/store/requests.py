@@ -85,6 +85,19 @@ def decode(data: dict[str, str]) -> ModelRequest:
     )
 
 
+def _readable(raw: dict[str, str], ref: str) -> ModelRequest:
+    """One request an operator named: decoded, or a clear error if this Nebula cannot
+    read it (a newer version's status, or damage); never a crash in the admin API."""
+    try:
+        return decode(raw)
+    except wire.UNREADABLE as exc:
+        wire.skipped("model request", ref, exc)
+        raise NebulaError(
+            f"model request {ref!r} is stored in a form this Nebula cannot read "
+            f"({type(exc).__name__}: {exc}); a newer version may have written it"
+        ) from None
+
+
 class Requests:
     def __init__(self, core: Core, event_history: int = 100) -> None:
         self.core = core
@@ -155,7 +168,7 @@ class Requests:
             while True:
                 try:
                     request_id, raw = await self._watch(pipe, ref)
-                    request = decode(raw)
+                    request = _readable(raw, ref)
                     if request.status is Status.UNLOADING:
                         return request
                     fields = {
@@ -188,7 +201,7 @@ class Requests:
             while True:
                 try:
                     request_id, raw = await self._watch(pipe, ref)
-                    request = decode(raw)
+                    request = _readable(raw, ref)
                     if request.status is Status.UNLOADING:
                         raise Conflict(f"model {request.model!r} is being unloaded")
                     value = _seconds(keep_alive_s)
@@ -244,14 +257,7 @@ class Requests:
             raw = await self.core.redis.hgetall(keys.request(request_id))
         if not raw:
             raise NotFound(f"no model request {ref!r}")
-        try:
-            return decode(raw)
-        except wire.UNREADABLE as exc:
-            wire.skipped("model request", request_id, exc)
-            raise NebulaError(
-                f"model request {ref!r} is stored in a form this Nebula cannot read "
-                f"({type(exc).__name__}: {exc}); a newer version may have written it"
-            ) from None
+        return _readable(raw, ref)
 
     async def all(self) -> list[ModelRequest]:
         async with self.core.reachable():
