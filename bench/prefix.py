@@ -1,19 +1,26 @@
-"""Prefix-affine routing against least-outstanding, on real vLLM CPU (run by hand).
+"""Cache-aware routing against least-outstanding, on the workloads production has
+(run by hand).
 
-    .venv/bin/python -m bench.prefix [--conversations 8] [--turns 3] [--words 500]
+    .venv/bin/python -m bench.prefix                  # real vLLM CPU, 2 SmolLM2 replicas
+    .venv/bin/python -m bench.prefix --engine test --replicas 4 --workers 2
 
-Starts Redis, the scheduler, one node and two SmolLM2 replicas (vLLM's CPU
-build, prefix caching on by default), and two routers over the same replicas:
-one with `routing_policy=least_outstanding`, one with `prefix`. Each policy
-then serves the same workload in turn: N conversations, each with its own
-long system prompt (random words, a fresh set per policy so neither warms the
-other's cache), several turns each, two conversations at a time in a shuffled
-order each turn (the same for both policies), answers of 8
-tokens, streamed. Reported per policy: time to first token p50/p90 over all
-turns and over the turns after the first, and vLLM's own prefix-cache hit
-rate (`vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total`, over
-both engines) against the ideal (every turn after the first finds the
-conversation so far cached).
+Workloads, each policy from cold with its own fresh prompts of the same shapes,
+sent in the same order:
+
+    own       16 conversations, each its own 3,000-character system prompt
+    shared    16 conversations of one app: one 3,000-character system prompt for
+              all, then each user's own 1,500-character document
+    shared32  the same with 32 conversations, 8 in flight
+
+4 turns each, a turn of every conversation before the next, `--in-flight` at a
+time (8 for shared32), answers of 8 tokens, streamed. Reported per workload and
+policy, from each answer's `usage` (vLLM with `--enable-prompt-tokens-details`;
+the test engine counts 4 characters a token): the prefix-cache hit rate against
+the ideal (every turn after the first finds its conversation so far cached, and
+every conversation but the first finds the shared prompt); the same for the
+conversations' own part (the prompt past the shared system prompt); the later
+turns that found their previous turn cached (on its replica); the busiest and
+idlest replica's share of requests; and the time to first token of later turns.
 """
 
 from __future__ import annotations
@@ -21,174 +28,282 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import re
 import statistics
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
+from harness import workloads
 from harness.cluster import Cluster, wait_for
-from harness.processes import RedisServer, RouterProcess
-from nebula.models import Status
+from harness.processes import EngineProcess, RedisServer, RouterProcess, stop
+from nebula.models import Endpoint, Status
 from nebula.settings import Settings
 from nebula.store import State
+from nebula.testengine.prompts import prompt_text
 
 MODEL = "smollm2_135m_chat"
-WORDS = ["river", "stone", "lantern", "orbit", "meadow", "signal", "copper", "harbor",
-         "violet", "engine", "summit", "thread", "canyon", "ember", "quartz", "willow"]  # fmt: skip
+POLICIES = ("least_outstanding", "prefix")
+ENGINE_KEY = "bench-prefix"
 
 
-def conversations(seed: int, n: int, words: int) -> list[list[dict[str, str]]]:
-    out = []
-    for c in range(n):
-        rng = random.Random(seed * 1000 + c)
-        system = " ".join(rng.choice(WORDS) for _ in range(words))
-        out.append([{"role": "system", "content": f"Conversation {seed}-{c}. Notes: {system}"}])
-    return out
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    conversations: int
+    in_flight: int
+    shared: bool
+
+    def build(
+        self, seed: int, system_chars: int, document_chars: int
+    ) -> list[list[dict[str, str]]]:
+        if self.shared:
+            return workloads.shared_prompt(seed, self.conversations, system_chars, document_chars)
+        return workloads.own_prompts(seed, self.conversations, system_chars)
 
 
-def engine_counters(url: str) -> tuple[float, float]:
+WORKLOADS = {
+    w.name: w
+    for w in (
+        Workload("own", 16, 4, False),
+        Workload("shared", 16, 4, True),
+        Workload("shared32", 32, 8, True),
+    )
+}
+
+
+def measure(
+    turns: list[workloads.Turn],
+    prompts: dict[tuple[int, int], int],
+    shared_chars: int,
+    counts: dict[str, int],
+) -> dict[str, float]:
+    """The figures of one run; `prompts`: each turn's prompt in characters."""
+    hit = ideal = total = own_hit = own_ideal = own_total = 0.0
+    followed = 0
+    first_conversation = min(t.conversation for t in turns if t.turn == 0)
+    for t in turns:
+        chars = prompts[t.conversation, t.turn]
+        cached = chars * t.cached_tokens / t.prompt_tokens if t.prompt_tokens else 0.0
+        if t.turn:
+            best = prompts[t.conversation, t.turn - 1] // 64 * 64  # whole blocks
+            followed += cached >= 0.9 * best
+        else:
+            best = shared_chars // 64 * 64 if t.conversation != first_conversation else 0
+        hit, ideal, total = hit + cached, ideal + best, total + chars
+        own_hit += max(0.0, cached - shared_chars)
+        own_ideal += max(0, best - shared_chars)
+        own_total += chars - shared_chars
+    later = [t.ttft_s for t in turns if t.turn]
+    share = [n / sum(counts.values()) for n in counts.values()] if counts else [0.0]
+    return {
+        "hit": hit / total,
+        "ideal": ideal / total,
+        "own": own_hit / own_total,
+        "own_ideal": own_ideal / own_total,
+        "followed": followed / len(later),
+        "busiest": max(share),
+        "idlest": min(share),
+        "later_p50": statistics.median(later),
+    }
+
+
+def decisions(router: str, before: dict[str, float]) -> dict[str, float]:
+    """The router's routing decisions by kind, less `before`."""
+    with urllib.request.urlopen(router + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    counts: dict[str, float] = {}
+    for kind, value in re.findall(
+        r'^nebula_router_routing_decisions_total{[^}]*decision="(\w+)"[^}]*} (\S+)', text, re.M
+    ):
+        counts[kind] = counts.get(kind, 0) + float(value) - before.get(kind, 0)
+    return counts
+
+
+def vllm_requests(url: str) -> float:
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
-
-    def total(name: str) -> float:
-        return sum(float(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\S+)", text, re.M))
-
-    return total("vllm:prefix_cache_hits_total"), total("vllm:prefix_cache_queries_total")
+    return sum(
+        float(v) for v in re.findall(r"^vllm:request_success_total{[^}]*} (\S+)", text, re.M)
+    )
 
 
-async def turn(
-    session: aiohttp.ClientSession, url: str, messages: list[dict[str, str]]
-) -> tuple[float, str, int]:
-    """One streamed turn: (time to first token, the answer, prompt tokens)."""
-    body = {"model": MODEL, "messages": messages, "max_tokens": 8, "stream": True,
-            "stream_options": {"include_usage": True}, "temperature": 0}  # fmt: skip
-    started = time.perf_counter()
-    ttft = None
-    text, prompt_tokens = "", 0
-    async with session.post(url + "/v1/chat/completions", json=body) as r:
-        assert r.status == 200, await r.text()
-        async for line in r.content:
-            if not line.startswith(b"data: {"):
-                continue
-            event = json.loads(line[6:])
-            for choice in event.get("choices") or []:
-                piece = (choice.get("delta") or {}).get("content") or ""
-                if piece and ttft is None:
-                    ttft = time.perf_counter() - started
-                text += piece
-            if event.get("usage"):
-                prompt_tokens = int(event["usage"]["prompt_tokens"])
-    return (ttft if ttft is not None else time.perf_counter() - started), text, prompt_tokens
+async def run(
+    args: argparse.Namespace,
+    urls: dict[str, list[str]],
+    replica_counts: Callable[[], dict[str, float]] | None,
+) -> None:
+    print(
+        f"{'workload':<9} {'policy':<18} {'hit (ideal)':>14} {'own part (ideal)':>17} "
+        f"{'followed':>9} {'busiest/idlest':>15} {'later TTFT p50':>15}"
+    )
+    seed = 10
+    for name in args.workloads.split(","):
+        workload = WORKLOADS[name]
+        results = {}
+        for policy in POLICIES:
+            seed += 1
+            convs = workload.build(seed, args.system_chars, args.document_chars)
+            shared = len(prompt_text({"messages": convs[0][:1]}, True)) if workload.shared else 0
+            prompts: dict[tuple[int, int], int] = {}
+            sizes = _prompt_sizes(convs, prompts)
+            before = replica_counts() if replica_counts else {}
+            before_decisions = decisions(urls[policy][0], {})
+            turns = await workloads.converse(
+                urls[policy], args.model, convs, args.turns, workload.in_flight, seed=7
+            )
+            sizes(turns)
+            if replica_counts:
+                after = replica_counts()
+                counts = {k: int(after[k] - before.get(k, 0)) for k in after}
+            else:
+                counts = {r: round(s * len(turns)) for r, s in workloads.shares(turns).items()}
+            r = results[policy] = measure(turns, prompts, shared, counts)
+            print(
+                f"{name:<9} {policy:<18} {r['hit']:>6.1%} ({r['ideal']:>5.1%}) "
+                f"{r['own']:>8.1%} ({r['own_ideal']:>5.1%}) {r['followed']:>9.0%} "
+                f"{r['busiest']:>7.0%} / {r['idlest']:<5.0%} {r['later_p50']:>14.3f}s"
+            )
+            if policy == "prefix":
+                print(f"{'':<28} decisions: {decisions(urls[policy][0], before_decisions)}")
+        lo, px = results["least_outstanding"], results["prefix"]
+        print(
+            f"{'':<9} prefix: later-turn TTFT p50 {lo['later_p50'] / px['later_p50']:.1f}x "
+            f"better; own part {px['own_ideal'] - px['own']:.1%} points under the ideal"
+        )
 
 
-async def run_policy(url: str, engines: list[str], convs: list[list[dict[str, str]]],
-                     turns: int) -> dict[str, float]:  # fmt: skip
-    before = [engine_counters(e) for e in engines]
-    ttfts: list[float] = []
-    later: list[float] = []
-    ideal_hits = 0
-    prompts = 0
-    last_prompt = [0] * len(convs)
-    timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+def _prompt_sizes(
+    convs: list[list[dict[str, str]]], prompts: dict[tuple[int, int], int]
+) -> Callable[[list[workloads.Turn]], None]:
+    """Each turn's prompt size in characters, read back from the conversations once
+    they are done (turn t's prompt: everything before its answer)."""
 
-        async def one(c: int, t: int) -> None:
-            nonlocal ideal_hits, prompts
-            convs[c].append({"role": "user", "content": f"Question {t}: what is note {t}?"})
-            ttft, answer, tokens = await turn(session, url, convs[c])
-            convs[c].append({"role": "assistant", "content": answer})
-            ttfts.append(ttft)
-            if t:
-                later.append(ttft)
-                ideal_hits += last_prompt[c] // 16 * 16  # vLLM caches whole 16-token blocks
-            prompts += tokens
-            last_prompt[c] = tokens
+    def fill(turns: list[workloads.Turn]) -> None:
+        for c, messages in enumerate(convs):
+            head = len(messages) - 2 * (max(t.turn for t in turns) + 1)
+            for t in range(max(t.turn for t in turns) + 1):
+                prompt = messages[: head + 2 * t + 1]
+                prompts[c, t] = len(prompt_text({"messages": prompt}, True))
 
-        rng = random.Random(7)  # the same order for both policies
-        for t in range(turns):
-            # Users come back in any order: a fixed order would pair the same
-            # conversations each turn and give least-outstanding an accidental affinity.
-            order = list(range(len(convs)))
-            rng.shuffle(order)
-            for pair in range(0, len(order), 2):
-                await asyncio.gather(*(one(c, t) for c in order[pair : pair + 2]))
-    after = [engine_counters(e) for e in engines]
-    hits = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
-    queries = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+    return fill
 
-    def pct(values: list[float], q: float) -> float:
-        return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
 
-    return {
-        "ttft_p50": statistics.median(ttfts),
-        "ttft_p90": pct(ttfts, 90),
-        "later_p50": statistics.median(later),
-        "later_p90": pct(later, 90),
-        "hit_rate": hits / queries if queries else 0.0,
-        "ideal": ideal_hits / prompts if prompts else 0.0,
-    }
+async def with_test_engines(args: argparse.Namespace, folder: Path, redis: RedisServer) -> None:
+    engines = [
+        EngineProcess("chat", folder, ENGINE_KEY, "--prefill-ms-per-kchar", "20")
+        for _ in range(args.replicas)
+    ]
+    routers: dict[str, RouterProcess] = {}
+    try:
+        async with State(redis.url) as state:
+            for i, e in enumerate(engines):
+                await state.endpoints.publish(
+                    Endpoint(f"p{i}", "r", "chat", f"n{i}", e.url, "chat")
+                )
+        for policy in POLICIES:
+            routers[policy] = RouterProcess(
+                redis.url,
+                folder,
+                args.workers,
+                NEBULA_ENGINE_API_KEY=ENGINE_KEY,
+                NEBULA_ROUTING_POLICY=policy,
+            )
+        await _routed(routers, args.replicas)
+        print(
+            f"{args.replicas} test-engine replicas (--prefill-ms-per-kchar 20), "
+            f"{args.workers} router worker(s), {args.turns} turns\n"
+        )
+        args.model = "chat"
+        await run(args, {p: [r.url] for p, r in routers.items()}, None)
+    finally:
+        for router in routers.values():
+            router.stop()
+        for engine in engines:
+            stop(engine.proc)
+
+
+async def with_vllm(args: argparse.Namespace, folder: Path, redis: RedisServer) -> None:
+    catalog = (Path(__file__).parents[1] / "nebula" / "catalog.toml").read_text()
+    # Each answer's usage says how much of its prompt was cached.
+    catalog = catalog.replace(
+        'engine_args = ["--max-model-len", "2048", "--enforce-eager"]',
+        'engine_args = ["--max-model-len", "2048", "--enforce-eager", '
+        '"--enable-prompt-tokens-details"]',
+    )
+    cluster = Cluster(
+        redis.url,
+        folder,
+        catalog_text=catalog,
+        extra_env={
+            "NEBULA_MODELS_DIR": str(Settings().models_dir),
+            "NEBULA_PROBE_INTERVAL_S": "1",
+            "NEBULA_ENGINE_START_TIMEOUT_S": "900",
+        },
+    )
+    routers: dict[str, RouterProcess] = {}
+    try:
+        async with State(redis.url) as state:
+            request = await cluster.load(state, MODEL, args.replicas)
+            started = time.monotonic()
+            await cluster.status(state, request.id, Status.READY, timeout=900)
+            print(f"{args.replicas} replicas of {MODEL} Ready in {time.monotonic() - started:.0f}s")
+            engines = sorted(e.url for e in (await state.endpoints.live()))
+        for policy in POLICIES:
+            routers[policy] = cluster.start_router(NEBULA_ROUTING_POLICY=policy)
+        await _routed(routers, args.replicas)
+        print(
+            f"{args.replicas} SmolLM2-135M replicas (vLLM CPU, prefix caching on), "
+            f"{args.turns} turns\n"
+        )
+        args.model = MODEL
+        await run(
+            args,
+            {p: [r.url] for p, r in routers.items()},
+            lambda: {e: vllm_requests(e) for e in engines},
+        )
+    finally:
+        for router in routers.values():
+            router.stop()
+        cluster.close()
+
+
+async def _routed(routers: dict[str, RouterProcess], replicas: int) -> None:
+    async def all_see_all() -> bool:
+        for router in routers.values():
+            async with aiohttp.ClientSession() as s, s.get(router.url + "/health") as r:
+                if json.loads(await r.text())["endpoints"] < replicas:
+                    return False
+        return True
+
+    await wait_for(all_see_all, 60, "the routers to see every replica")
 
 
 async def main(args: argparse.Namespace) -> None:
     folder = Path(tempfile.mkdtemp(prefix="nebula-bench-prefix-"))
     redis = RedisServer(folder / "redis")
     redis.start()
-    catalog = (Path(__file__).parents[1] / "nebula" / "catalog.toml").read_text()
-    cluster = Cluster(redis.url, folder, catalog_text=catalog, extra_env={
-        "NEBULA_MODELS_DIR": str(Settings().models_dir),
-        "NEBULA_PROBE_INTERVAL_S": "1",
-        "NEBULA_ENGINE_START_TIMEOUT_S": "900",
-    })  # fmt: skip
-    routers: dict[str, RouterProcess] = {}
     try:
-        async with State(redis.url) as state:
-            request = await cluster.load(state, MODEL, 2)
-            started = time.monotonic()
-            await cluster.status(state, request.id, Status.READY, timeout=900)
-            print(f"2 replicas of {MODEL} Ready in {time.monotonic() - started:.0f}s")
-            engines = sorted(e.url for e in (await state.endpoints.live()))
-        for policy in ("least_outstanding", "prefix"):
-            routers[policy] = cluster.start_router(NEBULA_ROUTING_POLICY=policy)
-
-        async def both() -> bool:
-            for router in routers.values():
-                with urllib.request.urlopen(router.url + "/health", timeout=5) as r:
-                    if json.load(r)["endpoints"] < 2:
-                        return False
-            return True
-
-        await wait_for(both, 60, "both routers to see both replicas")
-        results = {}
-        for seed, policy in enumerate(("least_outstanding", "prefix"), start=1):
-            convs = conversations(seed, args.conversations, args.words)
-            results[policy] = await run_policy(routers[policy].url, engines, convs, args.turns)
-        print(f"\n{args.conversations} conversations x {args.turns} turns, system prompts of "
-              f"{args.words} words, 2 at a time, 2 replicas (SmolLM2-135M, vLLM CPU)")  # fmt: skip
-        print(f"{'policy':<18} {'TTFT p50':>9} {'p90':>8} {'later p50':>10} {'p90':>8} "
-              f"{'hit rate':>9} {'ideal':>7}")  # fmt: skip
-        for policy, r in results.items():
-            print(f"{policy:<18} {r['ttft_p50']:>8.2f}s {r['ttft_p90']:>7.2f}s "
-                  f"{r['later_p50']:>9.2f}s {r['later_p90']:>7.2f}s {r['hit_rate']:>9.1%} "
-                  f"{r['ideal']:>7.1%}")  # fmt: skip
-        lo, px = results["least_outstanding"], results["prefix"]
-        print(f"prefix vs least_outstanding, turns after the first: TTFT p50 "
-              f"{lo['later_p50'] / px['later_p50']:.1f}x better; hit rate "
-              f"{px['hit_rate'] / px['ideal']:.0%} of the ideal")  # fmt: skip
+        if args.engine == "test":
+            await with_test_engines(args, folder, redis)
+        else:
+            await with_vllm(args, folder, redis)
     finally:
-        for router in routers.values():
-            router.stop()
-        cluster.close()
         redis.stop()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--conversations", type=int, default=8)
-    parser.add_argument("--turns", type=int, default=3)
-    parser.add_argument("--words", type=int, default=500)
+    parser.add_argument("--engine", choices=("vllm", "test"), default="vllm")
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="router worker processes")
+    parser.add_argument("--workloads", default="own,shared,shared32")
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--system-chars", type=int, default=3000)
+    parser.add_argument("--document-chars", type=int, default=1500)
     asyncio.run(main(parser.parse_args()))

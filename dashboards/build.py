@@ -109,7 +109,7 @@ DASHBOARDS: dict[str, dict[str, Any]] = {
         "title": "Nebula / Traffic",
         "panels": [
             (
-                "Routing decisions (prefix affinity kept, overflowed by load)",
+                "Routing decisions (cached, spread, new, overflow by load, least outstanding)",
                 "reqps",
                 [
                     (
@@ -117,6 +117,31 @@ DASHBOARDS: dict[str, dict[str, Any]] = {
                         "(rate(nebula_router_routing_decisions_total[1m]))",
                         "{{model}}: {{decision}}",
                     )
+                ],
+                "timeseries",
+            ),
+            (
+                "Cached prefix of the chosen replica (characters, as the index knows)",
+                "none",
+                [
+                    (
+                        f"histogram_quantile({q}, sum by (le) "
+                        f"(rate(nebula_router_prefix_matched_chars_bucket[5m])))",
+                        f"p{p}",
+                    )
+                    for q, p in ((0.5, 50), (0.9, 90))
+                ],
+                "timeseries",
+            ),
+            (
+                "Prefix index: keys remembered, keys shared between routers",
+                "none",
+                [
+                    ("max(nebula_router_prefix_index_keys)", "remembered (per process)"),
+                    (
+                        "sum by (direction) (rate(nebula_router_prefix_feed_keys_total[5m]))",
+                        "{{direction}} per second",
+                    ),
                 ],
                 "timeseries",
             ),

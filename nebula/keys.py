@@ -117,3 +117,14 @@ ROUTER_IN_FLIGHT = PREFIX + "router-in-flight"
 
 def router_in_flight(instance: str) -> str:
     return f"{PREFIX}router-in-flight:{instance}"
+
+
+# Prefix routing's shared index (store/prefixes.py): a capped stream; each entry
+# is one router process's new prefix keys for one replica (fields i, p, k).
+PREFIX_FEED = PREFIX + "prefix-feed"
+
+
+def engine_load(node_id: str) -> str:
+    """Hash with a TTL: placement id -> what the node's engines last reported of
+    their load ("running waiting kv_usage"); the agent writes it every probe."""
+    return f"{PREFIX}engine-load:{node_id}"

@@ -256,10 +256,37 @@ class Settings(BaseSettings):
         ge=1.0,
         le=10.0,
         description="Prefix routing's load bound: a replica takes a prefix's requests while "
-        "it has at most this times the average load (KubeAI's default, 125 %).",
+        "it has at most this times the average load (KubeAI's default, 125 %), plus "
+        "prefix_load_slack.",
+    )
+    prefix_load_slack: int = Field(
+        2,
+        ge=0,
+        le=1024,
+        description="Requests a replica may have in flight beyond prefix_load_factor's bound "
+        "before a conversation moves off its cache (an engine batches: one or two more cost "
+        "less than a cold prefill). 0: KubeAI's bare bound.",
     )
     prefix_chars: int = Field(
-        256, ge=16, le=65536, description="Prompt characters hashed for prefix routing."
+        16384,
+        ge=16,
+        le=1_048_576,
+        description="Prefix routing reads at most this many characters of a prompt "
+        "(hashing costs about 1 us per chunk; a longer prompt's tail is not told apart).",
+    )
+    prefix_chunk_chars: int = Field(
+        256,
+        ge=16,
+        le=65536,
+        description="Prefix routing cuts the prompt every this many characters (and at "
+        "every message's end); a cut is what one replica is known to hold.",
+    )
+    prefix_index_keys: int = Field(
+        200_000,
+        ge=1000,
+        le=50_000_000,
+        description="Prefix keys each router process remembers (about 150 bytes each), "
+        "the least recently used forgotten first.",
     )
     default_rate_per_s: float | None = Field(
         None, gt=0, description="Requests per second per client key, unless the key sets its own."

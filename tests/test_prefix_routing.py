@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -16,7 +18,7 @@ import pytest
 from harness.cluster import wait_for
 from harness.processes import EngineProcess, RouterProcess, stop
 from nebula.models import Endpoint
-from nebula.router.prefix import PrefixAffinity, prefix_of
+from nebula.router.prefix import Choice, PrefixAffinity, chain
 from nebula.store import State
 
 ENGINE_KEY = "engine-prefix"
@@ -27,56 +29,129 @@ def endpoints(n: int) -> list[Endpoint]:
             for i in range(n)]  # fmt: skip
 
 
-def test_every_router_picks_the_same_replica_for_the_same_prefix() -> None:
+def chat_of(*contents: str) -> dict[str, Any]:
+    roles = ["system", "user", "assistant"]
+    return {
+        "messages": [
+            {"role": roles[min(i, 1) if i < 2 else 2 - i % 2], "content": c}
+            for i, c in enumerate(contents)
+        ]
+    }
+
+
+def route(
+    policy: PrefixAffinity,
+    reps: list[Endpoint],
+    payload: dict[str, Any],
+    inflight: dict[str, int] | None = None,
+) -> Choice:
+    """Choose, and record the choice, as the router does."""
+    prompt = policy.keys(payload)
+    choice = policy.choose(reps, inflight or {}, prompt)
+    policy.record(prompt, choice.endpoint.placement_id)
+    return choice
+
+
+def test_every_router_picks_the_same_replica_for_a_new_conversation() -> None:
     one, two = PrefixAffinity(), PrefixAffinity()
     reps = endpoints(4)
     for i in range(500):
-        key = f"system prompt of conversation {i}"
-        # Routers see replicas in any order: the ring depends only on the set.
-        assert one.choose(reps, {}, key)[0] == two.choose(list(reversed(reps)), {}, key)[0]
+        payload = chat_of(f"system prompt of conversation {i} " * 20, "hi")
+        # Routers see replicas in any order: the choice depends only on the set.
+        assert route(one, reps, payload).endpoint == route(two, reps[::-1], payload).endpoint
 
 
-def test_a_replica_removed_moves_only_its_share_of_prefixes() -> None:
+def test_a_replica_added_or_removed_moves_only_the_conversations_it_held() -> None:
     policy = PrefixAffinity()
     reps = endpoints(4)
-    keys = [f"conversation {i}" for i in range(4000)]
-    before = {k: policy.choose(reps, {}, k)[0].placement_id for k in keys}
-    after = {k: policy.choose(reps[:3], {}, k)[0].placement_id for k in keys}
-    moved = [k for k in keys if before[k] != after[k]]
-    assert all(before[k] == "p3" for k in moved), "a prefix moved off a replica that stayed"
-    assert {before[k] for k in keys} == {"p0", "p1", "p2", "p3"}
-    assert 0.15 < len(moved) / len(keys) < 0.35  # about a quarter: p3's share
-    # And a replica added takes about 1/n, from the others only.
-    added = {k: policy.choose(endpoints(5), {}, k)[0].placement_id for k in keys}
-    assert all(added[k] in (before[k], "p4") for k in keys)
+    convs = [[f"conversation {i} " * 30, "hi"] for i in range(400)]
+    before = {
+        i: route(policy, reps, chat_of(*c)).endpoint.placement_id for i, c in enumerate(convs)
+    }
+    assert {before[i] for i in before} == {"p0", "p1", "p2", "p3"}
+    for c in convs:
+        c += ["an answer", "next"]
+    # p3 goes: its conversations move, every other stays with its cache.
+    after = {
+        i: route(policy, reps[:3], chat_of(*c)).endpoint.placement_id for i, c in enumerate(convs)
+    }
+    assert all(after[i] == before[i] for i in before if before[i] != "p3")
+    assert all(after[i] != "p3" for i in after)
+    # A replica joins: nobody moves (their turns follow their caches); new ones use it.
+    for c in convs:
+        c += ["an answer", "next"]
+    joined = {
+        i: route(policy, endpoints(5), chat_of(*c)).endpoint.placement_id
+        for i, c in enumerate(convs)
+    }
+    assert joined == after
+    fresh = [route(policy, endpoints(5), chat_of(f"new {i} " * 30)).endpoint for i in range(20)]
+    assert any(e.placement_id == "p4" for e in fresh)
 
 
-def test_a_hot_prefix_spreads_once_the_load_bound_is_reached() -> None:
+def test_a_hot_prompt_spills_once_the_load_bound_is_reached() -> None:
     policy = PrefixAffinity(load_factor=1.25)
     reps = endpoints(4)
-    key = "everyone asks the same thing"
+    payload = chat_of("everyone asks the same thing " * 20)
     inflight: dict[str, int] = {}
     chosen = []
     for _ in range(40):
-        endpoint, _ = policy.choose(reps, inflight, key)
+        endpoint = route(policy, reps, payload, inflight).endpoint
         inflight[endpoint.placement_id] = inflight.get(endpoint.placement_id, 0) + 1
         chosen.append(endpoint.placement_id)
-    assert len(set(chosen)) == 4, "a hot prefix stayed on one replica"
-    most = max(inflight.values())
-    assert most <= 1.25 * 40 / 4 + 1, inflight  # nobody over the bound
-    own, first = policy.choose(reps, {}, key)
-    assert first and chosen[0] == own.placement_id  # idle: the prefix's own replica
+    assert len(set(chosen)) >= 3, "a hot prompt stayed on one replica"
+    assert max(inflight.values()) <= math.ceil(1.25 * 40 / 4) + 2, inflight  # the bound + slack
+    idle = route(policy, reps, payload)  # idle: a replica that holds it
+    assert idle.reason == "cached" and idle.matched_chars > 0
 
 
-def test_the_prefix_is_the_start_of_the_conversation() -> None:
-    chat = {"messages": [{"role": "system", "content": "You are terse." * 40},
-                         {"role": "user", "content": "hi"}]}  # fmt: skip
-    assert prefix_of(chat, 64) == ("system:" + "You are terse." * 40)[:64]
-    later = {"messages": [*chat["messages"], {"role": "assistant", "content": "yo"},
-                          {"role": "user", "content": "more"}]}  # fmt: skip
-    assert prefix_of(later, 256) == prefix_of(chat, 256)  # the next turn: same key
-    assert prefix_of({"prompt": "Once upon a time"}, 4) == "Once"
-    assert prefix_of({"messages": "not a list"}, 64) is None
+def test_a_conversation_on_a_shared_system_prompt_follows_its_own_replica() -> None:
+    """One app's long system prompt for everyone: new conversations spread over the
+    replicas, and each one's later turns go where its own part is cached."""
+    policy = PrefixAffinity()
+    reps = endpoints(4)
+    system = "You are the support assistant of a shop. " * 75  # about 3,000 characters
+    convs = [[system, f"my order {c} " * 100] for c in range(40)]
+    first = {}
+    for c, conv in enumerate(convs):
+        first[c] = route(policy, reps, chat_of(*conv)).endpoint.placement_id
+    spread = {pid: list(first.values()).count(pid) for pid in first.values()}
+    assert len(spread) == 4 and max(spread.values()) <= 40 / 4 * 2, spread
+    for turn in range(3):
+        for c, conv in enumerate(convs):
+            conv += [f"answer {turn}", f"question {turn} " * 10]
+            choice = route(policy, reps, chat_of(*conv))
+            assert choice.endpoint.placement_id == first[c], (c, turn)
+            assert choice.reason == "cached" and choice.matched_chars > 3000 + 1000
+
+
+def test_a_conversation_whose_replica_is_over_the_bound_overflows_and_moves() -> None:
+    policy = PrefixAffinity()
+    reps = endpoints(2)
+    conv = ["a system prompt " * 50, "a question " * 20]
+    own = route(policy, reps, chat_of(*conv)).endpoint.placement_id
+    other = "p1" if own == "p0" else "p0"
+    conv += ["an answer", "another question"]
+    busy = route(policy, reps, chat_of(*conv), {own: 10})  # over 1.25 x 11 / 2 + 2
+    assert (busy.reason, busy.endpoint.placement_id) == ("overflow", other)
+    conv += ["an answer", "a third question"]
+    later = route(policy, reps, chat_of(*conv))  # the deepest known prefix is on the other now
+    assert (later.reason, later.endpoint.placement_id) == ("cached", other)
+
+
+def test_a_next_turn_repeats_every_key_of_the_turn_before() -> None:
+    a = chain(chat_of("You are terse." * 40, "hi"), 64, 100_000)
+    b = chain(chat_of("You are terse." * 40, "hi", "yo", "more"), 64, 100_000)
+    assert b.keys[: len(a.keys)] == a.keys and len(b.keys) > len(a.keys)
+    # A cut at every 64 characters and at each message's end.
+    system_end = len("system:" + "You are terse." * 40 + "\n")
+    assert system_end in a.ends and a.ends[-1] == system_end + len("user:hi\n")
+    assert all(e % 64 == 0 for e in a.ends if e not in (system_end, a.ends[-1]))
+    # The same text split into other messages is another prompt.
+    assert chain(chat_of("You are terse." * 40 + "hi"), 64, 100_000).keys != a.keys
+    assert chain({"prompt": "Once upon a time"}, 4, 100).ends == [4, 8, 12, 16]
+    assert chain({"messages": "not a list"}, 64, 100).keys == []
+    assert chain(chat_of("x" * 1000), 64, 200).ends[-3:] == [128, 192, 200]  # and no further
 
 
 @pytest.fixture

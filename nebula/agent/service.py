@@ -21,7 +21,7 @@ from dataclasses import replace
 import aiohttp
 
 from nebula import keys, redis_health
-from nebula.agent import agent_metrics
+from nebula.agent import agent_metrics, load_report
 from nebula.agent.engine import Engine, drain, probe_interval, watch_start
 from nebula.agent.programs import engine_program, program_name
 from nebula.agent.supervisor import Supervisor, SupervisorUnavailable
@@ -64,7 +64,9 @@ class Agent:
     async def run(self) -> None:
         log.info("agent for node %s starting", self.node_id)
         probe_timeout = max(0.5, min(2.0, self.settings.probe_interval_s))
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=probe_timeout))
+        self._session = session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=probe_timeout)
+        )
         try:
             await self._restore()
             address = serve_metrics(self.settings.metrics_address,
@@ -85,6 +87,9 @@ class Agent:
                     ),
                     "redis-health": lambda: redis_health.watch(
                         self.state, self.settings.heartbeat_interval_s
+                    ),
+                    "engine-load": lambda: load_report.report_forever(
+                        self.state, session, self.node_id, self._published, probe
                     ),
                 }
             )  # fmt: skip
@@ -191,21 +196,12 @@ class Agent:
                 await self._fail(engine, exc.message)
                 continue
             ours.add(program.name)
-        if changed:
-            added, updated, _ = await self.sup.reload()
-            # Whatever reloadConfig reports, only our own engines are started: a
-            # group we did not write is never run.
-            strangers = (set(added) | set(updated)) - ours
-            if strangers:
-                log.error("supervisord reports programs the agent did not write: %s; "
-                          "not starting them", ", ".join(sorted(strangers)))  # fmt: skip
-            for name in added:
-                if name in ours:
-                    await self.sup.add(name)
-            for name in updated:
-                if name in ours:
-                    await self.sup.remove(name)
-                    await self.sup.add(name)
+        strangers = await self.sup.apply(ours) if changed else []
+        if strangers:
+            log.error(
+                "supervisord reports programs the agent did not write: %s; not starting them",
+                ", ".join(strangers),
+            )
         processes = await self.sup.processes()
         for engine in wanted:
             if engine.name not in processes and not engine.failed:
@@ -277,6 +273,9 @@ class Agent:
         if engine.watch is None and self._session is not None:
             url = self._url(engine.placement)
             engine.watch = asyncio.create_task(watch_start(engine, self._session, url, self._wake))
+
+    def _published(self) -> dict[str, str]:
+        return {pid: self._url(e.placement) for pid, e in self.engines.items() if e.published}
 
     def _url(self, placement: Placement) -> str:
         return f"http://{self.settings.node_address}:{placement.port}"

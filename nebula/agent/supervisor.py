@@ -168,6 +168,21 @@ class Supervisor:
         [[added, changed, removed]] = await self.call("supervisor.reloadConfig")
         return added, changed, removed
 
+    async def apply(self, ours: set[str]) -> list[str]:
+        """Load the program files: start the ones in `ours` that are new, restart the
+        ones in `ours` that changed. Whatever reloadConfig reports, only these are
+        started: a group the agent did not write is never run; its names are
+        returned, for the log."""
+        added, updated, _ = await self.reload()
+        for name in added:
+            if name in ours:
+                await self.add(name)
+        for name in updated:
+            if name in ours:
+                await self.remove(name)
+                await self.add(name)
+        return sorted((set(added) | set(updated)) - ours)
+
     async def add(self, name: str) -> None:
         await self.call("supervisor.addProcessGroup", name, ok=IDEMPOTENT["add"])
 

@@ -18,6 +18,7 @@ from nebula.durations import parse_keep_alive
 from nebula.errors import InvalidRequest, NebulaError
 from nebula.names import check_name, check_ref
 from nebula.router.auth import KeyRing, bearer
+from nebula.router.balance import Loads
 from nebula.router.openai_errors import error
 from nebula.router.table import RoutingTable
 from nebula.router.views import node_view, placement_view, request_view
@@ -27,6 +28,7 @@ STATE = web.AppKey("state", State)
 CATALOG = web.AppKey("catalog", Catalog)
 TABLE = web.AppKey("table", RoutingTable)
 INFLIGHT = web.AppKey("inflight", dict)
+LOADS = web.AppKey("loads", Loads)
 BODY_LIMIT = web.AppKey("body_limit", int)
 KEEP_ALIVE = web.AppKey("keep_alive", str)  # the default for on-demand loads and unpin
 
@@ -92,7 +94,7 @@ async def cluster(request: web.Request) -> web.Response:
     placements = await state.placements.all(await state.nodes.ids())
     requests = await state.requests.all()
     last_used = await state.requests.last_used()
-    inflight = request.app[INFLIGHT]
+    inflight, loads = request.app[INFLIGHT], request.app[LOADS]
     endpoints = [
         {
             "placement_id": e.placement_id,
@@ -100,6 +102,7 @@ async def cluster(request: web.Request) -> web.Response:
             "node": e.node,
             "url": e.url,
             "in_flight": inflight.get(e.placement_id, 0),
+            "load": loads.get(e.placement_id, 0),
         }
         for model in request.app[TABLE].served()
         for e in request.app[TABLE].endpoints(model)
@@ -287,7 +290,8 @@ async def discovery(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application, keys: KeyRing) -> None:
-    """The admin API under /admin; reads STATE, CATALOG, TABLE and INFLIGHT from `app`."""
+    """The admin API under /admin; reads STATE, CATALOG, TABLE, INFLIGHT and LOADS
+    from `app`."""
     routes = [
         ("GET", "/cluster", cluster),
         ("GET", "/models", list_models),

@@ -23,7 +23,7 @@ from nebula.exporter import advertise
 from nebula.exposure import engine_key, is_loopback
 from nebula.names import shown
 from nebula.process import STOP_STEP_S, bounded
-from nebula.router import admin, router_metrics
+from nebula.router import admin, prefix_feed, router_metrics
 from nebula.router.auth import KeyRing, bearer
 from nebula.router.ondemand import OnDemand, UsageRecorder
 from nebula.router.openai_errors import error, invalid_api_key
@@ -61,6 +61,16 @@ async def report_in_flight(state: State, instance: str, proxy: Proxy, reported: 
     return bool(proxy.inflight)
 
 
+async def sample_engine_load(state: State, table: RoutingTable, proxy: Proxy) -> None:
+    """Take what the engines last reported of their load into the load bound."""
+    try:
+        loads = await state.engine_load.of(e.node for e in table.by_id.values())
+    except NebulaError as exc:
+        log.debug("reading the engines' load: %s", exc.message)
+        return
+    proxy.forwarder.loads.sampled({pid: x.running + x.waiting for pid, x in loads.items()})
+
+
 def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Application:
     keys = KeyRing(
         settings.api_keys,
@@ -89,11 +99,13 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
     app[admin.CATALOG] = catalog
     app[admin.TABLE] = table
     app[admin.INFLIGHT] = proxy.inflight
+    app[admin.LOADS] = proxy.forwarder.loads
     app[PROXY] = proxy
     app[admin.BODY_LIMIT] = settings.body_limit_bytes
     app[admin.KEEP_ALIVE] = settings.keep_alive
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        instance = f"{socket.gethostname()}:{os.getpid()}"  # this worker, to other routers
         await proxy.start()
         await table.refresh(app[admin.STATE])
         refresher = asyncio.create_task(
@@ -108,10 +120,10 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
 
         async def report() -> None:
             # Its own task: a Redis that hangs delays the report, never the gauges.
-            instance = f"{socket.gethostname()}:{os.getpid()}"
             reported = False
             while True:
                 reported = await report_in_flight(app[admin.STATE], instance, proxy, reported)
+                await sample_engine_load(app[admin.STATE], table, proxy)
                 await asyncio.sleep(SAMPLE_S)
 
         sampler = asyncio.create_task(sample(), name="in-flight-sampler")
@@ -131,11 +143,15 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
             name="redis-health",
         )
         recorder = asyncio.create_task(usage.run(), name="last-use")
+        tasks = [refresher, sampler, reporter, advertiser, health, recorder]
+        if proxy.forwarder.prefix is not None:
+            shared = prefix_feed.share(app[admin.STATE], proxy.forwarder.prefix, instance)
+            tasks.append(asyncio.create_task(shared, name="prefix-feed"))
         yield
 
         async def stop() -> None:
             await ondemand.close()
-            for task in (refresher, sampler, reporter, advertiser, health, recorder):
+            for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

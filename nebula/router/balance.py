@@ -9,7 +9,7 @@ and avoids every router herding onto the same "least loaded" replica.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
 from nebula.models import Endpoint
@@ -44,3 +44,32 @@ class LeastOutstanding:
             if load < best_load:
                 best, best_load = candidate, load
         return best
+
+
+class Loads(Mapping[str, int]):
+    """Requests in flight to each replica as this router knows them: its own count
+    (exact, now) plus what the engines last reported beyond it (other routers'
+    requests, and what queues in the engine; sampled, a second or two old)."""
+
+    def __init__(self, own: Mapping[str, int]) -> None:
+        self.own = own
+        self.others: dict[str, int] = {}
+
+    def sampled(self, engines: Mapping[str, int]) -> None:
+        """The engines' own counts (running + waiting), per placement id."""
+        own = self.own
+        self.others = {
+            pid: n - own.get(pid, 0) for pid, n in engines.items() if n > own.get(pid, 0)
+        }
+
+    def get(self, pid: str, default: int = 0) -> int:  # type: ignore[override]
+        return self.own.get(pid, default) + self.others.get(pid, 0)
+
+    def __getitem__(self, pid: str) -> int:
+        return self.get(pid)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(set(self.own) | set(self.others))
+
+    def __len__(self) -> int:
+        return len(set(self.own) | set(self.others))

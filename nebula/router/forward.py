@@ -23,10 +23,10 @@ from aiohttp import web
 
 from nebula.models import Endpoint
 from nebula.router import router_metrics
-from nebula.router.balance import LeastOutstanding, Policy
+from nebula.router.balance import LeastOutstanding, Loads, Policy
 from nebula.router.openai_errors import error, upstream_error
 from nebula.router.outliers import Outliers
-from nebula.router.prefix import PrefixAffinity
+from nebula.router.prefix import PrefixAffinity, Prompt
 from nebula.router.relay import Streams
 from nebula.router.table import RoutingTable
 from nebula.settings import Settings
@@ -64,11 +64,18 @@ class Forwarder:
         self.settings = settings
         self.policy = policy or LeastOutstanding()
         self.prefix = (
-            PrefixAffinity(settings.prefix_load_factor, settings.prefix_chars)
+            PrefixAffinity(
+                settings.prefix_load_factor,
+                settings.prefix_load_slack,
+                settings.prefix_chunk_chars,
+                settings.prefix_chars,
+                settings.prefix_index_keys,
+            )
             if settings.routing_policy == "prefix"
             else None
         )
         self.inflight: dict[str, int] = defaultdict(int)  # placement id -> requests in flight
+        self.loads = Loads(self.inflight)  # and what the engines report beyond it
         self.session: aiohttp.ClientSession | None = None
         self.streams = Streams(table, settings.idle_read_timeout_s)
         self.outliers = Outliers()
@@ -117,7 +124,7 @@ class Forwarder:
         candidates: list[Endpoint],
         started: float,
         ttft: Any,
-        prefix: str | None = None,
+        prefix: Prompt | None = None,
         stream: web.StreamResponse | None = None,
     ) -> web.StreamResponse:
         """Send to one replica after another until one answers (see the module's doc)."""
@@ -129,6 +136,8 @@ class Forwarder:
             if endpoint is None:
                 break
             tried.add(endpoint.placement_id)
+            if prefix is not None and self.prefix is not None:
+                self.prefix.record(prefix, endpoint.placement_id)
             if attempt:
                 router_metrics.RETRIES.labels(model).inc()
             retryable = len(tried) < len(candidates) and attempt < self.settings.max_retries
@@ -154,7 +163,7 @@ class Forwarder:
         usable: Sequence[Endpoint],
         ejected: Sequence[Endpoint],
         tried: set[str],
-        prefix: str | None,
+        prefix: Prompt | None,
     ) -> Endpoint | None:
         left = [c for c in usable if c.placement_id not in tried] if tried else usable
         if not left:  # replicas left out after failed connects: a last resort
@@ -162,11 +171,12 @@ class Forwarder:
         if not left:
             return None
         if prefix is not None and self.prefix is not None:
-            endpoint, own = self.prefix.choose(left, self.inflight, prefix)
-            self.labels.decision(model, "affinity" if own else "overflow").inc()
-            return endpoint
+            choice = self.prefix.choose(left, self.loads, prefix)
+            self.labels.decision(model, choice.reason).inc()
+            router_metrics.PREFIX_MATCHED.observe(choice.matched_chars)
+            return choice.endpoint
         self.labels.decision(model, "least_outstanding").inc()
-        return self.policy.choose(left, self.inflight)
+        return self.policy.choose(left, self.loads)
 
     async def _send(self, send: Send, failures: Failures) -> web.StreamResponse | None:
         """One attempt: the answer to give, or None to try another replica."""

@@ -1,52 +1,84 @@
-"""Prefix-affine routing: the same conversation goes where its prompt is cached.
+"""Cache-aware routing: a request goes to the replica most likely to hold the
+longest prefix of its prompt in its KV cache, among replicas under a load bound.
 
-vLLM keeps the KV cache of prompts it has seen (prefix caching); a chat's next
-turn repeats the whole conversation so far, so the replica that served the
-last turn can skip most of the prefill (measured here: 19.5 s to the first
-token cold, 0.6 s warm, SmolLM2 on CPU with a 1,500-word system prompt).
+vLLM keeps the KV cache of prompts it has seen (prefix caching, in blocks of 16
+tokens chained by hash); a chat's next turn repeats the whole conversation so
+far, so the replica that served the last turn skips most of the prefill
+(measured here: 19.5 s to the first token cold, 0.6 s warm, SmolLM2 on CPU
+with a 1,500-word system prompt).
 
-The choice is consistent hashing with bounded load (Mirrokni et al., 2016; the
-scheme KubeAI uses): the first `prefix_chars` characters of the prompt are
-hashed onto a ring of the model's replicas (many virtual points each); the
-request goes to the first replica clockwise whose load is within
-`load_factor` of the average, so a hot prefix spills over instead of piling
-onto one replica. Why this and not a shared index of what each engine holds:
+The prompt, as text (`role:content` per message), is cut at every
+`chunk_chars` characters and at every message's end, and each cut is keyed by
+a hash of all the text before it (`chain`): a key names a whole prefix, as
+vLLM's chained block hashes do, and a conversation's next turn repeats every
+key of the turn before. The index (`PrefixIndex`) maps keys to the replicas
+that were sent them, learned from this router's own choices and from every
+other router's (shared through Redis, `prefix_feed.py`), bounded in size and
+forgetting the least recently used first. A choice (`PrefixAffinity.choose`)
+starts from the deepest key of the prompt that the index knows a live replica
+holds:
 
-- every router worker and every router picks the same replica for the same
-  prefix from nothing but the replica set they all read, with no round trip
-  per request and no shared state to keep;
-- when a replica joins or leaves, only the prefixes on its arcs move (about
-  1/n of them); the rest keep their caches.
+1. a next turn (no prompt went on past that key yet): the replicas that hold
+   it, under the load bound ("cached"; among several, rendezvous hashing on the
+   prompt's anchor, so every router picks the same);
+2. a new conversation on a prefix that others went on from (one app's system
+   prompt, a tool list, a RAG template): any replica ("spread"), so a shared
+   prefix is cached once per replica instead of piling its conversations onto
+   the first replica that had it;
+3. nothing known: any replica ("new"); the holders all over the bound: any
+   other ("overflow"), and the next turn follows there.
 
-What it cannot see (an engine evicting a prefix, two conversations sharing a
-long prefix beyond the hashed part) costs a cache miss, never a wrong answer.
-The load each router bounds is its own count of requests in flight, so
-routers agree exactly while under the bound and may spill differently above
-it. Pure: no I/O.
+A conversation that starts (or moves) has no cache to go to: it takes the
+least loaded replica; among equals, the one that took the fewest conversations
+lately (they will follow it, so this spreads them evenly); among equals (an
+idle start), rendezvous hashing on the anchor: the key at the end of its first
+message past the system prompt, the same in every turn and different between
+users of one app. Another router learns where it went through the feed (a
+write and a read, a millisecond or two) before its next turn comes.
+
+The bound is `load_factor` times the mean load, counting this request
+(consistent hashing with bounded load, Mirrokni et al., 2016), plus
+`load_slack` requests: an engine batches, so one or two more in flight cost
+less than a cold prefill, and at low load the bare bound (1 when fewer
+requests than replicas are in flight) would move conversations off their
+cache for nothing. The load is this router's requests in flight plus what the
+engines report beyond them. A hot prefix spills instead of piling up.
+
+What it cannot see: what an engine evicted (the index forgets by its own LRU,
+not the engine's), a choice whose feed has not arrived yet, and tokens (the
+cuts are in characters). A wrong guess costs a cache miss, never a wrong
+answer. Pure: no I/O.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from nebula.models import Endpoint
 
-POINTS_PER_REPLICA = 160
+MASK64 = (1 << 64) - 1
+EMPTY: tuple[bool, tuple[str, ...]] = (False, ())
+# How fast the count of conversations each replica took lately forgets: about the
+# last 1 / (1 - STARTS_DECAY) starts weigh.
+STARTS_DECAY = 0.97
+# Keys one replica's share of the outbox may hold between two flushes: a router
+# that cannot reach Redis keeps its choices for itself past this.
+OUTBOX_LIMIT = 50_000
 
 
-def _hash(data: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+# Messages that set the conversation up rather than start it.
+PREAMBLE_ROLES = ("system", "developer")
 
 
-def prefix_of(payload: dict[str, Any], chars: int) -> str | None:
-    """The first `chars` characters of a chat's messages or a completion's prompt."""
+def _segments(payload: dict[str, Any]) -> Iterator[tuple[str, bool]]:
+    """The prompt as text, a message at a time (a completion's prompt: one piece),
+    each with whether it is a user's, the model's or a tool's (not a preamble)."""
     messages = payload.get("messages")
-    parts: list[str] = []
-    size = 0
     if isinstance(messages, list):
         for message in messages:
             if not isinstance(message, dict):
@@ -54,74 +86,255 @@ def prefix_of(payload: dict[str, Any], chars: int) -> str | None:
             content = message.get("content")
             if isinstance(content, list):  # content parts: take the text ones
                 content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-            text = f"{message.get('role', '')}:{content}\n"
-            parts.append(text)
-            size += len(text)
-            if size >= chars:
-                break
-    else:
-        prompt = payload.get("prompt")
-        if isinstance(prompt, list):
-            prompt = prompt[0] if prompt and isinstance(prompt[0], str) else None
-        if isinstance(prompt, str):
-            parts.append(prompt)
-    text = "".join(parts)[:chars]
-    return text or None
+            role = message.get("role", "")
+            yield f"{role}:{content}\n", role not in PREAMBLE_ROLES
+        return
+    prompt = payload.get("prompt")
+    if isinstance(prompt, list):
+        prompt = prompt[0] if prompt and isinstance(prompt[0], str) else None
+    if isinstance(prompt, str):
+        yield prompt, False
 
 
-class Ring:
-    """One model's replicas on a hash ring."""
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """A prompt's keys (see `chain`), the offset in characters of each cut, and its
+    anchor: the key that tells this conversation from others on the same preamble,
+    in every turn (the end of its first message past the system prompt; the last
+    key where there is none)."""
 
-    def __init__(self, endpoints: Sequence[Endpoint]) -> None:
-        points = []
-        for e in endpoints:
-            for i in range(POINTS_PER_REPLICA):
-                points.append((_hash(f"{e.placement_id}#{i}".encode()), e.placement_id))
-        points.sort()
-        self.hashes = [h for h, _ in points]
-        self.owners = [pid for _, pid in points]
-        self.by_id = {e.placement_id: e for e in endpoints}
+    keys: list[int]
+    ends: list[int]
+    anchor: int
 
-    def walk(self, key: str) -> list[str]:
-        """Replica ids in ring order from `key`'s point, each once."""
-        start = bisect.bisect(self.hashes, _hash(key.encode()))
-        seen: list[str] = []
-        n = len(self.owners)
-        for i in range(n):
-            pid = self.owners[(start + i) % n]
-            if pid not in seen:
-                seen.append(pid)
-                if len(seen) == len(self.by_id):
-                    break
-        return seen
+    @property
+    def tell(self) -> int:
+        return self.keys[self.anchor] if self.keys else 0
+
+
+def chain(payload: dict[str, Any], chunk_chars: int, max_chars: int) -> Prompt:
+    """The prompt's keys: at every `chunk_chars` characters and every message end,
+    a 64-bit hash of all the text before that cut, up to `max_chars` characters
+    (counted as bytes of UTF-8).
+
+    Cuts sit at absolute offsets, so a prompt that extends another (the next
+    turn) has all of its keys, in the same places. The hash is CRC-32 and
+    Adler-32 of the text so far, side by side: both run on from one cut to the
+    next in C at about 1 GB/s, where a cryptographic hash costs 2 us a cut here;
+    a collision (about one in 2^64 pairs) costs a cache miss, never an answer."""
+    keys: list[int] = []
+    ends: list[int] = []
+    anchor = -1
+    crc, adler = 0, 1
+    offset = 0  # of the message in the prompt
+    crc32, adler32 = zlib.crc32, zlib.adler32
+    for text, opens in _segments(payload):
+        data = memoryview(text.encode())
+        end = min(offset + len(data), max_chars)
+        done = 0  # of the message, hashed
+        for cut in range((offset // chunk_chars + 1) * chunk_chars, end + 1, chunk_chars):
+            piece = data[done : cut - offset]
+            crc, adler = crc32(piece, crc), adler32(piece, adler)
+            done = cut - offset
+            keys.append(crc << 32 | adler)
+            ends.append(cut)
+        if offset + done < end:  # the message's end (or max_chars), between two cuts
+            piece = data[done : end - offset]
+            crc, adler = crc32(piece, crc), adler32(piece, adler)
+            keys.append(crc << 32 | adler)
+            ends.append(end)
+        if opens and anchor < 0 and end == offset + len(data):
+            anchor = len(keys) - 1
+        offset = end
+        if offset >= max_chars:
+            break
+    return Prompt(keys, ends, anchor)
+
+
+def _mix(a: int, b: int) -> int:
+    """A 64-bit rendezvous score for replica hash `a` and key `b` (splitmix64's finalizer)."""
+    z = (a ^ b) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+class PrefixIndex:
+    """Prefix key -> (whether some prompt went on past it, the replicas sent it, most
+    recent last); bounded, the least recently used forgotten first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: dict[int, tuple[bool, tuple[str, ...]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def holders(self, key: int) -> tuple[str, ...]:
+        return self._entries.get(key, EMPTY)[1]
+
+    def branched(self, key: int) -> bool:
+        """Some prompt went on past `key`: a request that ends its known part here is
+        a new branch (a new conversation on a shared prefix), not a next turn."""
+        return self._entries.get(key, EMPTY)[0]
+
+    def deepest(self, keys: Sequence[int]) -> int:
+        """How many of `keys` lead the prompt in the index (0: none). A binary search:
+        a key is known only if the keys before it are (`add` keeps them fresher)."""
+        lo, hi = 0, len(keys)
+        known = self._entries
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if keys[mid - 1] in known:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def add(self, keys: Sequence[int], replica: str) -> list[int]:
+        """`replica` holds `keys` now; returns the keys it did not hold before, in
+        order. Touched deepest first, so that a prefix is always fresher than what
+        extends it (and forgotten after it)."""
+        new = []
+        entries = self._entries
+        last = len(keys) - 1
+        for i in range(last, -1, -1):
+            key = keys[i]
+            branched, had = entries.pop(key, EMPTY)
+            if replica not in had:
+                new.append(key)
+                had = (*had[-7:], replica)  # a hot prefix's last 8 replicas
+            entries[key] = (branched or i < last, had)
+        while len(entries) > self.capacity:
+            del entries[next(iter(entries))]
+        new.reverse()
+        return new
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    endpoint: Endpoint
+    reason: str  # cached, overflow or new (router_metrics.ROUTING)
+    matched_chars: int  # of the prompt, the chosen replica holds as far as the index knows
 
 
 class PrefixAffinity:
-    """Choose by prompt prefix, bounded by load; remembers one ring per replica set."""
+    """The cache-aware choice, the index it reads, and the keys to share."""
 
-    def __init__(self, load_factor: float = 1.25, chars: int = 256) -> None:
+    def __init__(
+        self,
+        load_factor: float = 1.25,
+        load_slack: int = 2,
+        chunk_chars: int = 256,
+        max_chars: int = 16384,
+        capacity: int = 200_000,
+    ) -> None:
         self.load_factor = load_factor
-        self.chars = chars
-        self._rings: dict[tuple[str, ...], Ring] = {}
+        self.load_slack = load_slack
+        self.chunk_chars = chunk_chars
+        self.max_chars = max_chars
+        self.index = PrefixIndex(capacity)
+        # Keys learned here and not yet shared: replica -> keys (prefix_feed.py sends them).
+        self.outbox: dict[str, list[int]] = {}
+        self._ids: dict[str, int] = {}  # placement id -> its rendezvous hash
+        self.on_new: Callable[[], None] = lambda: None  # the outbox has something to send
+        self._started: dict[str, float] = {}  # placement id -> conversations started, decayed
+        self._weight = 1.0
 
-    def ring(self, candidates: Sequence[Endpoint]) -> Ring:
-        ids = tuple(sorted(e.placement_id for e in candidates))
-        ring = self._rings.get(ids)
-        if ring is None:
-            if len(self._rings) > 256:  # replica sets come and go: keep it bounded
-                self._rings.clear()
-            ring = self._rings[ids] = Ring(candidates)
-        return ring
+    def keys(self, payload: dict[str, Any]) -> Prompt:
+        return chain(payload, self.chunk_chars, self.max_chars)
+
+    def _id(self, placement_id: str) -> int:
+        h = self._ids.get(placement_id)
+        if h is None:
+            if len(self._ids) > 4096:  # replicas come and go: keep it bounded
+                self._ids.clear()
+            digest = hashlib.blake2b(placement_id.encode(), digest_size=8).digest()
+            h = self._ids[placement_id] = int.from_bytes(digest, "little")
+        return h
 
     def choose(
-        self, candidates: Sequence[Endpoint], inflight: Mapping[str, int], key: str
-    ) -> tuple[Endpoint, bool]:
-        """The replica for `key`, and whether it is the key's own (False: spilled over)."""
-        ring = self.ring(candidates)
-        order = ring.walk(key)
-        total = sum(inflight.get(pid, 0) for pid in order) + 1
-        bound = math.ceil(self.load_factor * total / len(order))
-        for rank, pid in enumerate(order):
-            if inflight.get(pid, 0) + 1 <= bound:
-                return ring.by_id[pid], rank == 0
-        return ring.by_id[order[0]], True  # unreachable: some replica is under the mean
+        self, candidates: Sequence[Endpoint], load: Mapping[str, int], prompt: Prompt
+    ) -> Choice:
+        """The replica for `prompt` (see the module's doc); `load`: each replica's
+        requests in flight as this router knows them."""
+        keys = prompt.keys
+        ids = [e.placement_id for e in candidates]
+        get = load.get
+        loads = dict(zip(ids, [get(pid, 0) for pid in ids], strict=True))
+        bound = math.ceil(self.load_factor * (sum(loads.values()) + 1) / len(ids))
+        bound += self.load_slack
+        depth = self.index.deepest(keys)
+        holders: list[str] = []
+        while depth:  # the deepest known key that a live replica holds
+            holders = [pid for pid in self.index.holders(keys[depth - 1]) if pid in loads]
+            if holders:
+                break
+            depth -= 1
+        tell = prompt.tell
+        if holders and depth < len(keys) and self.index.branched(keys[depth - 1]):
+            # A new conversation on a prefix others went on from (one app's system
+            # prompt): any replica; each caches the shared part once, and this
+            # conversation's next turns follow it.
+            pid = self._start(loads, tell)
+            matched = prompt.ends[depth - 1] if pid in holders else 0
+            return Choice(candidates[ids.index(pid)], "spread", matched)
+        under = [pid for pid in holders if loads[pid] < bound]
+        if under:
+            pid = self._rendezvous(under, tell)
+            return Choice(candidates[ids.index(pid)], "cached", prompt.ends[depth - 1])
+        if holders:
+            rest = {p: n for p, n in loads.items() if n < bound and p not in holders}
+            pid = self._start(rest or loads, tell)
+            return Choice(candidates[ids.index(pid)], "overflow", 0)
+        return Choice(candidates[ids.index(self._start(loads, tell))], "new", 0)
+
+    def _start(self, loads: dict[str, int], tell: int) -> str:
+        """Where a conversation starts (or moves), having no cache to go to, among
+        `loads`' replicas: the least loaded; among those, the one that took the
+        fewest conversations lately (they will follow it: this spreads them evenly);
+        among those (the idle start), rendezvous hashing on the anchor."""
+        least = min(loads.values())
+        pids = [p for p, n in loads.items() if n == least]
+        if len(pids) > 1:
+            started = self._started
+            fewest = min([started.get(pid, 0.0) for pid in pids])
+            pids = [p for p in pids if started.get(p, 0.0) <= fewest]
+        pid = self._rendezvous(pids, tell)
+        # Decayed counts: each start weighs 1/STARTS_DECAY more than the one before.
+        started = self._started
+        self._weight /= STARTS_DECAY
+        started[pid] = started.get(pid, 0.0) + self._weight
+        if self._weight > 1e100:  # rescale long before floats run out
+            self._started = {
+                p: n / self._weight for p, n in started.items() if n > self._weight * 1e-6
+            }
+            self._weight = 1.0
+        return pid
+
+    def _rendezvous(self, pids: Sequence[str], key: int) -> str:
+        if len(pids) == 1:
+            return pids[0]
+        best, best_score = pids[0], -1
+        for pid in pids:
+            score = _mix(self._id(pid), key)
+            if score > best_score:
+                best, best_score = pid, score
+        return best
+
+    def record(self, prompt: Prompt, placement_id: str) -> None:
+        """`placement_id` was sent `prompt`: it will hold it."""
+        new = self.index.add(prompt.keys, placement_id)
+        if new:
+            box = self.outbox.setdefault(placement_id, [])
+            if len(box) < OUTBOX_LIMIT:
+                box.extend(new)
+            self.on_new()
+
+    def learn(self, placement_id: str, keys: Sequence[int]) -> None:
+        """Another router sent `keys` to `placement_id`."""
+        self.index.add(keys, placement_id)
+
+    def take_outbox(self) -> dict[str, list[int]]:
+        box, self.outbox = self.outbox, {}
+        return box

@@ -26,7 +26,7 @@ from nebula.router.balance import Policy
 from nebula.router.forward import NO_REPLICA_RETRY_AFTER, Forwarder
 from nebula.router.ondemand import OnDemand, Refused, UsageRecorder, into_stream
 from nebula.router.openai_errors import error, invalid_api_key
-from nebula.router.prefix import prefix_of
+from nebula.router.prefix import Prompt
 from nebula.router.ratelimit import ClusterLimiter
 from nebula.router.table import RoutingTable
 from nebula.settings import Settings
@@ -194,7 +194,7 @@ class Proxy:
                 "wrong_model_task",
             )
         prefix = (
-            prefix_of(payload, self.forwarder.prefix.chars)
+            self.forwarder.prefix.keys(payload)
             if self.forwarder.prefix is not None and wanted is Task.CHAT
             else None
         )
@@ -224,7 +224,7 @@ class Proxy:
         candidates: list[Endpoint],
         spec: Any,
         started: float,
-        prefix: str | None,
+        prefix: Prompt | None,
     ) -> web.StreamResponse:
         """Hold the request while its model loads (if it must), then forward it."""
         stream = None

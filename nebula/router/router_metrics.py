@@ -66,9 +66,26 @@ TOKENS = Counter(
 )
 ROUTING = Counter(
     "nebula_router_routing_decisions",
-    "How replicas were chosen: affinity (the prompt prefix's own replica), overflow (its "
-    "replica was over the load bound), least_outstanding (no prefix policy or no prompt).",
+    "How replicas were chosen: cached (a replica that holds the prompt's longest known "
+    "prefix), overflow (those were over the load bound), new (no part of the prompt "
+    "known), least_outstanding (no prefix policy, or not a chat or completion).",
     ["model", "decision"],
+)
+PREFIX_MATCHED = Histogram(
+    "nebula_router_prefix_matched_chars",
+    "Characters of the prompt that the chosen replica holds in its cache, as far as "
+    "the prefix index knows (0: a new prompt or an overflow).",
+    buckets=(0, 256, 1024, 4096, 16384, 65536),
+)
+PREFIX_INDEX_KEYS = Gauge(
+    "nebula_router_prefix_index_keys",
+    "Prefix keys this router process remembers (bounded by prefix_index_keys).",
+    multiprocess_mode="max",
+)
+PREFIX_FEED = Counter(
+    "nebula_router_prefix_feed_keys",
+    "Prefix keys shared with other routers: sent (this process's choices) and learned (theirs).",
+    ["direction"],
 )
 
 ON_DEMAND_LOADS = Counter(

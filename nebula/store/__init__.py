@@ -7,6 +7,8 @@
     endpoints.Endpoints  healthy engines for the routers
     inflight.RouterInFlight  what routers have in flight to each engine (drains)
     api_keys.ApiKeys     hashed client keys
+    prefixes.PrefixFeed  prefix routing's shared index (routers' choices)
+    engine_load.EngineLoads  what engines report of their load (routing)
     targets.MetricsTargets  /metrics addresses for Prometheus
     lease.Lease          the scheduler's leader lease
 
@@ -22,10 +24,12 @@ from nebula.settings import Settings
 from nebula.store.api_keys import ApiKeys
 from nebula.store.core import Core
 from nebula.store.endpoints import Endpoints
+from nebula.store.engine_load import EngineLoads
 from nebula.store.inflight import RouterInFlight
 from nebula.store.lease import Lease
 from nebula.store.nodes import Nodes
 from nebula.store.placements import Placements
+from nebula.store.prefixes import PrefixFeed
 from nebula.store.requests import Requests
 from nebula.store.targets import MetricsTargets
 
@@ -41,6 +45,8 @@ class State(Core):
         self.endpoints = Endpoints(self)
         self.in_flight = RouterInFlight(self)
         self.api_keys = ApiKeys(self)
+        self.prefix_feed = PrefixFeed(self)
+        self.engine_load = EngineLoads(self)
         self.targets = MetricsTargets(self)
         self.lease = Lease(self)
 

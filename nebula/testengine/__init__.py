@@ -30,7 +30,18 @@ from aiohttp import web
 
 from nebula.engine_flags import API_FLAGS
 from nebula.testengine import prompts, vllm_metrics
-from nebula.testengine.prompts import cached_prefix, prompt_text
+from nebula.testengine.prompts import (
+    BLOCK_CHARS,
+    CACHE_BLOCKS,
+    CHARS_PER_TOKEN,
+    cached_prefix,
+    prompt_text,
+)
+
+WAIT_POLL_S = 0.005
+# OpenAI's field for "which backend answered": here the engine's process, so that a
+# test behind the router can tell which replica served each request.
+FINGERPRINT = f"testengine-{os.getpid()}"
 
 
 @dataclass
@@ -50,10 +61,13 @@ class Behaviour:
     token_ms: float = 0.0
     metrics_delay_ms: float = 0.0  # /metrics answers this late (a busy engine)
     hide_running: bool = False  # /metrics says 0 running (a request not queued yet)
+    # vLLM's --max-num-seqs: past this many running, requests wait (num_requests_waiting).
+    max_running: int = 0  # 0: no limit
+    cache_blocks: int = CACHE_BLOCKS  # the prefix cache's size; the least recent go first
 
 
 BEHAVIOUR = web.AppKey("behaviour", Behaviour)
-RUNNING = web.AppKey("running", list)  # one-element list: requests in progress
+RUNNING = web.AppKey("running", list)  # [requests in progress, requests waiting]
 SERVED = web.AppKey("served", list)  # one-element list: /v1 requests that reached us
 TOKENS = web.AppKey("tokens", list)  # [prompt, generation] tokens, like vLLM's counters
 MODEL = web.AppKey("model", str)
@@ -85,11 +99,19 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
         return web.Response(status=behaviour.fail_status, text="Internal Server Error")
     if behaviour.fail_status:
         return _error(behaviour.fail_status, "the test engine was told to fail", "server_error")
-    app[RUNNING][0] += 1  # API requests in progress, like vLLM's num_requests_running
+    counts = app[RUNNING]
+    if behaviour.max_running and counts[0] >= behaviour.max_running:
+        counts[1] += 1  # like vLLM's num_requests_waiting
+        try:
+            while behaviour.max_running and counts[0] >= behaviour.max_running:
+                await asyncio.sleep(WAIT_POLL_S)
+        finally:
+            counts[1] -= 1
+    counts[0] += 1  # API requests in progress, like vLLM's num_requests_running
     try:
         return await handler(request)
     finally:
-        app[RUNNING][0] -= 1
+        counts[0] -= 1
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -120,15 +142,18 @@ def _words(text: str, limit: int) -> list[str]:
     return [w + " " for w in words[:limit]] or ["… "]
 
 
-async def _prefill(app: web.Application, body: dict[str, Any], chat: bool) -> None:
-    """The prefix cache: count the prompt's cached leading blocks, wait for the rest."""
+async def _prefill(app: web.Application, body: dict[str, Any], chat: bool) -> tuple[int, int]:
+    """The prefix cache: count the prompt's cached leading blocks, wait for the rest.
+    Returns the prompt's tokens and how many of them were cached (4 characters a
+    token, so a block of 64 characters is vLLM's 16 tokens)."""
     text = prompt_text(body, chat)
-    hit = cached_prefix(app[PREFIX_CACHE], text)
+    hit = cached_prefix(app[PREFIX_CACHE], text, app[BEHAVIOUR].cache_blocks)
     app[PREFIX_STATS][0] += hit
     app[PREFIX_STATS][1] += len(text)
     per_kchar = app[BEHAVIOUR].prefill_ms_per_kchar
     if per_kchar:
         await asyncio.sleep((len(text) - hit) / 1000 * per_kchar / 1000)
+    return -(-len(text) // CHARS_PER_TOKEN), hit // CHARS_PER_TOKEN
 
 
 async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
@@ -138,7 +163,7 @@ async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
         return _error(400, invalid, "BadRequestError")
     app = request.app
     behaviour = app[BEHAVIOUR]
-    await _prefill(app, body, chat)
+    prompt_tokens, cached_tokens = await _prefill(app, body, chat)
     limit = min(int(body.get("max_tokens") or behaviour.tokens), behaviour.tokens)
     if chat:
         messages = body.get("messages") or []
@@ -150,12 +175,13 @@ async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
     created = int(time.time())
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:16]
     kind = "chat.completion" if chat else "text_completion"
-    app[TOKENS][0] += len(prompt.split())
+    app[TOKENS][0] += prompt_tokens
     app[TOKENS][1] += len(words)
     usage = {
-        "prompt_tokens": len(prompt.split()),
+        "prompt_tokens": prompt_tokens,
         "completion_tokens": len(words),
-        "total_tokens": len(prompt.split()) + len(words),
+        "total_tokens": prompt_tokens + len(words),
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
     if not body.get("stream"):
         await asyncio.sleep(behaviour.token_ms * len(words) / 1000)
@@ -173,6 +199,7 @@ async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
                 "object": kind,
                 "created": created,
                 "model": app[MODEL],
+                "system_fingerprint": FINGERPRINT,
                 "choices": [choice],
                 "usage": usage,
             }
@@ -202,6 +229,7 @@ async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
             "object": kind + ".chunk" if chat else kind,
             "created": created,
             "model": app[MODEL],
+            "system_fingerprint": FINGERPRINT,
             "choices": [choice],
         }
 
@@ -280,9 +308,13 @@ async def metrics(request: web.Request) -> web.Response:
     behaviour = request.app[BEHAVIOUR]
     if behaviour.metrics_delay_ms:
         await asyncio.sleep(behaviour.metrics_delay_ms / 1000)
-    running = 0 if behaviour.hide_running else request.app[RUNNING][0]
+    running, waiting = request.app[RUNNING]
     text = vllm_metrics.exposition(
-        request.app[MODEL], running, request.app[TOKENS], request.app[PREFIX_STATS]
+        request.app[MODEL],
+        0 if behaviour.hide_running else running,
+        waiting,
+        request.app[TOKENS],
+        request.app[PREFIX_STATS],
     )
     return web.Response(text=text, content_type="text/plain")
 
@@ -315,7 +347,7 @@ def make_app(
     app[API_KEY] = api_key
     app[DIMENSIONS] = dimensions
     app[BEHAVIOUR] = behaviour or Behaviour()
-    app[RUNNING] = [0]
+    app[RUNNING] = [0, 0]
     app[SERVED] = [0]
     app[PREFIX_CACHE] = {}
     app[PREFIX_STATS] = [0, 0]
@@ -345,9 +377,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prefill-ms-per-kchar", type=float, default=0.0)
     p.add_argument("--token-ms", type=float, default=0.0, help="generation time per token")
     p.add_argument("--metrics-delay-ms", type=float, default=0.0, help="a slow /metrics")
-    # vLLM's flags that the admin API may set change sizes, not behaviour, here:
+    p.add_argument("--max-num-seqs", type=int, default=0, help="running at most (0: no limit)")
+    p.add_argument(
+        "--cache-blocks",
+        type=int,
+        default=CACHE_BLOCKS,
+        help=f"prefix cache size in blocks of {BLOCK_CHARS} characters",
+    )
+    # vLLM's other flags that the admin API may set change sizes, not behaviour, here:
     # accepted and ignored, so a load with overrides runs as it would on vLLM.
     for flag, check in API_FLAGS.items():
+        if flag == "--max-num-seqs":
+            continue  # taken above, with vLLM's meaning
         if check is None:
             p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
         else:
@@ -364,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
         prefill_ms_per_kchar=args.prefill_ms_per_kchar,
         token_ms=args.token_ms,
         metrics_delay_ms=args.metrics_delay_ms,
+        max_running=args.max_num_seqs,
+        cache_blocks=args.cache_blocks,
     )
     app = make_app(
         args.model, api_key=args.api_key, dimensions=args.dimensions, behaviour=behaviour

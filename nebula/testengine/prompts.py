@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+CHARS_PER_TOKEN = 4  # the test engine's tokens (about English's)
 BLOCK_CHARS = 64  # like vLLM's blocks of 16 tokens, in characters
 CACHE_BLOCKS = 20_000
 
@@ -37,10 +38,10 @@ def prompt_text(body: dict[str, Any], chat: bool) -> str:
     return str(body.get("prompt", ""))
 
 
-def cached_prefix(cache: dict[str, None], text: str) -> int:
+def cached_prefix(cache: dict[str, None], text: str, capacity: int = CACHE_BLOCKS) -> int:
     """Characters of `text`'s leading blocks already in `cache` (block hash -> None,
     oldest first); then all of `text` is cached, most recent last, the oldest evicted
-    past `CACHE_BLOCKS`."""
+    past `capacity` blocks."""
     hit = 0
     chain = hashlib.blake2b(digest_size=8)
     keys = []
@@ -51,9 +52,9 @@ def cached_prefix(cache: dict[str, None], text: str) -> int:
         if key not in cache:
             break
         hit += BLOCK_CHARS
-    for key in keys:
+    for key in reversed(keys):  # deepest first: a prefix outlives what extends it, as in vLLM
         cache.pop(key, None)
         cache[key] = None
-    while len(cache) > CACHE_BLOCKS:
+    while len(cache) > capacity:
         cache.pop(next(iter(cache)))
     return hit

@@ -14,12 +14,14 @@ METRICS = (
 )
 
 
-def exposition(model: str, running: int, tokens: list[int], prefix_stats: list[int]) -> str:
-    """The page, for `running` requests, [prompt, generation] `tokens` and the prefix
-    cache's [characters hit, characters queried]."""
+def exposition(
+    model: str, running: int, waiting: int, tokens: list[int], prefix_stats: list[int]
+) -> str:
+    """The page, for `running` and `waiting` requests, [prompt, generation] `tokens`
+    and the prefix cache's [characters hit, characters queried]."""
     values = (
         running,
-        0,
+        waiting,
         f"{min(1.0, running / 16):.4f}",
         tokens[0],
         tokens[1],
