@@ -42,6 +42,7 @@ import aiohttp
 from harness import workloads
 from harness.cluster import Cluster, wait_for
 from harness.processes import EngineProcess, RedisServer, RouterProcess, stop
+from nebula import keys
 from nebula.models import Endpoint, Status
 from nebula.settings import Settings
 from nebula.store import State
@@ -267,6 +268,12 @@ async def with_vllm(args: argparse.Namespace, folder: Path, redis: RedisServer) 
             {p: [r.url] for p, r in routers.items()},
             lambda: {e: vllm_requests(e) for e in engines},
         )
+        async with State(redis.url) as state:
+            entries = await state.redis.xrange(keys.PREFIX_FEED)
+        ops: dict[str, int] = {}
+        for _, fields in entries:
+            ops[fields.get("o") or "keys"] = ops.get(fields.get("o") or "keys", 0) + 1
+        print(f"\nprefix feed entries by kind (evict: vLLM's KV events): {ops}")
     finally:
         for router in routers.values():
             router.stop()

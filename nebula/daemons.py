@@ -80,11 +80,11 @@ async def _router(settings: Settings) -> None:
 
 
 async def _agent(settings: Settings) -> None:
-    from nebula.agent.service import serve
+    from nebula.agent.node import serve_agent
 
     die_with_parent()  # a node is one unit: no orphan agent if supervisord is killed
     await _wait_for_redis(settings)
-    await serve(settings)
+    await serve_agent(settings)
 
 
 async def _node(settings: Settings) -> None:

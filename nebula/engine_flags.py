@@ -44,6 +44,7 @@ RESERVED = frozenset(
         "--api-key",
         "--gpu-memory-utilization",
         "--tensor-parallel-size",
+        "--kv-events-config",  # where the engine tells its agent what it caches
     }
 )
 

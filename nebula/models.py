@@ -225,6 +225,9 @@ class Endpoint:
     node: str
     url: str  # base URL of the engine's OpenAI server, e.g. http://10.0.0.5:8100
     task: str = ""  # chat or embedding; "" from an agent older than this field
+    # The engine publishes its KV-cache events to its agent: the router tags requests
+    # with a session id so that its evictions name them (agent/kv_watch.py).
+    kv_events: bool = False
 
 
 @dataclass(frozen=True, slots=True)

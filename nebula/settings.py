@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -27,6 +27,7 @@ from nebula.connection import is_sentinel, parse_sentinel
 from nebula.durations import parse_keep_alive
 from nebula.errors import ConfigError, InvalidRequest, validation_problems
 from nebula.names import NAME_RE, NAME_RULE
+from nebula.routing_settings import RoutingSettings
 
 CONFIG_CANDIDATES = (
     Path("nebula.toml"),
@@ -60,8 +61,9 @@ def config_file() -> Path | None:
     return next((p for p in CONFIG_CANDIDATES if p.is_file()), None)
 
 
-class Settings(BaseSettings):
-    """Nebula's settings; each field is documented where it is declared."""
+class Settings(RoutingSettings):
+    """Nebula's settings; each field is documented where it is declared (the routing
+    policy's in `nebula.routing_settings`)."""
 
     model_config = SettingsConfigDict(env_prefix="NEBULA_", extra="forbid", enable_decoding=False)
 
@@ -244,49 +246,6 @@ class Settings(BaseSettings):
         gt=0,
         description="/health fails (503) when the routing table is older than this "
         "(Redis away that long): the router still serves, but a load balancer should know.",
-    )
-    routing_policy: Literal["prefix", "least_outstanding"] = Field(
-        "prefix",
-        description="How chat and completion requests pick a replica: prefix (the replica "
-        "that likely holds the prompt's prefix in its KV cache, bounded by load) or "
-        "least_outstanding. Embeddings always use least_outstanding.",
-    )
-    prefix_load_factor: float = Field(
-        1.25,
-        ge=1.0,
-        le=10.0,
-        description="Prefix routing's load bound: a replica takes a prefix's requests while "
-        "it has at most this times the average load (KubeAI's default, 125 %), plus "
-        "prefix_load_slack.",
-    )
-    prefix_load_slack: int = Field(
-        2,
-        ge=0,
-        le=1024,
-        description="Requests a replica may have in flight beyond prefix_load_factor's bound "
-        "before a conversation moves off its cache (an engine batches: one or two more cost "
-        "less than a cold prefill). 0: KubeAI's bare bound.",
-    )
-    prefix_chars: int = Field(
-        16384,
-        ge=16,
-        le=1_048_576,
-        description="Prefix routing reads at most this many characters of a prompt "
-        "(hashing costs about 1 us per chunk; a longer prompt's tail is not told apart).",
-    )
-    prefix_chunk_chars: int = Field(
-        256,
-        ge=16,
-        le=65536,
-        description="Prefix routing cuts the prompt every this many characters (and at "
-        "every message's end); a cut is what one replica is known to hold.",
-    )
-    prefix_index_keys: int = Field(
-        200_000,
-        ge=1000,
-        le=50_000_000,
-        description="Prefix keys each router process remembers (about 150 bytes each), "
-        "the least recently used forgotten first.",
     )
     default_rate_per_s: float | None = Field(
         None, gt=0, description="Requests per second per client key, unless the key sets its own."

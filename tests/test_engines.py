@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from nebula import kv_events
 from nebula.agent.programs import engine_program
 from nebula.agent.supervisor import render
 from nebula.catalog import load_catalog
@@ -40,8 +42,16 @@ def test_gpu_chat_engine(tmp_path: Path) -> None:
         "--served-model-name", "qwen2_5_0_5b_chat",
         "--host", "10.1.2.3", "--port", "8123",
         "--gpu-memory-utilization", "0.4", "--tensor-parallel-size", "2",
+        # Its KV-cache events, to the node's agent only (precise prefix routing).
+        "--kv-events-config", kv_events.engine_config("abc"),
         "--max-model-len", "8192",
     )  # fmt: skip
+    assert json.loads(kv_events.engine_config("abc")) == {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "topic": "kv",
+        "endpoint": f"ipc://{kv_events.socket_dir()}/abc.ipc",
+    }
     assert program.environment["CUDA_VISIBLE_DEVICES"] == "2,3"
     assert program.inherited["VLLM_API_KEY"] == "NEBULA_ENGINE_API_KEY"  # from supervisord
     assert "internal-key" not in " ".join(program.command)  # never visible in `ps`

@@ -18,7 +18,8 @@ import pytest
 from harness.cluster import wait_for
 from harness.processes import EngineProcess, RouterProcess, stop
 from nebula.models import Endpoint
-from nebula.router.prefix import Choice, PrefixAffinity, chain
+from nebula.router.prefix import Choice, PrefixAffinity
+from nebula.router.prompt_keys import chain
 from nebula.store import State
 
 ENGINE_KEY = "engine-prefix"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from nebula.models import Node, Phase
 
@@ -15,6 +15,12 @@ GPU_POWER = Gauge("nebula_node_gpu_power_watts", "GPU power draw.", GPU_LABELS)
 RAM_TOTAL = Gauge("nebula_node_ram_total_bytes", "The node's RAM.", ["node"])
 RAM_AVAILABLE = Gauge("nebula_node_ram_available_bytes", "The node's available RAM.", ["node"])
 
+KV_EVENTS = Counter(
+    "nebula_agent_kv_events",
+    "KV-cache events read from the node's engines (precise prefix routing), by kind: "
+    "stored, removed, cleared.",
+    ["kind"],
+)
 ENGINE_LABELS = ["node", "model", "placement"]
 ENGINE_STATE = Gauge(
     "nebula_engine_state",

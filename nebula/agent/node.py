@@ -112,3 +112,18 @@ def exec_supervisord(settings: Settings) -> None:
     if binary is None:
         raise ConfigError("supervisord is not installed; install Nebula with its dependencies")
     os.execv(binary, [binary, "-n", "-c", str(paths.config)])
+
+
+async def serve_agent(settings: Settings) -> None:
+    """The node agent (`nebula agent`, which this node's supervisord runs)."""
+    from nebula.agent.service import Agent
+    from nebula.agent.supervisor import Supervisor
+    from nebula.store import State
+
+    paths = NodePaths.of(settings)
+    supervisor = Supervisor(paths.socket, paths.programs, paths.logs)
+    state = State.of(settings)
+    try:
+        await Agent(state, settings, supervisor).run()
+    finally:
+        await state.close()

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nebula import kv_events
 from nebula.catalog import TEST_ENGINE
 from nebula.errors import InvalidRequest
 from nebula.models import Placement, Task
@@ -67,6 +68,12 @@ def model_source(placement: Placement, settings: Settings) -> str:
     return spec.model
 
 
+def publishes_kv_events(placement: Placement, settings: Settings) -> bool:
+    """Whether the placement's engine publishes its KV-cache events to the agent
+    (precise prefix routing: agent/kv_watch.py): chat engines, unless turned off."""
+    return settings.kv_events and placement.spec.task is Task.CHAT
+
+
 def engine_program(placement: Placement, settings: Settings) -> Program:
     spec = placement.spec
     python = settings.engine_python or sys.executable
@@ -82,6 +89,8 @@ def engine_program(placement: Placement, settings: Settings) -> Program:
             "--host", settings.node_address, "--port", str(placement.port),
             "--model", spec.name, *spec.engine_args,
         ]  # fmt: skip
+        if publishes_kv_events(placement, settings):
+            command += ["--kv-events-config", kv_events.engine_config(placement.id)]
         inherited = {"NEBULA_TEST_ENGINE_API_KEY": KEY_VARIABLE} if settings.engine_api_key else {}
         return Program(program_name(placement.id), tuple(command), env, inherited)
 
@@ -104,6 +113,8 @@ def engine_program(placement: Placement, settings: Settings) -> Program:
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.cpu_kvcache_gib:g}"
         env["HF_HUB_OFFLINE"] = "1"
         env["VLLM_TARGET_DEVICE"] = "cpu"
+    if publishes_kv_events(placement, settings):
+        command += ["--kv-events-config", kv_events.engine_config(placement.id)]
     command += spec.engine_args
     inherited = {"VLLM_API_KEY": KEY_VARIABLE} if settings.engine_api_key else {}
     return Program(program_name(placement.id), tuple(command), env, inherited)

@@ -20,10 +20,10 @@ from dataclasses import replace
 
 import aiohttp
 
-from nebula import keys, redis_health
-from nebula.agent import agent_metrics, load_report
+from nebula import keys, kv_events, redis_health
+from nebula.agent import agent_metrics, kv_watch, load_report
 from nebula.agent.engine import Engine, drain, probe_interval, watch_start
-from nebula.agent.programs import engine_program, program_name
+from nebula.agent.programs import engine_program, program_name, publishes_kv_events
 from nebula.agent.supervisor import Supervisor, SupervisorUnavailable
 from nebula.agent.telemetry import Telemetry
 from nebula.errors import InvalidRequest, NebulaError, StateUnavailable
@@ -67,6 +67,7 @@ class Agent:
         self._session = session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=probe_timeout)
         )
+        kv_events.socket_dir().mkdir(mode=0o700, exist_ok=True)  # before any engine binds
         try:
             await self._restore()
             address = serve_metrics(self.settings.metrics_address,
@@ -91,6 +92,7 @@ class Agent:
                     "engine-load": lambda: load_report.report_forever(
                         self.state, session, self.node_id, self._published, probe
                     ),
+                    "kv-events": lambda: kv_watch.watch_engines(self.state, self._kv_publishers),
                 }
             )  # fmt: skip
         finally:
@@ -277,6 +279,10 @@ class Agent:
     def _published(self) -> dict[str, str]:
         return {pid: self._url(e.placement) for pid, e in self.engines.items() if e.published}
 
+    def _kv_publishers(self) -> set[str]:
+        engines = [e for e in self.engines.values() if e.published]
+        return {e.placement.id for e in engines if publishes_kv_events(e.placement, self.settings)}
+
     def _url(self, placement: Placement) -> str:
         return f"http://{self.settings.node_address}:{placement.port}"
 
@@ -297,8 +303,9 @@ class Agent:
         if engine.published and not legacy:
             return
         p = engine.placement
-        endpoint = Endpoint(p.id, p.request_id, p.model, self.node_id, self._url(p),
-                            p.spec.task.value)  # fmt: skip
+        kv = publishes_kv_events(p, self.settings)
+        url, task = self._url(p), p.spec.task.value
+        endpoint = Endpoint(p.id, p.request_id, p.model, self.node_id, url, task, kv)
         if legacy:  # every probe, for routers not yet upgraded
             await self.state.endpoints.publish_legacy(endpoint, self.settings.node_ttl_s)
         if engine.published:
@@ -385,15 +392,3 @@ class Agent:
             engine.retiring = None
             await asyncio.sleep(self.settings.probe_interval_s)
             self._wake.set()
-
-
-async def serve(settings: Settings) -> None:
-    from nebula.agent.node import NodePaths
-
-    paths = NodePaths.of(settings)
-    supervisor = Supervisor(paths.socket, paths.programs, paths.logs)
-    state = State.of(settings)
-    try:
-        await Agent(state, settings, supervisor).run()
-    finally:
-        await state.close()

@@ -26,7 +26,8 @@ from nebula.router import router_metrics
 from nebula.router.balance import LeastOutstanding, Loads, Policy
 from nebula.router.openai_errors import error, upstream_error
 from nebula.router.outliers import Outliers
-from nebula.router.prefix import PrefixAffinity, Prompt
+from nebula.router.prefix import PrefixAffinity
+from nebula.router.prompt_keys import Prompt, with_session
 from nebula.router.relay import Streams
 from nebula.router.table import RoutingTable
 from nebula.settings import Settings
@@ -136,12 +137,15 @@ class Forwarder:
             if endpoint is None:
                 break
             tried.add(endpoint.placement_id)
+            sent = body
             if prefix is not None and self.prefix is not None:
                 self.prefix.record(prefix, endpoint.placement_id)
+                if endpoint.kv_events and prefix.taggable:  # precise mode (agent/kv_watch.py)
+                    sent = with_session(body, self.prefix.tag(prefix))
             if attempt:
                 router_metrics.RETRIES.labels(model).inc()
             retryable = len(tried) < len(candidates) and attempt < self.settings.max_retries
-            send = Send(request, path, body, model, endpoint, retryable, started, ttft, stream)
+            send = Send(request, path, sent, model, endpoint, retryable, started, ttft, stream)
             pid = endpoint.placement_id
             self.inflight[pid] += 1
             try:

@@ -21,10 +21,12 @@ holds:
 1. a next turn (no prompt went on past that key yet): the replicas that hold
    it, under the load bound ("cached"; among several, rendezvous hashing on the
    prompt's anchor, so every router picks the same);
-2. a new conversation on a prefix that others went on from (one app's system
-   prompt, a tool list, a RAG template): any replica ("spread"), so a shared
-   prefix is cached once per replica instead of piling its conversations onto
-   the first replica that had it;
+2. a new conversation (its anchor, below, never seen) on a prefix that others
+   went on from (one app's system prompt, a tool list, a RAG template): any
+   replica ("spread"), so a shared prefix is cached once per replica instead of
+   piling its conversations onto the first replica that had it; a known
+   conversation whose own part no replica holds any more goes by rule 1 to
+   where the longest part of it still is;
 3. nothing known: any replica ("new"); the holders all over the bound: any
    other ("overflow"), and the next turn follows there.
 
@@ -54,101 +56,24 @@ from __future__ import annotations
 
 import hashlib
 import math
-import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from nebula.models import Endpoint
+from nebula.router.prompt_keys import Prompt, chain
 
 MASK64 = (1 << 64) - 1
 EMPTY: tuple[bool, tuple[str, ...]] = (False, ())
 # How fast the count of conversations each replica took lately forgets: about the
 # last 1 / (1 - STARTS_DECAY) starts weigh.
 STARTS_DECAY = 0.97
+# Sessions (tagged requests) whose prompts a router process remembers, to map an
+# engine's evictions back to prefix keys.
+SESSIONS_LIMIT = 100_000
 # Keys one replica's share of the outbox may hold between two flushes: a router
 # that cannot reach Redis keeps its choices for itself past this.
 OUTBOX_LIMIT = 50_000
-
-
-# Messages that set the conversation up rather than start it.
-PREAMBLE_ROLES = ("system", "developer")
-
-
-def _segments(payload: dict[str, Any]) -> Iterator[tuple[str, bool]]:
-    """The prompt as text, a message at a time (a completion's prompt: one piece),
-    each with whether it is a user's, the model's or a tool's (not a preamble)."""
-    messages = payload.get("messages")
-    if isinstance(messages, list):
-        for message in messages:
-            if not isinstance(message, dict):
-                continue
-            content = message.get("content")
-            if isinstance(content, list):  # content parts: take the text ones
-                content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-            role = message.get("role", "")
-            yield f"{role}:{content}\n", role not in PREAMBLE_ROLES
-        return
-    prompt = payload.get("prompt")
-    if isinstance(prompt, list):
-        prompt = prompt[0] if prompt and isinstance(prompt[0], str) else None
-    if isinstance(prompt, str):
-        yield prompt, False
-
-
-@dataclass(frozen=True, slots=True)
-class Prompt:
-    """A prompt's keys (see `chain`), the offset in characters of each cut, and its
-    anchor: the key that tells this conversation from others on the same preamble,
-    in every turn (the end of its first message past the system prompt; the last
-    key where there is none)."""
-
-    keys: list[int]
-    ends: list[int]
-    anchor: int
-
-    @property
-    def tell(self) -> int:
-        return self.keys[self.anchor] if self.keys else 0
-
-
-def chain(payload: dict[str, Any], chunk_chars: int, max_chars: int) -> Prompt:
-    """The prompt's keys: at every `chunk_chars` characters and every message end,
-    a 64-bit hash of all the text before that cut, up to `max_chars` characters
-    (counted as bytes of UTF-8).
-
-    Cuts sit at absolute offsets, so a prompt that extends another (the next
-    turn) has all of its keys, in the same places. The hash is CRC-32 and
-    Adler-32 of the text so far, side by side: both run on from one cut to the
-    next in C at about 1 GB/s, where a cryptographic hash costs 2 us a cut here;
-    a collision (about one in 2^64 pairs) costs a cache miss, never an answer."""
-    keys: list[int] = []
-    ends: list[int] = []
-    anchor = -1
-    crc, adler = 0, 1
-    offset = 0  # of the message in the prompt
-    crc32, adler32 = zlib.crc32, zlib.adler32
-    for text, opens in _segments(payload):
-        data = memoryview(text.encode())
-        end = min(offset + len(data), max_chars)
-        done = 0  # of the message, hashed
-        for cut in range((offset // chunk_chars + 1) * chunk_chars, end + 1, chunk_chars):
-            piece = data[done : cut - offset]
-            crc, adler = crc32(piece, crc), adler32(piece, adler)
-            done = cut - offset
-            keys.append(crc << 32 | adler)
-            ends.append(cut)
-        if offset + done < end:  # the message's end (or max_chars), between two cuts
-            piece = data[done : end - offset]
-            crc, adler = crc32(piece, crc), adler32(piece, adler)
-            keys.append(crc << 32 | adler)
-            ends.append(end)
-        if opens and anchor < 0 and end == offset + len(data):
-            anchor = len(keys) - 1
-        offset = end
-        if offset >= max_chars:
-            break
-    return Prompt(keys, ends, anchor)
 
 
 def _mix(a: int, b: int) -> int:
@@ -172,6 +97,10 @@ class PrefixIndex:
 
     def holders(self, key: int) -> tuple[str, ...]:
         return self._entries.get(key, EMPTY)[1]
+
+    def known(self, key: int) -> bool:
+        """Some prompt reached `key`, even if no replica holds it any more."""
+        return key in self._entries
 
     def branched(self, key: int) -> bool:
         """Some prompt went on past `key`: a request that ends its known part here is
@@ -210,11 +139,29 @@ class PrefixIndex:
         new.reverse()
         return new
 
+    def drop(self, keys: Sequence[int], replica: str) -> list[int]:
+        """`replica` no longer holds `keys` (its engine evicted them); returns the
+        keys it was known to hold."""
+        entries = self._entries
+        dropped = []
+        for key in keys:
+            branched, had = entries.get(key, EMPTY)
+            if replica in had:
+                dropped.append(key)
+                entries[key] = (branched, tuple(r for r in had if r != replica))
+        return dropped
+
+    def drop_replica(self, replica: str) -> None:
+        """`replica` holds nothing (its engine cleared its cache)."""
+        for key, (branched, had) in list(self._entries.items()):
+            if replica in had:
+                self._entries[key] = (branched, tuple(r for r in had if r != replica))
+
 
 @dataclass(frozen=True, slots=True)
 class Choice:
     endpoint: Endpoint
-    reason: str  # cached, overflow or new (router_metrics.ROUTING)
+    reason: str  # cached, spread, new or overflow (router_metrics.ROUTING)
     matched_chars: int  # of the prompt, the chosen replica holds as far as the index knows
 
 
@@ -240,6 +187,12 @@ class PrefixAffinity:
         self.on_new: Callable[[], None] = lambda: None  # the outbox has something to send
         self._started: dict[str, float] = {}  # placement id -> conversations started, decayed
         self._weight = 1.0
+        # Precise mode: the prompts of requests tagged with a session (see `tag`),
+        # oldest first, and the keys learned dropped, to share.
+        self.sessions: dict[str, Prompt] = {}
+        self.session_prefix = "nebula:"
+        self._session_seq = 0
+        self.dropped: dict[str, list[int]] = {}
 
     def keys(self, payload: dict[str, Any]) -> Prompt:
         return chain(payload, self.chunk_chars, self.max_chars)
@@ -272,10 +225,17 @@ class PrefixAffinity:
                 break
             depth -= 1
         tell = prompt.tell
-        if holders and depth < len(keys) and self.index.branched(keys[depth - 1]):
-            # A new conversation on a prefix others went on from (one app's system
-            # prompt): any replica; each caches the shared part once, and this
-            # conversation's next turns follow it.
+        index = self.index
+        if (
+            holders
+            and depth < len(keys)
+            and index.branched(keys[depth - 1])
+            and not index.known(tell)
+        ):
+            # A new conversation (its anchor never seen) on a prefix others went on
+            # from (one app's system prompt): any replica; each caches the shared part
+            # once, and this conversation's next turns follow it. A known one whose
+            # own part is gone (evicted) goes where the longest part of it still is.
             pid = self._start(loads, tell)
             matched = prompt.ends[depth - 1] if pid in holders else 0
             return Choice(candidates[ids.index(pid)], "spread", matched)
@@ -335,6 +295,42 @@ class PrefixAffinity:
         """Another router sent `keys` to `placement_id`."""
         self.index.add(keys, placement_id)
 
-    def take_outbox(self) -> dict[str, list[int]]:
+    def take_outbox(self) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+        """The keys to share: sent, and learned dropped."""
         box, self.outbox = self.outbox, {}
-        return box
+        dropped, self.dropped = self.dropped, {}
+        return box, dropped
+
+    # Precise mode: what the engines say they evicted (agent/kv_watch.py).
+
+    def tag(self, prompt: Prompt) -> str:
+        """A session id for a request with `prompt` to an engine that publishes its
+        KV-cache events: the events name it, and so the prompt they evicted."""
+        self._session_seq += 1
+        session = f"{self.session_prefix}{self._session_seq}"
+        self.sessions[session] = prompt
+        if len(self.sessions) > SESSIONS_LIMIT:
+            del self.sessions[next(iter(self.sessions))]
+        return session
+
+    def evicted(self, placement_id: str, session: str, fraction: float) -> None:
+        """`placement_id`'s engine holds the prompt tagged `session` no further than
+        `fraction` of it (a session this process did not tag: not ours, ignored)."""
+        prompt = self.sessions.get(session)
+        if prompt is None or not prompt.ends:
+            return
+        cut = fraction * prompt.ends[-1]
+        gone = [k for k, end in zip(prompt.keys, prompt.ends, strict=True) if end > cut]
+        dropped = self.index.drop(gone, placement_id)
+        if dropped:
+            box = self.dropped.setdefault(placement_id, [])
+            if len(box) < OUTBOX_LIMIT:
+                box.extend(dropped)
+            self.on_new()
+
+    def learn_dropped(self, placement_id: str, keys: Sequence[int]) -> None:
+        """Another router learned that `placement_id` no longer holds `keys`."""
+        self.index.drop(keys, placement_id)
+
+    def cleared(self, placement_id: str) -> None:
+        self.index.drop_replica(placement_id)

@@ -30,11 +30,24 @@ RETRY_S = 1.0
 
 
 def apply(prefix: PrefixAffinity, instance: str, learned: list[Learned]) -> int:
-    """Learn other processes' entries; the number of keys learned."""
+    """Learn other processes' entries, and the engines' evictions; the number of
+    keys learned."""
     count = 0
     for entry in learned:
-        if entry.instance != instance and entry.placement_id and entry.keys:
-            prefix.learn(entry.placement_id, entry.keys)
+        pid = entry.placement_id
+        if not pid:
+            continue
+        if entry.op == "evict":
+            for session, fraction in entry.evicted.items():
+                prefix.evicted(pid, session, fraction)
+        elif entry.op == "clear":
+            prefix.cleared(pid)
+        elif entry.instance == instance:
+            continue  # this process's own
+        elif entry.op == "drop":
+            prefix.learn_dropped(pid, entry.keys)
+        elif entry.op == "":
+            prefix.learn(pid, entry.keys)
             count += len(entry.keys)
     return count
 
@@ -43,20 +56,23 @@ async def send(state: State, prefix: PrefixAffinity, instance: str) -> None:
     """Send this process's new prefix keys as they come, forever."""
     ready = asyncio.Event()
     prefix.on_new = ready.set
+    prefix.session_prefix = f"nebula:{instance}:"
     ready.set()  # what was recorded before this task ran
     while True:
         await ready.wait()
         ready.clear()
-        box = prefix.take_outbox()
-        if not box:
+        box, dropped = prefix.take_outbox()
+        if not box and not dropped:
             continue
         try:
-            await state.prefix_feed.publish(instance, box)
+            await state.prefix_feed.publish(instance, box, dropped)
             router_metrics.PREFIX_FEED.labels("sent").inc(sum(len(v) for v in box.values()))
         except NebulaError as exc:
             log.debug("sharing prefix keys: %s", exc.message)
             for pid, values in box.items():  # keep them for the next try (bounded)
                 prefix.outbox.setdefault(pid, [])[:0] = values[:OUTBOX_LIMIT]
+            for pid, values in dropped.items():
+                prefix.dropped.setdefault(pid, [])[:0] = values[:OUTBOX_LIMIT]
             ready.set()
             await asyncio.sleep(RETRY_S)
 

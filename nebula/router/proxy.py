@@ -26,7 +26,7 @@ from nebula.router.balance import Policy
 from nebula.router.forward import NO_REPLICA_RETRY_AFTER, Forwarder
 from nebula.router.ondemand import OnDemand, Refused, UsageRecorder, into_stream
 from nebula.router.openai_errors import error, invalid_api_key
-from nebula.router.prefix import Prompt
+from nebula.router.prompt_keys import Prompt
 from nebula.router.ratelimit import ClusterLimiter
 from nebula.router.table import RoutingTable
 from nebula.settings import Settings

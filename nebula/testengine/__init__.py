@@ -14,13 +14,11 @@ Behaviour is set by flags at start and changed at run time by
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import json
 import math
 import os
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, fields
@@ -28,15 +26,10 @@ from typing import Any
 
 from aiohttp import web
 
-from nebula.engine_flags import API_FLAGS
+from nebula import kv_events
 from nebula.testengine import prompts, vllm_metrics
-from nebula.testengine.prompts import (
-    BLOCK_CHARS,
-    CACHE_BLOCKS,
-    CHARS_PER_TOKEN,
-    cached_prefix,
-    prompt_text,
-)
+from nebula.testengine.kv_publisher import EventPublisher
+from nebula.testengine.prompts import CACHE_BLOCKS, CHARS_PER_TOKEN, cached_prefix, prompt_text
 
 WAIT_POLL_S = 0.005
 # OpenAI's field for "which backend answered": here the engine's process, so that a
@@ -75,6 +68,9 @@ API_KEY = web.AppKey("api_key", str)
 DIMENSIONS = web.AppKey("dimensions", int)
 PREFIX_CACHE = web.AppKey("prefix_cache", dict)  # block hash -> None, oldest first (LRU)
 PREFIX_STATS = web.AppKey("prefix_stats", list)  # [characters hit, characters queried]
+
+
+EVENTS = web.AppKey("events", EventPublisher)  # (absent: no events published)
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
@@ -147,7 +143,19 @@ async def _prefill(app: web.Application, body: dict[str, Any], chat: bool) -> tu
     Returns the prompt's tokens and how many of them were cached (4 characters a
     token, so a block of 64 characters is vLLM's 16 tokens)."""
     text = prompt_text(body, chat)
-    hit = cached_prefix(app[PREFIX_CACHE], text, app[BEHAVIOUR].cache_blocks)
+    hit, blocks, evicted = cached_prefix(app[PREFIX_CACHE], text, app[BEHAVIOUR].cache_blocks)
+    if EVENTS in app:  # as vLLM: the blocks this request used, then the evicted
+        session = body.get("session_id")
+        app[EVENTS].publish(
+            [
+                kv_events.Stored(
+                    [bytes.fromhex(b) for b in blocks],
+                    None,
+                    session if isinstance(session, str) else None,
+                ),
+                kv_events.Removed([bytes.fromhex(b) for b in evicted]),
+            ]
+        )
     app[PREFIX_STATS][0] += hit
     app[PREFIX_STATS][1] += len(text)
     per_kchar = app[BEHAVIOUR].prefill_ms_per_kchar
@@ -340,7 +348,12 @@ async def set_behaviour(request: web.Request) -> web.Response:
 
 
 def make_app(
-    model: str, *, api_key: str = "", dimensions: int = 384, behaviour: Behaviour | None = None
+    model: str,
+    *,
+    api_key: str = "",
+    dimensions: int = 384,
+    behaviour: Behaviour | None = None,
+    kv_events_config: str = "",
 ) -> web.Application:
     app = web.Application(middlewares=[_guard])
     app[MODEL] = model
@@ -351,6 +364,8 @@ def make_app(
     app[SERVED] = [0]
     app[PREFIX_CACHE] = {}
     app[PREFIX_STATS] = [0, 0]
+    if kv_events_config:
+        app[EVENTS] = EventPublisher(kv_events_config)
     app[TOKENS] = [0, 0]
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
@@ -361,65 +376,3 @@ def make_app(
     app.router.add_post("/test/behaviour", set_behaviour)
     app.router.add_get("/test/stats", stats)
     return app
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="nebula-testengine", description=__doc__.split("\n")[0])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--model", required=True, help="the served model name")
-    p.add_argument("--api-key", default=os.environ.get("NEBULA_TEST_ENGINE_API_KEY", ""))
-    p.add_argument("--dimensions", type=int, default=384, help="embedding size")
-    p.add_argument("--startup-delay-s", type=float, default=0.0)
-    p.add_argument("--fail-start", default="", help="print this and exit 1 at start")
-    p.add_argument("--chunk-delay-ms", type=float, default=0.0)
-    p.add_argument("--tokens", type=int, default=8)
-    p.add_argument("--prefill-ms-per-kchar", type=float, default=0.0)
-    p.add_argument("--token-ms", type=float, default=0.0, help="generation time per token")
-    p.add_argument("--metrics-delay-ms", type=float, default=0.0, help="a slow /metrics")
-    p.add_argument("--max-num-seqs", type=int, default=0, help="running at most (0: no limit)")
-    p.add_argument(
-        "--cache-blocks",
-        type=int,
-        default=CACHE_BLOCKS,
-        help=f"prefix cache size in blocks of {BLOCK_CHARS} characters",
-    )
-    # vLLM's other flags that the admin API may set change sizes, not behaviour, here:
-    # accepted and ignored, so a load with overrides runs as it would on vLLM.
-    for flag, check in API_FLAGS.items():
-        if flag == "--max-num-seqs":
-            continue  # taken above, with vLLM's meaning
-        if check is None:
-            p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
-        else:
-            p.add_argument(flag, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    print(f"test engine for {args.model} starting on {args.host}:{args.port}", flush=True)
-    if args.fail_start:
-        print(args.fail_start, file=sys.stderr, flush=True)
-        sys.exit(1)
-    time.sleep(args.startup_delay_s)
-    behaviour = Behaviour(
-        chunk_delay_ms=args.chunk_delay_ms,
-        tokens=args.tokens,
-        prefill_ms_per_kchar=args.prefill_ms_per_kchar,
-        token_ms=args.token_ms,
-        metrics_delay_ms=args.metrics_delay_ms,
-        max_running=args.max_num_seqs,
-        cache_blocks=args.cache_blocks,
-    )
-    app = make_app(
-        args.model, api_key=args.api_key, dimensions=args.dimensions, behaviour=behaviour
-    )
-    # Like vLLM, a stopped engine does not finish its answers: on SIGTERM, in-flight
-    # requests are cut after a moment (aiohttp would otherwise wait a minute for them).
-    # Like vLLM too, a request whose client leaves is aborted (handler cancellation).
-    web.run_app(
-        app,
-        host=args.host,
-        port=args.port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=0.5,
-        handler_cancellation=True,
-    )

@@ -38,10 +38,13 @@ def prompt_text(body: dict[str, Any], chat: bool) -> str:
     return str(body.get("prompt", ""))
 
 
-def cached_prefix(cache: dict[str, None], text: str, capacity: int = CACHE_BLOCKS) -> int:
+def cached_prefix(
+    cache: dict[str, None], text: str, capacity: int = CACHE_BLOCKS
+) -> tuple[int, list[str], list[str]]:
     """Characters of `text`'s leading blocks already in `cache` (block hash -> None,
     oldest first); then all of `text` is cached, most recent last, the oldest evicted
-    past `capacity` blocks."""
+    past `capacity` blocks. Returns the hit, the text's block hashes, and the block
+    hashes evicted."""
     hit = 0
     chain = hashlib.blake2b(digest_size=8)
     keys = []
@@ -55,6 +58,9 @@ def cached_prefix(cache: dict[str, None], text: str, capacity: int = CACHE_BLOCK
     for key in reversed(keys):  # deepest first: a prefix outlives what extends it, as in vLLM
         cache.pop(key, None)
         cache[key] = None
+    evicted = []
     while len(cache) > capacity:
-        cache.pop(next(iter(cache)))
-    return hit
+        oldest = next(iter(cache))
+        del cache[oldest]
+        evicted.append(oldest)
+    return hit, keys, evicted
