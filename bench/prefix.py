@@ -14,13 +14,15 @@ sent in the same order:
 
 4 turns each, a turn of every conversation before the next, `--in-flight` at a
 time (8 for shared32), answers of 8 tokens, streamed. Reported per workload and
-policy, from each answer's `usage` (vLLM with `--enable-prompt-tokens-details`;
-the test engine counts 4 characters a token): the prefix-cache hit rate against
-the ideal (every turn after the first finds its conversation so far cached, and
-every conversation but the first finds the shared prompt); the same for the
-conversations' own part (the prompt past the shared system prompt); the later
-turns that found their previous turn cached (on its replica); the busiest and
-idlest replica's share of requests; and the time to first token of later turns.
+policy, in the engine's tokens from each answer's `usage` (vLLM with
+`--enable-prompt-tokens-details`; the test engine counts 4 characters a
+token): the prefix-cache hit rate against the ideal (every turn after the
+first finds its conversation so far cached, and every conversation but the
+first finds the shared prompt, in the whole cache blocks the engine keeps:
+128 tokens on vLLM's CPU build); the same for the conversations' own part (the
+prompt past the shared system prompt); the later turns that found all of their
+previous turn cached ("followed"); the busiest and idlest replica's share of
+requests; and the time to first token of later turns.
 """
 
 from __future__ import annotations
@@ -40,11 +42,10 @@ from pathlib import Path
 import aiohttp
 
 from harness import workloads
-from harness.cluster import Cluster, wait_for
+from harness.cluster import Cluster, vllm_env, wait_for
 from harness.processes import EngineProcess, RedisServer, RouterProcess, stop
 from nebula import keys
 from nebula.models import Endpoint, Status
-from nebula.settings import Settings
 from nebula.store import State
 from nebula.testengine.prompts import prompt_text
 
@@ -83,23 +84,26 @@ def measure(
     prompts: dict[tuple[int, int], int],
     shared_chars: int,
     counts: dict[str, int],
+    block: int,
 ) -> dict[str, float]:
-    """The figures of one run; `prompts`: each turn's prompt in characters."""
+    """The figures of one run, in the engine's tokens; `prompts`: each turn's prompt in
+    characters (to find the shared prompt's share of its tokens), `block`: the
+    engine's cache block in tokens (vLLM caches whole blocks only)."""
     hit = ideal = total = own_hit = own_ideal = own_total = 0.0
     followed = 0
-    first_conversation = min(t.conversation for t in turns if t.turn == 0)
+    by_turn = {(t.conversation, t.turn): t for t in turns}
+    first = next(t.conversation for t in turns if t.turn == 0)  # the first to be answered
     for t in turns:
-        chars = prompts[t.conversation, t.turn]
-        cached = chars * t.cached_tokens / t.prompt_tokens if t.prompt_tokens else 0.0
-        if t.turn:
-            best = prompts[t.conversation, t.turn - 1] // 64 * 64  # whole blocks
-            followed += cached >= 0.9 * best
-        else:
-            best = shared_chars // 64 * 64 if t.conversation != first_conversation else 0
-        hit, ideal, total = hit + cached, ideal + best, total + chars
-        own_hit += max(0.0, cached - shared_chars)
-        own_ideal += max(0, best - shared_chars)
-        own_total += chars - shared_chars
+        shared = round(shared_chars * t.prompt_tokens / prompts[t.conversation, t.turn])
+        if t.turn:  # ideal: the previous turn's prompt, in whole blocks
+            best = by_turn[t.conversation, t.turn - 1].prompt_tokens // block * block
+            followed += t.cached_tokens >= best
+        else:  # ideal: the shared prompt, but for the very first conversation
+            best = shared // block * block if t.conversation != first else 0
+        hit, ideal, total = hit + t.cached_tokens, ideal + best, total + t.prompt_tokens
+        own_hit += max(0, t.cached_tokens - shared)
+        own_ideal += max(0, best - shared)
+        own_total += t.prompt_tokens - shared
     later = [t.ttft_s for t in turns if t.turn]
     share = [n / sum(counts.values()) for n in counts.values()] if counts else [0.0]
     return {
@@ -126,6 +130,13 @@ def decisions(router: str, before: dict[str, float]) -> dict[str, float]:
     return counts
 
 
+def vllm_block_size(url: str) -> int:
+    """The engine's cache block in tokens (vLLM's CPU build: 128; on GPU usually 16)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        found = re.search(r'vllm:cache_config_info{[^}]*block_size="(\d+)"', r.read().decode())
+    return int(found.group(1)) if found else 16
+
+
 def vllm_requests(url: str) -> float:
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
@@ -146,6 +157,14 @@ async def run(
     seed = 10
     for name in args.workloads.split(","):
         workload = WORKLOADS[name]
+        if args.conversations:  # scaled down (a slow machine): shared32 keeps twice as many
+            scale = args.conversations / WORKLOADS["own"].conversations
+            workload = Workload(
+                name,
+                round(workload.conversations * scale),
+                max(1, round(workload.in_flight * scale)),
+                workload.shared,
+            )
         results = {}
         for policy in POLICIES:
             seed += 1
@@ -164,7 +183,7 @@ async def run(
                 counts = {k: int(after[k] - before.get(k, 0)) for k in after}
             else:
                 counts = {r: round(s * len(turns)) for r, s in workloads.shares(turns).items()}
-            r = results[policy] = measure(turns, prompts, shared, counts)
+            r = results[policy] = measure(turns, prompts, shared, counts, args.block)
             print(
                 f"{name:<9} {policy:<18} {r['hit']:>6.1%} ({r['ideal']:>5.1%}) "
                 f"{r['own']:>8.1%} ({r['own_ideal']:>5.1%}) {r['followed']:>9.0%} "
@@ -221,6 +240,7 @@ async def with_test_engines(args: argparse.Namespace, folder: Path, redis: Redis
             f"{args.workers} router worker(s), {args.turns} turns\n"
         )
         args.model = "chat"
+        args.block = 16  # 64 characters, 4 a token
         await run(args, {p: [r.url] for p, r in routers.items()}, None)
     finally:
         for router in routers.values():
@@ -241,11 +261,7 @@ async def with_vllm(args: argparse.Namespace, folder: Path, redis: RedisServer) 
         redis.url,
         folder,
         catalog_text=catalog,
-        extra_env={
-            "NEBULA_MODELS_DIR": str(Settings().models_dir),
-            "NEBULA_PROBE_INTERVAL_S": "1",
-            "NEBULA_ENGINE_START_TIMEOUT_S": "900",
-        },
+        extra_env=vllm_env(NEBULA_PROBE_INTERVAL_S="1"),
     )
     routers: dict[str, RouterProcess] = {}
     try:
@@ -259,10 +275,11 @@ async def with_vllm(args: argparse.Namespace, folder: Path, redis: RedisServer) 
             routers[policy] = cluster.start_router(NEBULA_ROUTING_POLICY=policy)
         await _routed(routers, args.replicas)
         print(
-            f"{args.replicas} SmolLM2-135M replicas (vLLM CPU, prefix caching on), "
-            f"{args.turns} turns\n"
+            f"{args.replicas} SmolLM2-135M replicas (vLLM CPU, prefix caching on, blocks of "
+            f"{vllm_block_size(engines[0])} tokens), {args.turns} turns\n"
         )
         args.model = MODEL
+        args.block = vllm_block_size(engines[0])
         await run(
             args,
             {p: [r.url] for p, r in routers.items()},
@@ -311,6 +328,12 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=1, help="router worker processes")
     parser.add_argument("--workloads", default="own,shared,shared32")
     parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument(
+        "--conversations",
+        type=int,
+        default=0,
+        help="conversations of own and shared (default 16; shared32: twice)",
+    )
     parser.add_argument("--system-chars", type=int, default=3000)
     parser.add_argument("--document-chars", type=int, default=1500)
     asyncio.run(main(parser.parse_args()))

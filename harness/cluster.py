@@ -52,6 +52,16 @@ cpu_memory_gib = 1
 """
 
 
+def vllm_env(**more: str) -> dict[str, str]:
+    """A test cluster's settings for real vLLM CPU engines: the prepared models, and
+    the minutes a first start takes on a busy machine."""
+    return {
+        "NEBULA_MODELS_DIR": str(Settings().models_dir),
+        "NEBULA_ENGINE_START_TIMEOUT_S": "900",
+        **more,
+    }
+
+
 async def wait_for(
     check: Callable[[], Awaitable[T]], timeout: float = 20.0, what: str = "condition"
 ) -> T:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -240,3 +241,7 @@ class RouterProcess:
             cut = ShutdownCutShort(f"router shutdown was cut short:\n{tail(self.log, 40)}")
             warnings.warn(cut, stacklevel=2)
         return code
+
+
+# tests/conftest.py's `start_engines` fixture: (n, api_key, *flags) -> the engines.
+StartEngines = Callable[..., list[EngineProcess]]

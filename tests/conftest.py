@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from harness.processes import RedisServer
+from harness.processes import EngineProcess, RedisServer, StartEngines, stop
 from nebula.settings import Settings
 from nebula.store import State
 
@@ -49,3 +49,18 @@ async def state(redis_url: str) -> AsyncIterator[State]:
     s = State(redis_url, event_history=20)
     yield s
     await s.close()
+
+
+@pytest.fixture
+def start_engines(tmp_path: Path) -> Iterator[StartEngines]:
+    """Start test engines (`start_engines(n, key, *flags)`); all are stopped after."""
+    started: list[EngineProcess] = []
+
+    def start(n: int, api_key: str, *flags: str) -> list[EngineProcess]:
+        engines = [EngineProcess("chat", tmp_path, api_key, *flags) for _ in range(n)]
+        started.extend(engines)
+        return engines
+
+    yield start
+    for engine in started:
+        stop(engine.proc)

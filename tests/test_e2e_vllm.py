@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from harness import clients
-from harness.cluster import ENGINE_KEY, Cluster
+from harness.cluster import ENGINE_KEY, Cluster, vllm_env
 from nebula.agent.engine import running_requests
 from nebula.agent.telemetry import memory_mib
 from nebula.models import Status
@@ -246,11 +246,7 @@ async def test_a_model_nobody_loaded_answers_its_first_request_on_vllm_cpu(
         redis_url,
         tmp_path,
         catalog_text=catalog,
-        extra_env={
-            "NEBULA_MODELS_DIR": str(Settings().models_dir),
-            "NEBULA_ENGINE_START_TIMEOUT_S": "900",
-            "NEBULA_ON_DEMAND": "true",
-        },
+        extra_env=vllm_env(NEBULA_ON_DEMAND="true"),
     )
     try:
         router = cluster.start_router()

@@ -8,7 +8,6 @@ import asyncio
 import json
 import math
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import aiohttp
 import pytest
 
 from harness.cluster import wait_for
-from harness.processes import EngineProcess, RouterProcess, stop
+from harness.processes import EngineProcess, RouterProcess, StartEngines
 from nebula.models import Endpoint
 from nebula.router.prefix import Choice, PrefixAffinity
 from nebula.router.prompt_keys import chain
@@ -156,14 +155,8 @@ def test_a_next_turn_repeats_every_key_of_the_turn_before() -> None:
 
 
 @pytest.fixture
-async def engines(tmp_path: Path) -> AsyncIterator[list[EngineProcess]]:
-    started = [
-        EngineProcess("chat", tmp_path, ENGINE_KEY, "--prefill-ms-per-kchar", "20")
-        for _ in range(2)
-    ]
-    yield started
-    for engine in started:
-        stop(engine.proc)
+def engines(start_engines: StartEngines) -> list[EngineProcess]:
+    return start_engines(2, ENGINE_KEY, "--prefill-ms-per-kchar", "20")
 
 
 async def publish(state: State, engines: list[EngineProcess]) -> None:

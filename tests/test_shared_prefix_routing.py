@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -16,7 +15,7 @@ import pytest
 
 from harness import workloads
 from harness.cluster import wait_for
-from harness.processes import EngineProcess, RouterProcess, stop
+from harness.processes import EngineProcess, RouterProcess, StartEngines
 from nebula.agent import load_report
 from nebula.models import Endpoint
 from nebula.router import prefix_feed
@@ -27,14 +26,8 @@ ENGINE_KEY = "engine-shared-prefix"
 
 
 @pytest.fixture
-async def engines(tmp_path: Path) -> AsyncIterator[list[EngineProcess]]:
-    started = [
-        EngineProcess("chat", tmp_path, ENGINE_KEY, "--prefill-ms-per-kchar", "20")
-        for _ in range(4)
-    ]
-    yield started
-    for engine in started:
-        stop(engine.proc)
+def engines(start_engines: StartEngines) -> list[EngineProcess]:
+    return start_engines(4, ENGINE_KEY, "--prefill-ms-per-kchar", "20")
 
 
 def fingerprint(engine: EngineProcess) -> str:

@@ -4,9 +4,10 @@ it drops a prompt they sent.
 
 A router tags each request to an engine that publishes events with a
 `session_id` of its own (`nebula:{router process}:{n}`); vLLM names that
-session in every `BlockStored` event of the request, for the blocks it
-computed and for those it found cached. The mirror keeps, per block, the last
-session that used it and the block's position in that session's prompt; when
+session in the `BlockStored` events of the blocks the request computed (and of
+those it found cached, where the request asks for a "full" report). The
+mirror keeps, per block, the last session named with it and the block's
+position in that session's prompt; when
 the engine evicts a block, the session's prompt is cached no further than that
 position, and the agent says so on the prefix feed (`evict`: placement,
 session, the fraction of the prompt still cached). The router that owns the
@@ -39,7 +40,7 @@ KINDS = {kv_events.Stored: "stored", kv_events.Removed: "removed", kv_events.Cle
 
 
 class CacheMirror:
-    """One engine's cached blocks: block hash -> (the last session that used it, its
+    """One engine's cached blocks: block hash -> (the last session named with it, its
     position in that session's prompt). Pure."""
 
     def __init__(self) -> None:

@@ -284,11 +284,14 @@ class PrefixAffinity:
 
     def record(self, prompt: Prompt, placement_id: str) -> None:
         """`placement_id` was sent `prompt`: it will hold it."""
-        new = self.index.add(prompt.keys, placement_id)
-        if new:
-            box = self.outbox.setdefault(placement_id, [])
-            if len(box) < OUTBOX_LIMIT:
-                box.extend(new)
+        self._share(self.outbox, placement_id, self.index.add(prompt.keys, placement_id))
+
+    def _share(self, box: dict[str, list[int]], placement_id: str, keys: list[int]) -> None:
+        """Queue keys for the feed (bounded: past the limit, this router keeps them)."""
+        if keys:
+            queued = box.setdefault(placement_id, [])
+            if len(queued) < OUTBOX_LIMIT:
+                queued.extend(keys)
             self.on_new()
 
     def learn(self, placement_id: str, keys: Sequence[int]) -> None:
@@ -321,12 +324,7 @@ class PrefixAffinity:
             return
         cut = fraction * prompt.ends[-1]
         gone = [k for k, end in zip(prompt.keys, prompt.ends, strict=True) if end > cut]
-        dropped = self.index.drop(gone, placement_id)
-        if dropped:
-            box = self.dropped.setdefault(placement_id, [])
-            if len(box) < OUTBOX_LIMIT:
-                box.extend(dropped)
-            self.on_new()
+        self._share(self.dropped, placement_id, self.index.drop(gone, placement_id))
 
     def learn_dropped(self, placement_id: str, keys: Sequence[int]) -> None:
         """Another router learned that `placement_id` no longer holds `keys`."""

@@ -161,7 +161,7 @@ async def _prefill(app: web.Application, body: dict[str, Any], chat: bool) -> tu
     per_kchar = app[BEHAVIOUR].prefill_ms_per_kchar
     if per_kchar:
         await asyncio.sleep((len(text) - hit) / 1000 * per_kchar / 1000)
-    return -(-len(text) // CHARS_PER_TOKEN), hit // CHARS_PER_TOKEN
+    return max(1, len(text) // CHARS_PER_TOKEN), hit // CHARS_PER_TOKEN
 
 
 async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
