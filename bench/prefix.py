@@ -36,12 +36,14 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 from harness import workloads
+from harness.cluster import ENGINE_KEY as KEY
 from harness.cluster import Cluster, vllm_env, wait_for
 from harness.processes import EngineProcess, RedisServer, RouterProcess, stop
 from nebula import keys
@@ -80,24 +82,21 @@ WORKLOADS = {
 
 
 def measure(
-    turns: list[workloads.Turn],
-    prompts: dict[tuple[int, int], int],
-    shared_chars: int,
-    counts: dict[str, int],
-    block: int,
+    turns: list[workloads.Turn], shared: int, counts: dict[str, int], block: int
 ) -> dict[str, float]:
-    """The figures of one run, in the engine's tokens; `prompts`: each turn's prompt in
-    characters (to find the shared prompt's share of its tokens), `block`: the
-    engine's cache block in tokens (vLLM caches whole blocks only)."""
+    """The figures of one run, in the engine's tokens; `shared`: the shared system
+    prompt's tokens (0: none), `block`: the engine's cache block in tokens (vLLM
+    caches whole blocks only, of the prompt and of the answer)."""
     hit = ideal = total = own_hit = own_ideal = own_total = 0.0
     followed = 0
     by_turn = {(t.conversation, t.turn): t for t in turns}
     first = next(t.conversation for t in turns if t.turn == 0)  # the first to be answered
     for t in turns:
-        shared = round(shared_chars * t.prompt_tokens / prompts[t.conversation, t.turn])
-        if t.turn:  # ideal: the previous turn's prompt, in whole blocks
-            best = by_turn[t.conversation, t.turn - 1].prompt_tokens // block * block
-            followed += t.cached_tokens >= best
+        if t.turn:  # ideal: the previous turn's prompt and answer, in whole blocks
+            before = by_turn[t.conversation, t.turn - 1]
+            done = before.prompt_tokens + before.completion_tokens
+            best = min(done // block * block, (t.prompt_tokens - 1) // block * block)
+            followed += t.cached_tokens >= before.prompt_tokens // block * block
         else:  # ideal: the shared prompt, but for the very first conversation
             best = shared // block * block if t.conversation != first else 0
         hit, ideal, total = hit + t.cached_tokens, ideal + best, total + t.prompt_tokens
@@ -137,6 +136,18 @@ def vllm_block_size(url: str) -> int:
     return int(found.group(1)) if found else 16
 
 
+def vllm_tokens(url: str, messages: list[dict[str, str]]) -> int:
+    """The tokens of `messages` as the engine's chat template renders them."""
+    body = {"model": MODEL, "messages": messages, "add_generation_prompt": False}
+    request = urllib.request.Request(
+        url + "/tokenize",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as r:
+        return int(json.load(r)["count"])
+
+
 def vllm_requests(url: str) -> float:
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
@@ -155,6 +166,7 @@ async def run(
         f"{'followed':>9} {'busiest/idlest':>15} {'later TTFT p50':>15}"
     )
     seed = 10
+    raw: dict[str, dict[str, list[dict[str, Any]]]] = {}  # every turn, for --save
     for name in args.workloads.split(","):
         workload = WORKLOADS[name]
         if args.conversations:  # scaled down (a slow machine): shared32 keeps twice as many
@@ -169,21 +181,19 @@ async def run(
         for policy in POLICIES:
             seed += 1
             convs = workload.build(seed, args.system_chars, args.document_chars)
-            shared = len(prompt_text({"messages": convs[0][:1]}, True)) if workload.shared else 0
-            prompts: dict[tuple[int, int], int] = {}
-            sizes = _prompt_sizes(convs, prompts)
+            shared = args.tokens_of(convs[0][:1]) if workload.shared else 0
             before = replica_counts() if replica_counts else {}
             before_decisions = decisions(urls[policy][0], {})
             turns = await workloads.converse(
                 urls[policy], args.model, convs, args.turns, workload.in_flight, seed=7
             )
-            sizes(turns)
+            raw.setdefault(name, {})[policy] = [asdict(t) for t in turns]
             if replica_counts:
                 after = replica_counts()
                 counts = {k: int(after[k] - before.get(k, 0)) for k in after}
             else:
                 counts = {r: round(s * len(turns)) for r, s in workloads.shares(turns).items()}
-            r = results[policy] = measure(turns, prompts, shared, counts, args.block)
+            r = results[policy] = measure(turns, shared, counts, args.block)
             print(
                 f"{name:<9} {policy:<18} {r['hit']:>6.1%} ({r['ideal']:>5.1%}) "
                 f"{r['own']:>8.1%} ({r['own_ideal']:>5.1%}) {r['followed']:>9.0%} "
@@ -196,22 +206,8 @@ async def run(
             f"{'':<9} prefix: later-turn TTFT p50 {lo['later_p50'] / px['later_p50']:.1f}x "
             f"better; own part {px['own_ideal'] - px['own']:.1%} points under the ideal"
         )
-
-
-def _prompt_sizes(
-    convs: list[list[dict[str, str]]], prompts: dict[tuple[int, int], int]
-) -> Callable[[list[workloads.Turn]], None]:
-    """Each turn's prompt size in characters, read back from the conversations once
-    they are done (turn t's prompt: everything before its answer)."""
-
-    def fill(turns: list[workloads.Turn]) -> None:
-        for c, messages in enumerate(convs):
-            head = len(messages) - 2 * (max(t.turn for t in turns) + 1)
-            for t in range(max(t.turn for t in turns) + 1):
-                prompt = messages[: head + 2 * t + 1]
-                prompts[c, t] = len(prompt_text({"messages": prompt}, True))
-
-    return fill
+    if args.save:
+        Path(args.save).write_text(json.dumps(raw, indent=1))
 
 
 async def with_test_engines(args: argparse.Namespace, folder: Path, redis: RedisServer) -> None:
@@ -241,6 +237,7 @@ async def with_test_engines(args: argparse.Namespace, folder: Path, redis: Redis
         )
         args.model = "chat"
         args.block = 16  # 64 characters, 4 a token
+        args.tokens_of = lambda messages: len(prompt_text({"messages": messages}, True)) // 4
         await run(args, {p: [r.url] for p, r in routers.items()}, None)
     finally:
         for router in routers.values():
@@ -280,6 +277,7 @@ async def with_vllm(args: argparse.Namespace, folder: Path, redis: RedisServer) 
         )
         args.model = MODEL
         args.block = vllm_block_size(engines[0])
+        args.tokens_of = lambda messages: vllm_tokens(engines[0], messages)
         await run(
             args,
             {p: [r.url] for p, r in routers.items()},
@@ -328,6 +326,7 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=1, help="router worker processes")
     parser.add_argument("--workloads", default="own,shared,shared32")
     parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--save", default="", help="write every turn's figures to this JSON")
     parser.add_argument(
         "--conversations",
         type=int,

@@ -109,13 +109,14 @@ DASHBOARDS: dict[str, dict[str, Any]] = {
         "title": "Nebula / Traffic",
         "panels": [
             (
-                "Routing decisions (cached, spread, new, overflow by load, least outstanding)",
+                "Routing decisions (cached, spread, new, overflow by load, least outstanding; "
+                "precise: the engine reports its evictions)",
                 "reqps",
                 [
                     (
-                        "sum by (model, decision) "
+                        "sum by (model, decision, index) "
                         "(rate(nebula_router_routing_decisions_total[1m]))",
-                        "{{model}}: {{decision}}",
+                        "{{model}}: {{decision}} ({{index}})",
                     )
                 ],
                 "timeseries",

@@ -62,6 +62,7 @@ class Turn:
     ttft_s: float
     prompt_tokens: int = 0
     cached_tokens: int = 0  # of the prompt, found in the engine's prefix cache
+    completion_tokens: int = 0
 
 
 @dataclass
@@ -139,6 +140,7 @@ async def converse(
                         answer.ttft_s,
                         int(answer.usage.get("prompt_tokens", 0)),
                         int(details.get("cached_tokens") or 0),
+                        int(answer.usage.get("completion_tokens", 0)),
                     )
                 )
 

@@ -176,7 +176,8 @@ class Forwarder:
             return None
         if prefix is not None and self.prefix is not None:
             choice = self.prefix.choose(left, self.loads, prefix)
-            self.labels.decision(model, choice.reason).inc()
+            index = "precise" if choice.endpoint.kv_events else "approximate"
+            self.labels.decision(model, choice.reason, index).inc()
             router_metrics.PREFIX_MATCHED.observe(choice.matched_chars)
             return choice.endpoint
         self.labels.decision(model, "least_outstanding").inc()

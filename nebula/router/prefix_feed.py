@@ -67,6 +67,9 @@ async def send(state: State, prefix: PrefixAffinity, instance: str) -> None:
         try:
             await state.prefix_feed.publish(instance, box, dropped)
             router_metrics.PREFIX_FEED.labels("sent").inc(sum(len(v) for v in box.values()))
+            if dropped:
+                dropped_keys = sum(len(v) for v in dropped.values())
+                router_metrics.PREFIX_FEED.labels("dropped").inc(dropped_keys)
         except NebulaError as exc:
             log.debug("sharing prefix keys: %s", exc.message)
             for pid, values in box.items():  # keep them for the next try (bounded)

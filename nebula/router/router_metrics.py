@@ -67,9 +67,11 @@ TOKENS = Counter(
 ROUTING = Counter(
     "nebula_router_routing_decisions",
     "How replicas were chosen: cached (a replica that holds the prompt's longest known "
-    "prefix), overflow (those were over the load bound), new (no part of the prompt "
-    "known), least_outstanding (no prefix policy, or not a chat or completion).",
-    ["model", "decision"],
+    "prefix), spread (a new conversation on a shared prefix), new (no part of the prompt "
+    "known), overflow (the holders were over the load bound), least_outstanding (no "
+    "prefix policy, or not a chat or completion); index: precise where the chosen "
+    "replica's engine reports its evictions, else approximate (none: no prefix policy).",
+    ["model", "decision", "index"],
 )
 PREFIX_MATCHED = Histogram(
     "nebula_router_prefix_matched_chars",
@@ -123,7 +125,7 @@ class Labels:
     def __init__(self) -> None:
         self._cache: dict[tuple[str, str], Any] = {}
         self._requests: dict[tuple[str, str, int], Any] = {}
-        self._decisions: dict[tuple[str, str], Any] = {}
+        self._decisions: dict[tuple[str, str, str], Any] = {}
 
     def get(self, model: str, route: str) -> Any:
         entry = self._cache.get((model, route))
@@ -142,10 +144,10 @@ class Labels:
             )
         return child
 
-    def decision(self, model: str, decision: str) -> Any:
-        child = self._decisions.get((model, decision))
+    def decision(self, model: str, decision: str, index: str = "none") -> Any:
+        child = self._decisions.get((model, decision, index))
         if child is None:
-            child = self._decisions[model, decision] = ROUTING.labels(model, decision)
+            child = self._decisions[model, decision, index] = ROUTING.labels(model, decision, index)
         return child
 
 
