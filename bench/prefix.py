@@ -284,7 +284,7 @@ async def with_vllm(args: argparse.Namespace, folder: Path, redis: RedisServer) 
             lambda: {e: vllm_requests(e) for e in engines},
         )
         async with State(redis.url) as state:
-            entries = await state.redis.xrange(keys.PREFIX_FEED)
+            entries: Any = await state.redis.xrange(keys.PREFIX_FEED)
         ops: dict[str, int] = {}
         for _, fields in entries:
             ops[fields.get("o") or "keys"] = ops.get(fields.get("o") or "keys", 0) + 1

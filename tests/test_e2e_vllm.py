@@ -16,13 +16,15 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
 import pytest
 
-from harness import clients
-from harness.cluster import ENGINE_KEY, Cluster, vllm_env
+from harness import clients, workloads
+from harness.cluster import ENGINE_KEY, Cluster, vllm_env, wait_for
+from nebula import keys
 from nebula.agent.engine import running_requests
 from nebula.agent.telemetry import memory_mib
 from nebula.models import Status
@@ -270,3 +272,50 @@ async def test_a_model_nobody_loaded_answers_its_first_request_on_vllm_cpu(
         print(f"\nvLLM CPU on demand: first answer {first_answer_s:.0f}s after the request")
     finally:
         cluster.close()
+
+
+async def test_vllm_reports_what_it_evicted_and_the_router_forgets_it(
+    state: State, redis_url: str, tmp_path: Path
+) -> None:
+    """Precise prefix routing on real vLLM: a cache of 24 blocks of 128 tokens, one
+    conversation, then prompts enough to evict it. vLLM's KV-cache events name the
+    router's session; the agent reports the eviction; the router drops those keys."""
+    before = vllm_processes()
+    assert not before, f"vLLM processes already running: {before}"
+    catalog = (Path(__file__).parents[1] / "nebula" / "catalog.toml").read_text()
+    catalog = catalog.replace(
+        'engine_args = ["--max-model-len", "2048", "--enforce-eager"]',
+        'engine_args = ["--max-model-len", "2048", "--enforce-eager", '
+        '"--num-gpu-blocks-override", "24"]',
+    )
+    cluster = Cluster(redis_url, tmp_path, catalog_text=catalog, extra_env=vllm_env())
+    try:
+        request = await cluster.load(state, CHAT)
+        await cluster.status(state, request.id, Status.READY, timeout=900)
+        [endpoint] = await state.endpoints.live()
+        assert endpoint.kv_events
+        await wait_for(lambda: _following(cluster), 30, "the agent to follow the engine")
+        router = cluster.start_router()
+        await wait_for(lambda: _routed(router.url), 30, "the router to see the replica")
+        # One conversation (3 blocks), then five other prompts (7 blocks each).
+        await workloads.converse([router.url], CHAT, workloads.own_prompts(7, 1, 2500), 1, 1)
+        await workloads.converse([router.url], CHAT, workloads.own_prompts(8, 5, 6000), 1, 1)
+
+        async def evicted_and_dropped() -> bool:
+            entries: Any = await state.redis.xrange(keys.PREFIX_FEED)
+            ops = {f.get("o") for _, f in entries if f.get("p") == endpoint.placement_id}
+            return {"evict", "drop"} <= ops
+
+        await wait_for(evicted_and_dropped, 60, "vLLM's eviction to reach the router")
+    finally:
+        cluster.close()
+
+
+async def _following(cluster: Cluster) -> bool:
+    await asyncio.sleep(0)
+    return "following the KV-cache events of" in cluster.agent_log()
+
+
+async def _routed(url: str) -> bool:
+    async with aiohttp.ClientSession() as s, s.get(url + "/health") as r:
+        return bool((await r.json())["endpoints"])

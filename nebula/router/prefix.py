@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,8 +70,9 @@ EMPTY: tuple[bool, tuple[str, ...]] = (False, ())
 # last 1 / (1 - STARTS_DECAY) starts weigh.
 STARTS_DECAY = 0.97
 # Sessions (tagged requests) whose prompts a router process remembers, to map an
-# engine's evictions back to prefix keys.
-SESSIONS_LIMIT = 100_000
+# engine's evictions back to prefix keys: about 0.5 kB each (measured with 5 kB
+# prompts), some 25 MB at most; an eviction of an older one is not mapped.
+SESSIONS_LIMIT = 50_000
 # Keys one replica's share of the outbox may hold between two flushes: a router
 # that cannot reach Redis keeps its choices for itself past this.
 OUTBOX_LIMIT = 50_000
@@ -189,7 +191,7 @@ class PrefixAffinity:
         self._weight = 1.0
         # Precise mode: the prompts of requests tagged with a session (see `tag`),
         # oldest first, and the keys learned dropped, to share.
-        self.sessions: dict[str, Prompt] = {}
+        self.sessions: dict[str, tuple[array[int], array[int]]] = {}  # -> keys, ends
         self.session_prefix = "nebula:"
         self._session_seq = 0
         self.dropped: dict[str, list[int]] = {}
@@ -311,7 +313,7 @@ class PrefixAffinity:
         KV-cache events: the events name it, and so the prompt they evicted."""
         self._session_seq += 1
         session = f"{self.session_prefix}{self._session_seq}"
-        self.sessions[session] = prompt
+        self.sessions[session] = (array("Q", prompt.keys), array("I", prompt.ends))
         if len(self.sessions) > SESSIONS_LIMIT:
             del self.sessions[next(iter(self.sessions))]
         return session
@@ -319,11 +321,12 @@ class PrefixAffinity:
     def evicted(self, placement_id: str, session: str, fraction: float) -> None:
         """`placement_id`'s engine holds the prompt tagged `session` no further than
         `fraction` of it (a session this process did not tag: not ours, ignored)."""
-        prompt = self.sessions.get(session)
-        if prompt is None or not prompt.ends:
+        remembered = self.sessions.get(session)
+        if remembered is None or not remembered[1]:
             return
-        cut = fraction * prompt.ends[-1]
-        gone = [k for k, end in zip(prompt.keys, prompt.ends, strict=True) if end > cut]
+        keys, ends = remembered
+        cut = fraction * ends[-1]
+        gone = [k for k, end in zip(keys, ends, strict=True) if end > cut]
         self._share(self.dropped, placement_id, self.index.drop(gone, placement_id))
 
     def learn_dropped(self, placement_id: str, keys: Sequence[int]) -> None:

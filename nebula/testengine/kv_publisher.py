@@ -17,7 +17,7 @@ class EventPublisher:
         endpoint = json.loads(config)["endpoint"]
         if endpoint.startswith("ipc://"):
             Path(endpoint.removeprefix("ipc://")).parent.mkdir(mode=0o700, exist_ok=True)
-        self.socket = zmq.Context.instance().socket(zmq.PUB)
+        self.socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUB)
         self.socket.bind(endpoint)
         self.sequence = 0
         self.noblock = zmq.NOBLOCK
