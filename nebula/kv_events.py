@@ -29,6 +29,14 @@ from typing import Any
 import msgspec
 
 TOPIC = b"kv"
+# The sessions routers name their requests with (router/prefix.py: tag), at most
+# this long; any other session (a client's own) is not followed.
+ROUTER_SESSION_PREFIX = "nebula:"
+MAX_SESSION_CHARS = 200
+
+
+def is_router_session(session: str) -> bool:
+    return session.startswith(ROUTER_SESSION_PREFIX) and len(session) <= MAX_SESSION_CHARS
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,19 +74,29 @@ def test_events_read_as_vllm_writes_them() -> None:
 def test_the_mirror_says_how_much_of_each_prompt_an_eviction_left() -> None:
     mirror = CacheMirror()
     blocks = [bytes([i]) for i in range(10)]
-    lost, cleared = mirror.apply([kv_events.Stored(blocks[:4], None, "a")])
+    lost, cleared = mirror.apply([kv_events.Stored(blocks[:4], None, "nebula:r:a")])
     assert (lost, cleared) == ({}, False)
     # Turn two: the first four blocks found cached (vLLM names them again), six new.
     mirror.apply(
-        [kv_events.Stored(blocks[:4], None, "b"), kv_events.Stored(blocks[4:], blocks[3], "b")]
+        [
+            kv_events.Stored(blocks[:4], None, "nebula:r:b"),
+            kv_events.Stored(blocks[4:], blocks[3], "nebula:r:b"),
+        ]
     )
     lost, _ = mirror.apply([kv_events.Removed([blocks[7], blocks[9]])])
-    assert lost == {"b": 0.7}  # cached no further than block 7 of 10
+    assert lost == {"nebula:r:b": 0.7}  # cached no further than block 7 of 10
     # A chain whose start it never saw has no known positions: ignored, not guessed.
-    assert mirror.apply([kv_events.Stored([b"x"], b"unknown", "c"), kv_events.Removed([b"x"])]) == (
+    assert mirror.apply(
+        [kv_events.Stored([b"x"], b"unknown", "nebula:r:c"), kv_events.Removed([b"x"])]
+    ) == (
         {},
         False,
     )
+    # A client's own session (not a router's, or too long to be one) is not followed.
+    mirror.apply([kv_events.Stored([b"c1", b"c2"], None, "mine"),
+                  kv_events.Stored([b"c3"], None, "nebula:" + "x" * 300)])  # fmt: skip
+    assert mirror.apply([kv_events.Removed([b"c2", b"c3"])]) == ({}, False)
+    assert "mine" not in mirror.lengths
     assert mirror.apply([kv_events.Cleared()]) == ({}, True)
     assert mirror.blocks == {}
 

@@ -69,6 +69,9 @@ class CacheMirror:
         return fractions, cleared
 
     def _stored(self, event: kv_events.Stored) -> None:
+        session = event.session
+        if session is not None and not kv_events.is_router_session(session):
+            session = None  # a client's own: no router asks, and it is not ours to keep
         if event.parent is None:
             start = 0
         elif event.parent in self.blocks:
@@ -76,10 +79,10 @@ class CacheMirror:
         else:
             return  # a chain whose start this mirror never saw: its positions are unknown
         for i, block in enumerate(event.hashes):
-            self.blocks[block] = (event.session, start + i)
-        if event.session is not None:
-            length = max(self.lengths.pop(event.session, 0), start + len(event.hashes))
-            self.lengths[event.session] = length
+            self.blocks[block] = (session, start + i)
+        if session is not None:
+            length = max(self.lengths.pop(session, 0), start + len(event.hashes))
+            self.lengths[session] = length
             if len(self.lengths) > SESSIONS_LIMIT:
                 del self.lengths[next(iter(self.lengths))]
 

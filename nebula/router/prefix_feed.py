@@ -94,6 +94,10 @@ async def learn(state: State, prefix: PrefixAffinity, instance: str) -> None:
         except NebulaError as exc:
             log.debug("reading the prefix feed: %s", exc.message)
             await asyncio.sleep(RETRY_S)
+        except Exception:  # a bug must not stop the sharing for good: log, go on
+            log.exception("reading the prefix feed failed; retrying")
+            last = None  # start again from the feed's recent entries
+            await asyncio.sleep(RETRY_S)
 
 
 async def share(state: State, prefix: PrefixAffinity, instance: str) -> None:
