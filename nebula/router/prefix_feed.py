@@ -72,10 +72,9 @@ async def send(state: State, prefix: PrefixAffinity, instance: str) -> None:
                 router_metrics.PREFIX_FEED.labels("dropped").inc(dropped_keys)
         except NebulaError as exc:
             log.debug("sharing prefix keys: %s", exc.message)
-            for pid, values in box.items():  # keep them for the next try (bounded)
-                prefix.outbox.setdefault(pid, [])[:0] = values[:OUTBOX_LIMIT]
-            for pid, values in dropped.items():
-                prefix.dropped.setdefault(pid, [])[:0] = values[:OUTBOX_LIMIT]
+            for taken, kept in ((box, prefix.outbox), (dropped, prefix.dropped)):
+                for pid, values in taken.items():  # keep them for the next try (bounded)
+                    kept.setdefault(pid, [])[:0] = values[:OUTBOX_LIMIT]
             ready.set()
             await asyncio.sleep(RETRY_S)
 
