@@ -90,8 +90,21 @@ def legacy_endpoint(placement_id: str) -> str:
 ROUTING_VERSION = PREFIX + "routing-version"
 
 
-# API keys for /v1, stored hashed: hash sha256(key) hex -> JSON {name, rate_per_s, created_at}.
+# API keys for /v1, stored hashed: hash key name -> JSON {name, digest (sha256 hex of
+# the key), rate_per_s, created_at, and its scope} (store/api_keys.py).
 API_KEYS = PREFIX + "api-keys"
+
+
+def usage(day: str) -> str:
+    """Hash, expiring after the retention: one UTC day's tokens and requests,
+    "{key name}|{model}|{p, c or n}" -> prompt tokens, completion tokens, requests."""
+    return f"{PREFIX}usage:{day}"
+
+
+def spend(key_name: str, period: str) -> str:
+    """String (a counter), expiring a day after its period: the tokens a key with a
+    budget spent in one budget period ("2026-12-02" or "2026-12")."""
+    return f"{PREFIX}spend:{key_name}:{period}"
 
 
 def rate_limit(key_digest: str) -> str:

@@ -238,6 +238,13 @@ class ApiKey:
     digest: str  # sha256 hex of the key
     rate_per_s: float | None = None  # requests per second; None for no limit
     created_at: float = 0.0
+    # Its scope (nebula/tenancy.py). A key stored before scopes existed reads as
+    # the keys were then: every model, on-demand loads allowed, no budget.
+    models: tuple[str, ...] = ()  # names or globs it may use; empty: every model
+    on_demand: bool = True  # may its requests load a model that is not loaded?
+    priority: str = "normal"  # low, normal or high: its band when requests queue
+    token_budget: int | None = None  # prompt + completion tokens per period; None: no limit
+    budget_period: str = "day"  # day or month (UTC)
 
 
 def digest(secret: str) -> str:

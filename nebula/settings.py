@@ -28,6 +28,7 @@ from nebula.durations import parse_keep_alive
 from nebula.errors import ConfigError, InvalidRequest, validation_problems
 from nebula.names import NAME_RE, NAME_RULE
 from nebula.routing_settings import RoutingSettings
+from nebula.security_settings import SecuritySettings
 
 CONFIG_CANDIDATES = (
     Path("nebula.toml"),
@@ -61,7 +62,7 @@ def config_file() -> Path | None:
     return next((p for p in CONFIG_CANDIDATES if p.is_file()), None)
 
 
-class Settings(RoutingSettings):
+class Settings(RoutingSettings, SecuritySettings):
     """Nebula's settings; each field is documented where it is declared (the routing
     policy's in `nebula.routing_settings`)."""
 

@@ -17,6 +17,7 @@ from nebula.catalog import Catalog
 from nebula.durations import parse_keep_alive
 from nebula.errors import InvalidRequest, NebulaError
 from nebula.names import check_name, check_ref
+from nebula.router import origin
 from nebula.router.auth import KeyRing, bearer
 from nebula.router.balance import Loads
 from nebula.router.openai_errors import error
@@ -54,10 +55,9 @@ def guarded(keys: KeyRing, handler: Handler, *, write: bool) -> Handler:
     """
 
     async def guard(request: web.Request) -> web.StreamResponse:
-        if not keys.admin(bearer(request.headers.get("Authorization")), write=write):
-            return error(401, "missing or invalid admin key; send Authorization: Bearer KEY"
-                         + ("" if write else " (the admin key or a read-only key)"),
-                         "invalid_admin_key")  # fmt: skip
+        refused = _refused(keys, request, write=write)
+        if refused is not None:
+            return refused
         try:
             for name, value in request.match_info.items():
                 check_ref(value, f"the {name} in the path")
@@ -72,7 +72,24 @@ def guarded(keys: KeyRing, handler: Handler, *, write: bool) -> Handler:
     return guard
 
 
-async def _json(request: web.Request) -> dict[str, Any]:
+def _refused(keys: KeyRing, request: web.Request, *, write: bool) -> web.Response | None:
+    """Who may call this route, and how: the key, a browser's marks, the body's type."""
+    if not keys.admin(bearer(request.headers.get("Authorization")), write=write):
+        return error(401, "missing or invalid admin key; send Authorization: Bearer KEY"
+                     + ("" if write else " (the admin key or a read-only key)"),
+                     "invalid_admin_key")  # fmt: skip
+    if keys.admin_open:
+        foreign = keys.foreign_caller(request)
+        if foreign is not None:
+            return error(403, foreign, "foreign_origin")
+    if request.method in ("POST", "DELETE") and not origin.json_content(request.headers):
+        # A web page can send text/plain or a form anywhere without asking; JSON it can not.
+        return error(415, "admin routes that change state take only Content-Type: "
+                     "application/json (even with no body)", "unsupported_media_type")  # fmt: skip
+    return None
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     try:
         body = json.loads(raw.decode("utf-8"))
@@ -131,7 +148,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def load_model(request: web.Request) -> web.Response:
-    body = await _json(request)
+    body = await json_body(request)
     unknown = set(body) - LOAD_FIELDS
     if unknown:
         raise InvalidRequest(
@@ -162,7 +179,7 @@ async def pin_model(request: web.Request) -> web.Response:
 async def unpin_model(request: web.Request) -> web.Response:
     """`POST /admin/models/{ref}/unpin` `{"keep_alive": "10m"}` (default: the catalog's
     keep-alive for the model, else NEBULA_KEEP_ALIVE)."""
-    body = await _json(request) if request.can_read_body else {}
+    body = await json_body(request) if request.can_read_body else {}
     unknown = set(body) - {"keep_alive"}
     if unknown:
         raise InvalidRequest(f"unknown field(s) {', '.join(sorted(unknown))}; allowed: keep_alive")
@@ -236,41 +253,6 @@ async def catalog(request: web.Request) -> web.Response:
     )
 
 
-async def list_keys(request: web.Request) -> web.Response:
-    keys = await request.app[STATE].api_keys.all()
-    return web.json_response(
-        {
-            "keys": [
-                {"name": k.name, "rate_per_s": k.rate_per_s, "created_at": k.created_at}
-                for k in keys
-            ]
-        }
-    )
-
-
-async def create_key(request: web.Request) -> web.Response:
-    body = await _json(request)
-    unknown = set(body) - {"name", "rate_per_s"}
-    if unknown:
-        raise InvalidRequest(
-            f"unknown field(s) {', '.join(sorted(unknown))}; allowed: name, rate_per_s"
-        )
-    name, rate = body.get("name"), body.get("rate_per_s")
-    name = check_name(name, "`name`")
-    if rate is not None and (
-        isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1e6
-    ):
-        raise InvalidRequest("`rate_per_s` must be a number above 0 (at most 1e6), or null")
-    secret = await request.app[STATE].api_keys.create(name, rate)
-    # The only time the key is shown: it is stored hashed.
-    return web.json_response({"name": name, "rate_per_s": rate, "key": secret}, status=201)
-
-
-async def delete_key(request: web.Request) -> web.Response:
-    await request.app[STATE].api_keys.delete(request.match_info["name"])
-    return web.json_response({"deleted": request.match_info["name"]})
-
-
 async def discovery(request: web.Request) -> web.Response:
     """Prometheus HTTP service discovery: every live engine and every Nebula process."""
     groups: list[dict[str, Any]] = []
@@ -303,12 +285,8 @@ def add_routes(app: web.Application, keys: KeyRing) -> None:
         ("GET", "/nodes", list_nodes),
         ("POST", "/nodes/{node}/{action}", node_action),
         ("GET", "/catalog", catalog),
-        ("GET", "/keys", list_keys),
-        ("POST", "/keys", create_key),
-        ("DELETE", "/keys/{name}", delete_key),
         ("GET", "/sd", discovery),
     ]
     for method, path, handler in routes:
-        # Reading the list of key names needs the full admin key too.
-        write = method != "GET" or path == "/keys"
+        write = method != "GET"
         app.router.add_route(method, "/admin" + path, guarded(keys, handler, write=write))

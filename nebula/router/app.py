@@ -21,9 +21,11 @@ from nebula.catalog import Catalog, load_catalog
 from nebula.errors import NebulaError
 from nebula.exporter import advertise
 from nebula.exposure import engine_key, is_loopback
+from nebula.models import ApiKey
 from nebula.names import shown
 from nebula.process import STOP_STEP_S, bounded
-from nebula.router import admin, prefix_feed, router_metrics
+from nebula.router import admin, admin_keys, prefix_feed, router_metrics
+from nebula.router.accounting import Ledger
 from nebula.router.auth import KeyRing, bearer
 from nebula.router.ondemand import OnDemand, UsageRecorder
 from nebula.router.openai_errors import error, invalid_api_key
@@ -31,6 +33,7 @@ from nebula.router.proxy import FORWARDED, OTHER, Proxy
 from nebula.router.table import RoutingTable
 from nebula.settings import Settings
 from nebula.store import State
+from nebula.tenancy import allows
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,7 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
         settings.default_rate_per_s,
         open_allowed=is_loopback(settings.router_host) or settings.trusted_network,
         read_keys=settings.admin_read_keys,
+        loopback=is_loopback(settings.router_host),
     )
     table = RoutingTable(merge_after_outage_s=settings.node_ttl_s)
     state = State.of(settings)
@@ -86,6 +90,7 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
     )
     ondemand = OnDemand(state, table, catalog, settings)
     usage = UsageRecorder(state, settings.usage_flush_s)
+    ledger = Ledger(state, settings.usage_retention_days, settings.usage_flush_s)
     proxy = Proxy(
         settings,
         table,
@@ -93,6 +98,7 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
         engine_key=lambda: engine_key(settings, create=False),
         ondemand=ondemand,
         usage=usage,
+        ledger=ledger,
     )
     app = web.Application(client_max_size=settings.body_limit_bytes)
     app[admin.STATE] = state
@@ -143,7 +149,8 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
             name="redis-health",
         )
         recorder = asyncio.create_task(usage.run(), name="last-use")
-        tasks = [refresher, sampler, reporter, advertiser, health, recorder]
+        accounting = asyncio.create_task(ledger.run(), name="token-usage")
+        tasks = [refresher, sampler, reporter, advertiser, health, recorder, accounting]
         if proxy.forwarder.prefix is not None:
             shared = prefix_feed.share(app[admin.STATE], proxy.forwarder.prefix, instance)
             tasks.append(asyncio.create_task(shared, name="prefix-feed"))
@@ -155,6 +162,7 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await ledger.flush()  # the last second's usage
             await proxy.stop()
             await app[admin.STATE].close()
 
@@ -177,18 +185,32 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
     def model_object(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": 0, "owned_by": "nebula"}
 
-    async def models(request: web.Request) -> web.Response:
-        if keys.client(bearer(request.headers.get("Authorization")), table.api_keys) is None:
+    def caller(request: web.Request) -> ApiKey | bool | web.Response:
+        key = keys.client(bearer(request.headers.get("Authorization")), table.api_keys)
+        if key is None:
             return invalid_api_key()
-        data = [model_object(m) for m in table.served()]
+        foreign = keys.foreign_caller(request) if key is True else None
+        return error(403, foreign, "foreign_origin") if foreign else key
+
+    def visible(key: ApiKey | bool) -> list[str]:
+        """The served models this key may use."""
+        served = table.served()
+        return [m for m in served if allows(key.models, m)] if isinstance(key, ApiKey) else served
+
+    async def models(request: web.Request) -> web.Response:
+        key = caller(request)
+        if isinstance(key, web.Response):
+            return key
+        data = [model_object(m) for m in visible(key)]
         return web.json_response({"object": "list", "data": data})
 
     async def model(request: web.Request) -> web.Response:
         """`GET /v1/models/{id}`: the OpenAI SDK's `models.retrieve`."""
-        if keys.client(bearer(request.headers.get("Authorization")), table.api_keys) is None:
-            return invalid_api_key()
+        key = caller(request)
+        if isinstance(key, web.Response):
+            return key
         name = request.match_info["id"]
-        if name not in table.by_model:
+        if name not in visible(key):
             return error(404, f"model {shown(name)} is not served here; served models: "
                          f"{', '.join(table.served()) or 'none'}", "model_not_found")  # fmt: skip
         return web.json_response(model_object(name))
@@ -216,6 +238,11 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
         )
 
     async def metrics_endpoint(request: web.Request) -> web.Response:
+        if settings.metrics_require_key and not keys.admin(
+            bearer(request.headers.get("Authorization")), write=False
+        ):
+            return error(401, "/metrics needs the admin key or a read-only key "
+                         "(metrics_require_key is on)", "invalid_admin_key")  # fmt: skip
         # With several workers, merging their files is file I/O and parsing: done in a
         # thread, so that a scraper never stalls the event loop that serves /v1.
         body = await asyncio.to_thread(router_metrics.exposition)
@@ -228,6 +255,7 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_endpoint)
     admin.add_routes(app, keys)
+    admin_keys.add_routes(app, keys)
 
     async def unrouted(request: web.Request) -> web.Response:
         """Every path and method nothing else serves: an OpenAI-shaped 400, 404 or 405."""

@@ -1,21 +1,26 @@
 """Client keys for /v1; the admin key and read-only keys for /admin.
 
 Keys are compared by their SHA-256 digest (configured keys are hashed at
-start, stored keys are stored hashed), so no plaintext key is kept past start
-and none is ever logged.
+start, stored keys are stored hashed), and never logged. A client's key stays in
+memory only as the key of a bounded cache of digests, so that each is hashed
+once, not per request.
 
 Fail closed: with no key at all, /v1 and /admin are open only on a router
 that listens on loopback (or is told its network is trusted). The check is
 made at every request against the keys known at that moment, so deleting
 the last stored key closes a router that listens beyond loopback instead of
-opening it.
+opening it. An open router refuses what a web page could have sent
+(router/origin.py).
 """
 
 from __future__ import annotations
 
 import hmac
 
+from aiohttp import web
+
 from nebula.models import ApiKey, digest
+from nebula.router import origin
 
 
 def bearer(header: str | None) -> str | None:
@@ -42,6 +47,7 @@ class KeyRing:
         *,
         open_allowed: bool = True,
         read_keys: list[str] | None = None,
+        loopback: bool = True,
     ) -> None:
         self.configured = {
             digest(k): ApiKey(name=f"configured-{i}", digest=digest(k), rate_per_s=default_rate)
@@ -51,6 +57,7 @@ class KeyRing:
         self._readers = frozenset(digest(k) for k in read_keys or ())
         # Whether no key at all may mean "open": only on loopback or a trusted network.
         self.open_allowed = open_allowed
+        self.loopback = loopback  # listens on loopback only (see router/origin.py)
         # token -> digest, so the hot path hashes each client's key once, not per request.
         self._digests: dict[str, str] = {}
         self.default_rate = default_rate
@@ -67,6 +74,10 @@ class KeyRing:
                 self._digests.clear()  # bounded: a flood of bad keys cannot grow it
             hashed = self._digests[token] = digest(token)
         return self.configured.get(hashed) or stored.get(hashed)
+
+    def foreign_caller(self, request: web.Request) -> str | None:
+        """On an open router: why the request looks sent by a web page elsewhere."""
+        return origin.foreign(request.headers, loopback_only=self.loopback)
 
     @property
     def admin_open(self) -> bool:

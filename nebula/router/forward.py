@@ -23,6 +23,7 @@ from aiohttp import web
 
 from nebula.models import Endpoint
 from nebula.router import router_metrics
+from nebula.router.accounting import Account
 from nebula.router.balance import LeastOutstanding, Loads, Policy
 from nebula.router.openai_errors import error, upstream_error
 from nebula.router.outliers import Outliers
@@ -30,6 +31,7 @@ from nebula.router.prefix import PrefixAffinity
 from nebula.router.prompt_keys import Prompt, with_session
 from nebula.router.relay import Streams
 from nebula.router.table import RoutingTable
+from nebula.router.usage_tap import from_answer
 from nebula.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,7 @@ class Forwarder:
         candidates: list[Endpoint],
         started: float,
         ttft: Any,
+        account: Account,
         prefix: Prompt | None = None,
         stream: web.StreamResponse | None = None,
     ) -> web.StreamResponse:
@@ -145,7 +148,9 @@ class Forwarder:
             if attempt:
                 router_metrics.RETRIES.labels(model).inc()
             retryable = len(tried) < len(candidates) and attempt < self.settings.max_retries
-            send = Send(request, path, sent, model, endpoint, retryable, started, ttft, stream)
+            send = Send(
+                request, path, sent, model, endpoint, retryable, started, ttft, stream, account
+            )
             pid = endpoint.placement_id
             self.inflight[pid] += 1
             try:
@@ -249,6 +254,7 @@ class Forwarder:
                 model,
                 started=send.started,
                 ttft=send.ttft,
+                account=send.account,
                 response=send.stream,
             )
         # Not streamed: read it whole (nothing has reached the client yet, so a replica
@@ -266,7 +272,7 @@ class Forwarder:
             return None
         if upstream.status >= 400:
             return upstream_error(upstream.status, data, headers)
-        router_metrics.count_usage(model, data)
+        await send.account.settle(from_answer(data))
         return web.Response(status=upstream.status, body=data, headers=headers)
 
 
@@ -283,6 +289,7 @@ class Send:
     started: float
     ttft: Any
     stream: web.StreamResponse | None
+    account: Account
 
 
 @dataclass(slots=True)

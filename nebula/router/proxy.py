@@ -18,9 +18,10 @@ from typing import Any
 
 from aiohttp import web
 
-from nebula.models import Endpoint, Task
+from nebula.models import ApiKey, Endpoint, Task
 from nebula.names import shown
 from nebula.router import router_metrics
+from nebula.router.accounting import Account, BudgetExhausted, Ledger
 from nebula.router.auth import KeyRing, bearer
 from nebula.router.balance import Policy
 from nebula.router.forward import NO_REPLICA_RETRY_AFTER, Forwarder
@@ -29,7 +30,9 @@ from nebula.router.openai_errors import error, invalid_api_key
 from nebula.router.prompt_keys import Prompt
 from nebula.router.ratelimit import ClusterLimiter
 from nebula.router.table import RoutingTable
+from nebula.router.usage_tap import ask_for_usage
 from nebula.settings import Settings
+from nebula.tenancy import allows
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +78,14 @@ class Proxy:
         engine_key: Callable[[], str] = lambda: "",
         ondemand: OnDemand | None = None,
         usage: UsageRecorder | None = None,
+        ledger: Ledger,
     ) -> None:
         self.settings = settings
         self.table = table
         self.keys = keys
         self.ondemand = ondemand
         self.usage = usage
+        self.ledger = ledger
         self.limiter = ClusterLimiter(settings.redis_url, settings.redis_sentinel_password)
         self.forwarder = Forwarder(settings, table, policy, engine_key=engine_key)
         self.inflight = self.forwarder.inflight  # placement id -> requests in flight
@@ -118,24 +123,96 @@ class Proxy:
 
     async def handle(self, request: web.Request, route: str) -> web.StreamResponse:
         started = time.perf_counter()
-        # Who is asking.
+        key = await self._caller(request, route)
+        if isinstance(key, web.Response):
+            return key
+        asked = await self._asked(request, route)
+        if isinstance(asked, web.Response):
+            return asked
+        body, payload, model = asked
+        refused = await self._refused(key, model, route)
+        if refused is not None:
+            return refused
+        candidates = self.table.endpoints(model)
+        spec = None
+        if not candidates:
+            spec = self.ondemand.loadable(model) if self.ondemand is not None else None
+            if spec is None:
+                return self._not_served(model, route)
+            if isinstance(key, ApiKey) and not key.on_demand:
+                self._done(model, route, 403)
+                return error(403, f"model {model!r} is not loaded, and this key may not load "
+                             "models on demand; ask an operator to load it (nebula-cli model "
+                             f"load {model})", "on_demand_not_allowed")  # fmt: skip
+        wanted = FORWARDED[route]
+        task = candidates[0].task if candidates else spec.task.value  # type: ignore[union-attr]
+        if wanted is not None and task and task != wanted:
+            self._done(model, route, 400)
+            return error(
+                400,
+                f"model {model!r} is a {task} model; {route} needs a {wanted.value} model "
+                f"(send {task} requests to {TASK_ROUTES.get(Task(task), 'its own route')})",
+                "wrong_model_task",
+            )
+        prefix = (
+            self.forwarder.prefix.keys(payload)
+            if self.forwarder.prefix is not None and wanted is Task.CHAT
+            else None
+        )
+        strip = False
+        if wanted is Task.CHAT and payload.get("stream") is True:
+            # Ask for the stream's usage (counted per key), and take the chunk out on
+            # the way back when the client did not ask for it.
+            asked_for = ask_for_usage(body, payload)
+            strip = asked_for is not None
+            body = asked_for or body
+        account = self.ledger.account(key if isinstance(key, ApiKey) else None, model, strip=strip)
+        if self.usage is not None:
+            self.usage.begin(model)
+        try:
+            response = await self._serve(request, route, body, model, payload, candidates,
+                                         spec, started, prefix, account)  # fmt: skip
+        except asyncio.CancelledError:
+            # The client left: aiohttp cancelled this handler, and with it the upstream
+            # request (see `_send`) and any hold.
+            self._done(model, route, CLIENT_CLOSED)
+            raise
+        finally:
+            if self.usage is not None:
+                self.usage.end(model)
+        self._done(model, route, response.status)
+        return response
+
+    async def _caller(self, request: web.Request, route: str) -> ApiKey | bool | web.Response:
+        """Who is asking: their key (True on an open router), or the refusal."""
         key = self.keys.client(bearer(request.headers.get("Authorization")), self.table.api_keys)
         if key is None:
             self._done("", UNAUTHENTICATED, 401)
             return invalid_api_key()
-        if key is not True:
-            rate = key.rate_per_s or self.keys.default_rate  # type: ignore[union-attr]
-            if rate:
-                wait = await self.limiter.allow(key.digest, rate)  # type: ignore[union-attr]
-                if wait:
-                    self._done("", route, 429)
-                    return error(
-                        429,
-                        f"rate limit of {rate:g} requests per second exceeded for this key",
-                        "rate_limit_exceeded",
-                        {"Retry-After": str(max(1, round(wait + 0.5)))},
-                    )
-        # What is asked.
+        if key is True:
+            foreign = self.keys.foreign_caller(request)
+            if foreign is not None:
+                self._done("", UNAUTHENTICATED, 403)
+                return error(403, foreign, "foreign_origin")
+            return True
+        assert isinstance(key, ApiKey)
+        rate = key.rate_per_s or self.keys.default_rate
+        if rate:
+            wait = await self.limiter.allow(key.digest, rate)
+            if wait:
+                self._done("", route, 429)
+                return error(
+                    429,
+                    f"rate limit of {rate:g} requests per second exceeded for this key",
+                    "rate_limit_exceeded",
+                    {"Retry-After": str(max(1, round(wait + 0.5)))},
+                )
+        return key
+
+    async def _asked(
+        self, request: web.Request, route: str
+    ) -> tuple[bytes, dict[str, Any], str] | web.Response:
+        """What is asked: the body, its JSON and its model, or the refusal."""
         limit = self.settings.body_limit_bytes
         if request.content_length is not None and request.content_length > limit:
             self._done("", route, 413)
@@ -158,61 +235,46 @@ class Proxy:
             self._done("", route, 400)
             return error(400, "the body must be a JSON object with a `model` string",
                          "missing_model")  # fmt: skip
-        candidates = self.table.endpoints(model)
-        spec = None
-        if not candidates:
-            spec = self.ondemand.loadable(model) if self.ondemand is not None else None
-        if not candidates and spec is None:
-            if model in self.table.unloading:
-                self._done(model, route, 503)
-                return error(
-                    503,
-                    f"model {model!r} is being unloaded; it serves no new requests. Load it "
-                    f"again (nebula-cli model load {model}) to use it",
-                    "model_unloading",
-                )
-            if model in self.table.models:
-                self._done(model, route, 503)
-                return error(
-                    503,
-                    f"model {model!r} has no healthy replica right now; retry shortly",
-                    "no_healthy_replica",
-                    {"Retry-After": NO_REPLICA_RETRY_AFTER},
-                )
-            served = ", ".join(self.table.served()) or "none"
-            self._done(OTHER, route, 404)
-            return error(404, f"model {shown(model)} is not served here; served models: "
-                         f"{served}", "model_not_found")  # fmt: skip
-        wanted = FORWARDED[route]
-        task = candidates[0].task if candidates else spec.task.value  # type: ignore[union-attr]
-        if wanted is not None and task and task != wanted:
-            self._done(model, route, 400)
-            return error(
-                400,
-                f"model {model!r} is a {task} model; {route} needs a {wanted.value} model "
-                f"(send {task} requests to {TASK_ROUTES.get(Task(task), 'its own route')})",
-                "wrong_model_task",
-            )
-        prefix = (
-            self.forwarder.prefix.keys(payload)
-            if self.forwarder.prefix is not None and wanted is Task.CHAT
-            else None
-        )
-        if self.usage is not None:
-            self.usage.begin(model)
+        return body, payload, model
+
+    async def _refused(self, key: ApiKey | bool, model: str, route: str) -> web.Response | None:
+        """The key's scope: its models and its token budget."""
+        if not isinstance(key, ApiKey):
+            return None
+        if not allows(key.models, model):
+            self._done(OTHER, route, 403)
+            return error(403, f"this key may not use model {shown(model)}; it may use "
+                         f"{', '.join(key.models)}", "model_not_allowed")  # fmt: skip
         try:
-            response = await self._serve(request, route, body, model, payload, candidates,
-                                         spec, started, prefix)  # fmt: skip
-        except asyncio.CancelledError:
-            # The client left: aiohttp cancelled this handler, and with it the upstream
-            # request (see `_send`) and any hold.
-            self._done(model, route, CLIENT_CLOSED)
-            raise
-        finally:
-            if self.usage is not None:
-                self.usage.end(model)
-        self._done(model, route, response.status)
-        return response
+            await self.ledger.admit(key)
+        except BudgetExhausted as exc:
+            self._done(model, route, 429)
+            retry = str(max(1, round(exc.retry_after_s)))
+            return error(429, str(exc), "budget_exhausted", {"Retry-After": retry})
+        return None
+
+    def _not_served(self, model: str, route: str) -> web.Response:
+        """A model with no replica and no way to load one: why, in OpenAI's shape."""
+        if model in self.table.unloading:
+            self._done(model, route, 503)
+            return error(
+                503,
+                f"model {model!r} is being unloaded; it serves no new requests. Load it "
+                f"again (nebula-cli model load {model}) to use it",
+                "model_unloading",
+            )
+        if model in self.table.models:
+            self._done(model, route, 503)
+            return error(
+                503,
+                f"model {model!r} has no healthy replica right now; retry shortly",
+                "no_healthy_replica",
+                {"Retry-After": NO_REPLICA_RETRY_AFTER},
+            )
+        served = ", ".join(self.table.served()) or "none"
+        self._done(OTHER, route, 404)
+        return error(404, f"model {shown(model)} is not served here; served models: "
+                     f"{served}", "model_not_found")  # fmt: skip
 
     async def _serve(
         self,
@@ -225,6 +287,7 @@ class Proxy:
         spec: Any,
         started: float,
         prefix: Prompt | None,
+        account: Account,
     ) -> web.StreamResponse:
         """Hold the request while its model loads (if it must), then forward it."""
         stream = None
@@ -242,7 +305,7 @@ class Proxy:
             candidates, stream = held.endpoints, held.stream
         latency, ttft = self.labels.get(model, route)
         response = await self.forwarder.forward(
-            request, route, body, model, candidates, started, ttft, prefix, stream
+            request, route, body, model, candidates, started, ttft, account, prefix, stream
         )
         if stream is not None and response is not stream:
             response = await into_stream(stream, response)

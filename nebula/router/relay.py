@@ -16,15 +16,11 @@ import aiohttp
 from aiohttp import web
 
 from nebula.router import router_metrics
+from nebula.router.accounting import Account
 from nebula.router.openai_errors import stream_error_event
 from nebula.router.table import RoutingTable
 
 log = logging.getLogger(__name__)
-
-# Bytes kept from a stream's end to find its `usage` chunk (vLLM's, with
-# `stream_options.include_usage`, comes just before `[DONE]`, perhaps in a chunk of
-# its own).
-USAGE_TAIL = 4096
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -60,10 +56,13 @@ class Streams:
         *,
         started: float,
         ttft: Any,
+        account: Account,
         response: web.StreamResponse | None = None,
     ) -> web.StreamResponse:
         """Pass a stream back chunk by chunk; `response`: the stream already answering
-        the client (a held request), else one is opened here."""
+        the client (a held request), else one is opened here. The usage chunk is read
+        (and removed when the client did not ask for it), and the answer's tokens
+        counted before the stream's end reaches the client."""
         # The idle timeout applies between chunks from here on.
         if upstream.connection is not None and upstream.connection.protocol is not None:
             upstream.connection.protocol.read_timeout = self.idle_read_timeout_s
@@ -71,15 +70,18 @@ class Streams:
             response = web.StreamResponse(status=upstream.status, headers=headers)
             await response.prepare(request)
         first = True
-        tail = b""  # the stream's last bytes: where the engine puts `usage`
+        tap = account.tap()
         self.active.add(upstream)
         try:
             async for chunk in upstream.content.iter_any():
                 if first:
                     ttft.observe(time.perf_counter() - started)
                     first = False
-                await response.write(chunk)
-                tail = (tail + chunk)[-USAGE_TAIL:]
+                passed = tap.feed(chunk)
+                if tap.final and not account.settled:
+                    await account.settle(tap.tokens)
+                if passed:
+                    await response.write(passed)
         except (aiohttp.ClientError, TimeoutError) as exc:
             if _client_gone(request):
                 # Nobody to tell: drop the engine's connection so that it stops too.
@@ -87,7 +89,10 @@ class Streams:
                 return response
             await response.write(self._why_it_ended(exc, model, upstream))
         else:
-            router_metrics.count_usage(model, tail, streamed=True)
+            rest = tap.flush()
+            await account.settle(tap.tokens)
+            if rest:
+                await response.write(rest)
         finally:
             self.active.discard(upstream)
         await response.write_eof()

@@ -6,7 +6,6 @@ them; `nebula router` sets that up before this module is imported.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -63,6 +62,17 @@ TOKENS = Counter(
     "nebula_router_tokens",
     "Tokens reported in answers' usage, by kind (prompt, completion).",
     ["model", "kind"],
+)
+KEY_TOKENS = Counter(
+    "nebula_router_key_tokens",
+    "Tokens reported in answers' usage, by client key name (operator-defined; 'open' on "
+    "a router without keys), model and kind (prompt, completion).",
+    ["key", "model", "kind"],
+)
+BUDGET_REFUSALS = Counter(
+    "nebula_router_budget_refusals",
+    "Requests refused (429 budget_exhausted) because their key's token budget was spent.",
+    ["key"],
 )
 ROUTING = Counter(
     "nebula_router_routing_decisions",
@@ -162,21 +172,19 @@ def exposition() -> bytes:
     return bytes(generate_latest(registry))
 
 
-def count_usage(model: str, data: bytes, *, streamed: bool = False) -> None:
-    """Tokens from the `usage` an answer reports, if any; for a stream, `data` is its
-    last bytes (perhaps starting mid-event), and the last event with a usage counts."""
-    if data.rfind(b'"usage"') < 0:
-        return
-    if streamed:
-        events = [e for e in data.split(b"\n\n") if b'"usage"' in e]
-        data = events[-1].strip().removeprefix(b"data:").strip() if events else b""
-    try:
-        usage = json.loads(data).get("usage") or {}
-    except (ValueError, AttributeError, RecursionError):
-        return
-    if not isinstance(usage, dict):
-        return
-    for kind in ("prompt_tokens", "completion_tokens"):
-        n = usage.get(kind)
-        if isinstance(n, int) and n > 0:
-            TOKENS.labels(model, kind.removesuffix("_tokens")).inc(n)
+_token_children: dict[tuple[str, str, str], Any] = {}
+
+
+def count_tokens(key: str, model: str, prompt: int, completion: int) -> None:
+    """An answer's tokens, by model and by key (children made once each)."""
+    for kind, n in (("prompt", prompt), ("completion", completion)):
+        if n <= 0:
+            continue
+        children = _token_children.get((key, model, kind))
+        if children is None:
+            children = _token_children[key, model, kind] = (
+                TOKENS.labels(model, kind),
+                KEY_TOKENS.labels(key, model, kind),
+            )
+        children[0].inc(n)
+        children[1].inc(n)

@@ -6,7 +6,8 @@
     placements.Placements  desired placements and their observed states
     endpoints.Endpoints  healthy engines for the routers
     inflight.RouterInFlight  what routers have in flight to each engine (drains)
-    api_keys.ApiKeys     hashed client keys
+    api_keys.ApiKeys     hashed client keys and their scopes
+    usage.Usage          tokens per key, model and day; budgeted keys' spend
     prefixes.PrefixFeed  prefix routing's shared index (routers' choices)
     engine_load.EngineLoads  what engines report of their load (routing)
     targets.MetricsTargets  /metrics addresses for Prometheus
@@ -32,6 +33,7 @@ from nebula.store.placements import Placements
 from nebula.store.prefixes import PrefixFeed
 from nebula.store.requests import Requests
 from nebula.store.targets import MetricsTargets
+from nebula.store.usage import Usage
 
 
 class State(Core):
@@ -45,6 +47,7 @@ class State(Core):
         self.endpoints = Endpoints(self)
         self.in_flight = RouterInFlight(self)
         self.api_keys = ApiKeys(self)
+        self.usage = Usage(self)
         self.prefix_feed = PrefixFeed(self)
         self.engine_load = EngineLoads(self)
         self.targets = MetricsTargets(self)

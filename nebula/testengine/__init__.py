@@ -286,6 +286,7 @@ async def embeddings(request: web.Request) -> web.Response:
         for i, t in enumerate(texts)
     ]
     tokens = sum(len(t.split()) for t in texts)
+    request.app[TOKENS][0] += tokens  # vLLM counts a pooling request's prompt too
     return web.json_response(
         {
             "object": "list",
