@@ -31,8 +31,10 @@ def check_models(value: object) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list | tuple) or len(value) > MAX_PATTERNS:
-        raise InvalidRequest(f"`models` must be a list of at most {MAX_PATTERNS} model names or "
-                             'globs ("chat-*"), or null for every model')  # fmt: skip
+        raise InvalidRequest(
+            f"`models` must be a list of at most {MAX_PATTERNS} model names or "
+            'globs ("chat-*"), or null for every model'
+        )
     for pattern in value:
         if not isinstance(pattern, str) or not PATTERN_RE.match(pattern):
             raise InvalidRequest(
@@ -58,8 +60,10 @@ def check_budget(tokens: object, period: object) -> tuple[int | None, str]:
     if tokens is None:
         return None, str(period)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 < tokens <= MAX_BUDGET:
-        raise InvalidRequest(f"`token_budget` must be a whole number of tokens from 1 to "
-                             f"{MAX_BUDGET:.0e}, or null for no budget")  # fmt: skip
+        raise InvalidRequest(
+            f"`token_budget` must be a whole number of tokens from 1 to "
+            f"{MAX_BUDGET:.0e}, or null for no budget"
+        )
     return tokens, str(period)
 
 

@@ -84,8 +84,10 @@ class Ledger:
 
     def _redis_failed(self, exc: BaseException) -> None:
         if time.monotonic() >= self._local_until:
-            log.warning("token budgets: Redis unavailable (%s); checking them per process "
-                        "for now", type(exc).__name__)  # fmt: skip
+            log.warning(
+                "token budgets: Redis unavailable (%s); checking them per process for now",
+                type(exc).__name__,
+            )
         self._local_until = time.monotonic() + LOCAL_FOR_S
 
     def account(self, key: ApiKey | None, model: str, *, strip: bool) -> Account:

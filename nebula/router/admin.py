@@ -75,17 +75,24 @@ def guarded(keys: KeyRing, handler: Handler, *, write: bool) -> Handler:
 def _refused(keys: KeyRing, request: web.Request, *, write: bool) -> web.Response | None:
     """Who may call this route, and how: the key, a browser's marks, the body's type."""
     if not keys.admin(bearer(request.headers.get("Authorization")), write=write):
-        return error(401, "missing or invalid admin key; send Authorization: Bearer KEY"
-                     + ("" if write else " (the admin key or a read-only key)"),
-                     "invalid_admin_key")  # fmt: skip
+        return error(
+            401,
+            "missing or invalid admin key; send Authorization: Bearer KEY"
+            + ("" if write else " (the admin key or a read-only key)"),
+            "invalid_admin_key",
+        )
     if keys.admin_open:
         foreign = keys.foreign_caller(request)
         if foreign is not None:
             return error(403, foreign, "foreign_origin")
     if request.method in ("POST", "DELETE") and not origin.json_content(request.headers):
         # A web page can send text/plain or a form anywhere without asking; JSON it can not.
-        return error(415, "admin routes that change state take only Content-Type: "
-                     "application/json (even with no body)", "unsupported_media_type")  # fmt: skip
+        return error(
+            415,
+            "admin routes that change state take only Content-Type: "
+            "application/json (even with no body)",
+            "unsupported_media_type",
+        )
     return None
 
 
@@ -260,8 +267,12 @@ async def discovery(request: web.Request) -> web.Response:
     for model in table.served():
         for e in table.endpoints(model):
             host = e.url.split("://", 1)[-1].rstrip("/")
-            labels = {"nebula_component": "engine", "model": model, "node": e.node,
-                      "placement": e.placement_id}  # fmt: skip
+            labels = {
+                "nebula_component": "engine",
+                "model": model,
+                "node": e.node,
+                "placement": e.placement_id,
+            }
             groups.append({"targets": [host], "labels": labels})
     for target in await request.app[STATE].targets.live():
         labels = {"nebula_component": target["kind"], "nebula_id": target["id"]}

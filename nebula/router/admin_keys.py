@@ -112,8 +112,9 @@ async def usage(request: web.Request) -> web.Response:
     query = request.query
     unknown = set(query) - {"days", "key", "model"}
     if unknown:
-        raise InvalidRequest(f"unknown parameter(s) {', '.join(sorted(unknown))}; "
-                             "allowed: days, key, model")  # fmt: skip
+        raise InvalidRequest(
+            f"unknown parameter(s) {', '.join(sorted(unknown))}; allowed: days, key, model"
+        )
     raw = query.get("days", "7")
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_USAGE_DAYS:
         raise InvalidRequest(f"`days` must be a whole number from 1 to {MAX_USAGE_DAYS}")

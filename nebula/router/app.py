@@ -211,8 +211,12 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
             return key
         name = request.match_info["id"]
         if name not in visible(key):
-            return error(404, f"model {shown(name)} is not served here; served models: "
-                         f"{', '.join(table.served()) or 'none'}", "model_not_found")  # fmt: skip
+            return error(
+                404,
+                f"model {shown(name)} is not served here; served models: "
+                f"{', '.join(table.served()) or 'none'}",
+                "model_not_found",
+            )
         return web.json_response(model_object(name))
 
     async def health(request: web.Request) -> web.Response:
@@ -241,8 +245,11 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
         if settings.metrics_require_key and not keys.admin(
             bearer(request.headers.get("Authorization")), write=False
         ):
-            return error(401, "/metrics needs the admin key or a read-only key "
-                         "(metrics_require_key is on)", "invalid_admin_key")  # fmt: skip
+            return error(
+                401,
+                "/metrics needs the admin key or a read-only key (metrics_require_key is on)",
+                "invalid_admin_key",
+            )
         # With several workers, merging their files is file I/O and parsing: done in a
         # thread, so that a scraper never stalls the event loop that serves /v1.
         body = await asyncio.to_thread(router_metrics.exposition)
@@ -264,15 +271,27 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
             if resource is not catch_all:
                 allowed |= (await resource.resolve(request))[1]
         if SUSPECT_PATH.search(request.raw_path.split("?", 1)[0]):
-            status, text, code = 400, "the path holds dot segments or encoded slashes or dots; "\
-                "send the route's plain path", "invalid_path"  # fmt: skip
+            status, text, code = (
+                400,
+                "the path holds dot segments or encoded slashes or dots; "
+                "send the route's plain path",
+                "invalid_path",
+            )
         elif allowed:
-            status, text, code = 405, f"{request.method} is not allowed on this route; " \
-                f"allowed: {', '.join(sorted(allowed))}", "method_not_allowed"  # fmt: skip
+            status, text, code = (
+                405,
+                f"{request.method} is not allowed on this route; "
+                f"allowed: {', '.join(sorted(allowed))}",
+                "method_not_allowed",
+            )
         else:
-            status, text, code = 404, "no such route; Nebula serves " \
-                f"{', '.join(sorted(FORWARDED))}, /v1/models, /admin/..., /health and " \
-                "/metrics (see docs/api.md)", "unknown_route"  # fmt: skip
+            status, text, code = (
+                404,
+                "no such route; Nebula serves "
+                f"{', '.join(sorted(FORWARDED))}, /v1/models, /admin/..., /health and "
+                "/metrics (see docs/api.md)",
+                "unknown_route",
+            )
         router_metrics.REQUESTS.labels("", OTHER, str(status)).inc()
         return error(status, text, code)
 

@@ -141,9 +141,13 @@ class Proxy:
                 return self._not_served(model, route)
             if isinstance(key, ApiKey) and not key.on_demand:
                 self._done(model, route, 403)
-                return error(403, f"model {model!r} is not loaded, and this key may not load "
-                             "models on demand; ask an operator to load it (nebula-cli model "
-                             f"load {model})", "on_demand_not_allowed")  # fmt: skip
+                return error(
+                    403,
+                    f"model {model!r} is not loaded, and this key may not load "
+                    "models on demand; ask an operator to load it (nebula-cli model "
+                    f"load {model})",
+                    "on_demand_not_allowed",
+                )
         wanted = FORWARDED[route]
         task = candidates[0].task if candidates else spec.task.value  # type: ignore[union-attr]
         if wanted is not None and task and task != wanted:
@@ -170,8 +174,9 @@ class Proxy:
         if self.usage is not None:
             self.usage.begin(model)
         try:
-            response = await self._serve(request, route, body, model, payload, candidates,
-                                         spec, started, prefix, account)  # fmt: skip
+            response = await self._serve(
+                request, route, body, model, payload, candidates, spec, started, prefix, account
+            )
         except asyncio.CancelledError:
             # The client left: aiohttp cancelled this handler, and with it the upstream
             # request (see `_send`) and any hold.
@@ -233,8 +238,9 @@ class Proxy:
         model = payload.get("model") if isinstance(payload, dict) else None
         if not isinstance(model, str) or not model:
             self._done("", route, 400)
-            return error(400, "the body must be a JSON object with a `model` string",
-                         "missing_model")  # fmt: skip
+            return error(
+                400, "the body must be a JSON object with a `model` string", "missing_model"
+            )
         return body, payload, model
 
     async def _refused(self, key: ApiKey | bool, model: str, route: str) -> web.Response | None:
@@ -243,8 +249,11 @@ class Proxy:
             return None
         if not allows(key.models, model):
             self._done(OTHER, route, 403)
-            return error(403, f"this key may not use model {shown(model)}; it may use "
-                         f"{', '.join(key.models)}", "model_not_allowed")  # fmt: skip
+            return error(
+                403,
+                f"this key may not use model {shown(model)}; it may use {', '.join(key.models)}",
+                "model_not_allowed",
+            )
         try:
             await self.ledger.admit(key)
         except BudgetExhausted as exc:
@@ -273,8 +282,11 @@ class Proxy:
             )
         served = ", ".join(self.table.served()) or "none"
         self._done(OTHER, route, 404)
-        return error(404, f"model {shown(model)} is not served here; served models: "
-                     f"{served}", "model_not_found")  # fmt: skip
+        return error(
+            404,
+            f"model {shown(model)} is not served here; served models: {served}",
+            "model_not_found",
+        )
 
     async def _serve(
         self,

@@ -27,10 +27,10 @@ async def open_router(redis_url: str, tmp_path: Path) -> AsyncIterator[RouterPro
     proc.stop()
 
 
-def send(router: RouterProcess, method: str, path: str, headers: dict[str, str],
-         body: bytes = b"") -> tuple[int, bytes]:  # fmt: skip
-    lines = [f"{method} {path} HTTP/1.1", "Connection: close",
-             f"Content-Length: {len(body)}"]  # fmt: skip
+def send(
+    router: RouterProcess, method: str, path: str, headers: dict[str, str], body: bytes = b""
+) -> tuple[int, bytes]:
+    lines = [f"{method} {path} HTTP/1.1", "Connection: close", f"Content-Length: {len(body)}"]
     lines += [f"{k}: {v}" for k, v in headers.items()]
     answer = raw_http(router.port, "\r\n".join(lines).encode() + b"\r\n\r\n" + body)
     return status_of(answer), answer.partition(b"\r\n\r\n")[2]
@@ -42,19 +42,29 @@ async def test_a_text_plain_post_to_admin_is_refused(
     # What an HTML form (or fetch with mode no-cors) can send anywhere without asking.
     host = {"Host": f"127.0.0.1:{open_router.port}"}
     for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
-        status, body = send(open_router, "POST", "/admin/keys", {**host, "Content-Type": kind},
-                            b'{"name": "from-a-page"}')  # fmt: skip
+        status, body = send(
+            open_router,
+            "POST",
+            "/admin/keys",
+            {**host, "Content-Type": kind},
+            b'{"name": "from-a-page"}',
+        )
         assert status == 415, body
         assert json.loads(body)["error"]["code"] == "unsupported_media_type"
-        status, _ = send(open_router, "POST", "/admin/nodes/node-a/drain",
-                         {**host, "Content-Type": kind})  # fmt: skip
+        status, _ = send(
+            open_router, "POST", "/admin/nodes/node-a/drain", {**host, "Content-Type": kind}
+        )
         assert status == 415
     assert await state.api_keys.all() == []
     assert await state.redis.smembers(keys.CORDONED) == set()
     # The operator's own tools send JSON, and are served.
-    status, body = send(open_router, "POST", "/admin/keys",
-                        {**host, "Content-Type": "application/json"},
-                        b'{"name": "mine"}')  # fmt: skip
+    status, body = send(
+        open_router,
+        "POST",
+        "/admin/keys",
+        {**host, "Content-Type": "application/json"},
+        b'{"name": "mine"}',
+    )
     assert status == 201, body
 
 
@@ -73,8 +83,12 @@ async def test_a_foreign_host_or_origin_is_refused_on_an_open_router(
         ("POST", "/v1/chat/completions", {"Host": "attacker.example"}, chat),
         ("GET", "/v1/models", {"Host": "192.168.1.20"}, b""),
         # A page elsewhere, sending to 127.0.0.1 (with a preflight the router never grants).
-        ("POST", "/admin/models", {"Host": f"127.0.0.1:{port}", "Origin":
-                                   "https://attacker.example", **json_type}, LOAD),  # fmt: skip
+        (
+            "POST",
+            "/admin/models",
+            {"Host": f"127.0.0.1:{port}", "Origin": "https://attacker.example", **json_type},
+            LOAD,
+        ),
         ("POST", "/v1/chat/completions", {"Host": f"localhost:{port}", "Origin": "null"}, chat),
     ]
     for method, path, headers, body in refused:
@@ -86,8 +100,12 @@ async def test_a_foreign_host_or_origin_is_refused_on_an_open_router(
         ("GET", "/admin/cluster", {"Host": f"127.0.0.1:{port}"}, b""),
         ("GET", "/admin/cluster", {"Host": f"localhost:{port}"}, b""),
         ("GET", "/admin/cluster", {"Host": f"[::1]:{port}"}, b""),
-        ("POST", "/v1/chat/completions", {"Host": f"127.0.0.1:{port}", "Origin":
-                                          f"http://localhost:{port}"}, chat),  # fmt: skip
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"Host": f"127.0.0.1:{port}", "Origin": f"http://localhost:{port}"},
+            chat,
+        ),
     ]
     for method, path, headers, body in allowed:
         status, answer = send(open_router, method, path, headers, body)

@@ -144,9 +144,13 @@ async def test_a_budget_shared_by_two_routers_stops_the_key_within_one_request(
                 {"model": CHAT, "messages": [{"role": "user", "content": "x"}]},
                 key=key,
             )
-            assert status == 429
-        _, headers, _ = http("POST", routers[0].url + "/v1/chat/completions",
-                             {"model": CHAT, "messages": []}, key=key)  # fmt: skip
+            assert status == 429, body
+        _, headers, _ = http(
+            "POST",
+            routers[0].url + "/v1/chat/completions",
+            {"model": CHAT, "messages": []},
+            key=key,
+        )
         midnight = (time.time() // 86400 + 1) * 86400
         assert abs(int(headers["Retry-After"]) - (midnight - time.time())) < 60
         assert spent_of(routers[1], "budgeted") == spent
@@ -177,19 +181,32 @@ async def test_usage_is_counted_exactly_streamed_or_not_and_the_added_chunk_remo
     await wait_for(lambda: _answers(router, key), 15, "the key in the router's table")
     before = engine_tokens(chat_engine), engine_tokens(embed_engine)
     client = openai.OpenAI(base_url=router.url + "/v1", api_key=key, max_retries=0)
-    messages = [{"role": "system", "content": "be brief " * 40},
-                {"role": "user", "content": "count the words of this line"}]  # fmt: skip
+    messages = [
+        {"role": "system", "content": "be brief " * 40},
+        {"role": "user", "content": "count the words of this line"},
+    ]
     for _ in range(3):
         client.chat.completions.create(model=CHAT, messages=messages)  # type: ignore[arg-type]
         # A stream whose client did not ask for usage: the router asked, and took the
         # usage chunk back out.
-        chunks = list(client.chat.completions.create(model=CHAT, messages=messages,  # type: ignore[arg-type]
-                                                     stream=True))  # fmt: skip
+        chunks = list(
+            client.chat.completions.create(
+                model=CHAT,
+                messages=messages,  # type: ignore[arg-type]
+                stream=True,
+            )
+        )
         assert chunks and all(c.choices for c in chunks), "the usage chunk reached the client"
         assert all(c.usage is None for c in chunks)
         # One that asked: it keeps its usage chunk.
-        asked = list(client.completions.create(model=CHAT, prompt="one two three", stream=True,
-                                               stream_options={"include_usage": True}))  # fmt: skip
+        asked = list(
+            client.completions.create(
+                model=CHAT,
+                prompt="one two three",
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
         assert asked[-1].usage is not None and asked[-1].choices == []
         client.embeddings.create(model=EMBED, input=["alpha beta", "gamma"])
     after = engine_tokens(chat_engine), engine_tokens(embed_engine)
@@ -211,8 +228,9 @@ async def test_usage_is_counted_exactly_streamed_or_not_and_the_added_chunk_remo
         page = r.read().decode()
     counted = sum(
         float(v)
-        for v in re.findall(r'^nebula_router_key_tokens_total\{key="counted",[^}]*\} (\S+)$',
-                            page, re.MULTILINE)  # fmt: skip
+        for v in re.findall(
+            r'^nebula_router_key_tokens_total\{key="counted",[^}]*\} (\S+)$', page, re.MULTILINE
+        )
     )
     assert counted == prompt + completion
 
