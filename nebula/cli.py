@@ -7,6 +7,8 @@
     nebula-cli model wait REF... | pin REF | unpin REF [--keep-alive D]
     nebula-cli node list | cordon NODE | uncordon NODE | drain NODE
     nebula-cli catalog list
+    nebula-cli key create NAME [--models GLOB,...] [--budget TOKENS] ... | list | show NAME
+                   | delete NAME | usage [--key NAME] [--model NAME] [--days N]
 
 The router's URL comes from --url, NEBULA_URL or the settings (default
 http://127.0.0.1:8080); the admin key from NEBULA_ADMIN_KEY or the config
@@ -23,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from nebula import __version__
+from nebula import __version__, key_commands
 from nebula.client import AdminClient, ClientError, Target, Unreachable
 from nebula.commands import (
     WaitFailed,
@@ -144,6 +146,8 @@ def parser(prog: str = "nebula-cli") -> argparse.ArgumentParser:
         cmd = node_sub.add_parser(action, parents=[common], help=text)
         cmd.add_argument("node", metavar="NODE")
         cmd.set_defaults(run=node_action, action=action)
+
+    key_commands.add_commands(groups, common)
 
     catalog = groups.add_parser("catalog", help="the models that can be loaded")
     catalog_sub = catalog.add_subparsers(dest="command", required=True, metavar="COMMAND")

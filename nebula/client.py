@@ -128,6 +128,26 @@ class AdminClient:
         path = f"/admin/nodes/{urllib.parse.quote(node, safe='')}/{action}"
         return dict(self.call("POST", path))
 
+    def api_keys(self) -> list[dict[str, Any]]:
+        return list(self.call("GET", "/admin/keys")["keys"])
+
+    def create_key(self, fields: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.call("POST", "/admin/keys", fields))
+
+    def show_key(self, name: str) -> dict[str, Any]:
+        return dict(self.call("GET", "/admin/keys/" + urllib.parse.quote(name, safe="")))
+
+    def delete_key(self, name: str) -> dict[str, Any]:
+        return dict(self.call("DELETE", "/admin/keys/" + urllib.parse.quote(name, safe="")))
+
+    def usage(self, days: int, key: str | None, model: str | None) -> dict[str, Any]:
+        query = {
+            "days": str(days),
+            **({"key": key} if key else {}),
+            **({"model": model} if model else {}),
+        }
+        return dict(self.call("GET", "/admin/usage?" + urllib.parse.urlencode(query)))
+
     def catalog(self) -> list[dict[str, Any]]:
         return list(self.call("GET", "/admin/catalog")["models"])
 

@@ -4,6 +4,7 @@
 
     redis://[USER:PASSWORD@]HOST:PORT/DB            (rediss:// for TLS, unix:///path)
     redis+sentinel://[USER:PASSWORD@]HOST:PORT,HOST:PORT,.../MASTER_NAME[/DB]
+    rediss+sentinel://...                           (TLS to the Sentinels and the master)
 
 In the Sentinel form the hosts are Sentinels (port 26379 when omitted), the
 credentials are the Redis master's, and the Sentinels' own password, when
@@ -12,6 +13,9 @@ Sentinel client asks the Sentinels for the master before each new connection
 and drops a connection whose server answers READONLY (a master demoted by a
 failover), so every process follows the master without a restart; pub/sub
 subscriptions are made again on the new master by the loops that hold them.
+
+With TLS (rediss://, rediss+sentinel://) the server's certificate is checked
+against `tls_ca_file` (the `redis_tls_ca_file` setting), else the system's CAs.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 
 SENTINEL_SCHEME = "redis+sentinel"
+TLS_SENTINEL_SCHEME = "rediss+sentinel"
 SENTINEL_PORT = 26379
 
 
@@ -37,13 +42,17 @@ class SentinelURL:
 
 
 def is_sentinel(url: str) -> bool:
-    return url.startswith(SENTINEL_SCHEME + "://")
+    return url.startswith((SENTINEL_SCHEME + "://", TLS_SENTINEL_SCHEME + "://"))
+
+
+def uses_tls(url: str) -> bool:
+    return url.startswith(("rediss://", TLS_SENTINEL_SCHEME + "://"))
 
 
 def parse_sentinel(url: str) -> SentinelURL:
     """The parts of a `redis+sentinel://` URL, or ValueError saying what is wrong
     (never quoting the password)."""
-    rest = url[len(SENTINEL_SCHEME) + 3 :]
+    rest = url.partition("://")[2]
     rest, _, query = rest.partition("?")
     if query:
         raise ValueError("takes no query string; the Sentinels' password is its own setting")
@@ -93,18 +102,31 @@ def parse_sentinel(url: str) -> SentinelURL:
 class Connection:
     """A Redis client for `url`, plus what is needed to ask who the master is."""
 
-    def __init__(self, url: str, *, sentinel_password: str = "", **options: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        sentinel_password: str = "",
+        tls_ca_file: str | None = None,
+        **options: Any,
+    ) -> None:
         self.url = url
         self.sentinel: Sentinel | None = None
+        tls: dict[str, Any] = {}
+        if uses_tls(url):
+            tls = {"ssl_ca_certs": tls_ca_file} if tls_ca_file else {}
         if is_sentinel(url):
             parts = parse_sentinel(url)
             timeout = min(float(options.get("socket_connect_timeout") or 1.0), 1.0)
+            if uses_tls(url):
+                tls["ssl"] = True
             self.sentinel = Sentinel(
                 list(parts.sentinels),
                 sentinel_kwargs={
                     "socket_timeout": timeout,
                     "socket_connect_timeout": timeout,
                     "password": sentinel_password or None,
+                    **tls,
                 },
             )
             self.master_name = parts.master
@@ -113,11 +135,12 @@ class Connection:
                 db=parts.db,
                 username=parts.username,
                 password=parts.password,
+                **tls,
                 **options,
             )
         else:
             self.master_name = ""
-            self.client = aioredis.Redis.from_url(url, **options)
+            self.client = aioredis.Redis.from_url(url, **tls, **options)
 
     async def master_address(self) -> str | None:
         """HOST:PORT of the master Sentinel names now (None for a plain URL)."""

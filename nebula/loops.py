@@ -8,7 +8,6 @@ SIGINT and SIGTERM stop every loop gracefully.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -21,6 +20,7 @@ if TYPE_CHECKING:
     from nebula.store.core import Core
 
 log = logging.getLogger(__name__)
+LISTENER_STOP_S = 1.0
 
 
 def jittered(seconds: float, spread: float = 0.1) -> float:
@@ -94,5 +94,6 @@ async def reconcile_forever(
     finally:
         if listener is not None:
             listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            # Bounded: a subscription over TLS can take long to close (the peer's
+            # goodbye), and a stopping process must not wait for it.
+            await asyncio.wait({listener}, timeout=LISTENER_STOP_S)

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings
 
 
@@ -32,3 +33,12 @@ class SecuritySettings(BaseSettings):
         description="CA bundle that signed Redis's (and the Sentinels') certificates, for "
         "rediss:// and rediss+sentinel:// URLs; unset: the system's CAs.",
     )
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Self:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both, or neither")
+        for path in (self.tls_cert_file, self.tls_key_file, self.redis_tls_ca_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{path} is not a readable file")
+        return self

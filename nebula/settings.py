@@ -70,9 +70,9 @@ class Settings(RoutingSettings, SecuritySettings):
 
     redis_url: str = Field(
         "redis://127.0.0.1:6380/0",
-        description="Redis holding all of Nebula's state: redis://, rediss://, unix://, or "
-        "redis+sentinel://HOST:26379,HOST:26379,.../MASTER_NAME[/DB] to follow the master "
-        "that Sentinel names through failovers.",
+        description="Redis holding all of Nebula's state: redis://, rediss:// (TLS), unix://, "
+        "or redis+sentinel://HOST:26379,HOST:26379,.../MASTER_NAME[/DB] (rediss+sentinel:// "
+        "with TLS) to follow the master that Sentinel names through failovers.",
     )
     redis_sentinel_password: str = Field(
         "",
@@ -300,7 +300,8 @@ class Settings(RoutingSettings, SecuritySettings):
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ValueError(
                 f"{shown!r} is not a Redis URL; use redis://HOST:PORT/DB, rediss://..., "
-                "unix:///path/to/redis.sock or redis+sentinel://HOST:26379,.../MASTER_NAME"
+                "unix:///path/to/redis.sock or redis+sentinel://HOST:26379,.../MASTER_NAME "
+                "(rediss+sentinel:// for TLS)"
             )
         if parts.scheme != "unix" and not parts.hostname:
             raise ValueError(f"{shown!r} has no host; use redis://HOST:PORT/DB")

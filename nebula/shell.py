@@ -38,6 +38,7 @@ COMMANDS: dict[str, list[str]] = {
     "model": ["list", "load", "unload", "show", "wait", "pin", "unpin"],
     "node": ["list", "cordon", "uncordon", "drain"],
     "catalog": ["list"],
+    "key": ["create", "list", "show", "delete", "usage"],
     "watch": [],
     "chat": [],
     "help": [],
@@ -57,6 +58,7 @@ class Live:
         self.loaded: list[str] = []  # model names and request ids
         self.ready: list[str] = []
         self.nodes: list[str] = []
+        self.keys: list[str] = []
 
     def refresh(self, force: bool = False) -> None:
         if not force and time.monotonic() - self._at < self.max_age_s:
@@ -68,8 +70,9 @@ class Live:
             self.loaded = sorted({m["model"] for m in models} | {m["id"] for m in models})
             self.ready = sorted(m["model"] for m in models if m["ready_replicas"])
             self.nodes = [n["id"] for n in self.client.nodes()]
+            self.keys = [k["name"] for k in self.client.api_keys()]  # needs the full admin key
         except (ClientError, Unreachable):
-            pass  # completion degrades to commands only
+            pass  # completion degrades to what was fetched
 
 
 class ShellCompleter(Completer):
@@ -91,6 +94,12 @@ class ShellCompleter(Completer):
                 return self.live.catalog
             if words[1] in ("unload", "show", "wait", "pin", "unpin"):
                 return self.live.loaded
+        if len(words) == 3 and head == "key" and words[1] in ("show", "delete"):
+            self.live.refresh()
+            return self.live.keys
+        if len(words) == 4 and head == "key" and words[1] == "usage" and words[2] == "--key":
+            self.live.refresh()
+            return self.live.keys
         if len(words) == 3 and head == "node" and words[1] in ("cordon", "uncordon", "drain"):
             self.live.refresh()
             return self.live.nodes

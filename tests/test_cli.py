@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import openai
 import pexpect
 import pyte
 import pytest
@@ -192,6 +193,60 @@ class Terminal:
         self.screen.reset()
 
 
+async def test_keys_with_scopes_budgets_and_usage(stack: Cluster) -> None:
+    assert stack.router is not None
+    created = json.loads(
+        ok(cli(stack, "key", "create", "team-a", "--models", "tiny_*", "--no-on-demand",
+               "--budget", "5000", "--period", "month", "--priority", "high", "--json"))
+    )  # fmt: skip
+    assert created["models"] == ["tiny_*"] and created["token_budget"] == 5000
+    assert created["key"].startswith("sk-nebula-")
+    human = ok(cli(stack, "key", "create", "team-b"))
+    assert "every model, on-demand loads" in human and "shown this once" in human
+    refused = cli(stack, "key", "create", "team-c", "--budget", "0")
+    assert refused.returncode == 1 and "`token_budget` must be a whole number" in refused.stderr
+    taken = cli(stack, "key", "create", "team-a")
+    assert taken.returncode == 1 and "exists" in taken.stderr
+
+    ok(cli(stack, "model", "load", "tiny_chat", "--wait"))
+    client = openai.OpenAI(base_url=stack.router.url + "/v1", api_key=created["key"])
+    deadline = time.monotonic() + 30
+    while True:  # the router learns of the key at its next table refresh
+        try:
+            answer = client.chat.completions.create(
+                model="tiny_chat", messages=[{"role": "user", "content": "one two"}]
+            )
+            break
+        except openai.AuthenticationError:
+            assert time.monotonic() < deadline, "the router never learned of the key"
+            time.sleep(0.2)
+    assert answer.usage is not None
+    spent = answer.usage.total_tokens
+
+    listed = ok(cli(stack, "key", "list"))
+    assert "team-a" in listed and "5000 tokens/month" in listed and "team-b" in listed
+    shown = json.loads(ok(cli(stack, "key", "show", "team-a", "--json")))
+    assert shown["spent"] == spent and shown["priority"] == "high"
+    assert f"{spent} tokens spent in" in ok(cli(stack, "key", "show", "team-a"))
+
+    deadline = time.monotonic() + 15
+    while True:  # usage is written once a second
+        report = json.loads(ok(cli(stack, "key", "usage", "--key", "team-a", "--json")))
+        if report["usage"]:
+            break
+        assert time.monotonic() < deadline, "no usage recorded"
+        time.sleep(0.3)
+    [row] = report["usage"]
+    assert (row["model"], row["requests"], row["total_tokens"]) == ("tiny_chat", 1, spent)
+    assert "tiny_chat" in ok(cli(stack, "key", "usage", "--model", "tiny_chat"))
+    bad = cli(stack, "key", "usage", "--days", "0")
+    assert bad.returncode == 1 and "`days` must be" in bad.stderr
+
+    assert "deleted" in ok(cli(stack, "key", "delete", "team-a"))
+    gone = cli(stack, "key", "show", "team-a")
+    assert gone.returncode == 1 and "no API key named 'team-a'" in gone.stderr
+
+
 def test_shell_in_a_terminal(stack: Cluster, tmp_path: Path) -> None:
     assert stack.router is not None
     env = {
@@ -242,6 +297,15 @@ def test_shell_in_a_terminal(stack: Cluster, tmp_path: Path) -> None:
         term.wait(r"\[answer cancelled\]")
         term.send("/exit\r")
         term.wait("nebula>$")
+
+        term.clear()
+        term.send("key create shell-team --models tiny_chat\r")
+        term.wait("key shell-team created: models tiny_chat")
+        term.clear()
+        term.send("key show shell-\t")  # key names complete
+        term.wait("key show shell-team")
+        term.send("\r")
+        term.wait("tokens spent in")
 
         term.clear()
         term.send("watch 0.3\r")

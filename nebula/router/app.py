@@ -6,7 +6,6 @@ The processes that serve it are in `workers`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import re
@@ -160,8 +159,9 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
             await ondemand.close()
             for task in tasks:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            # All at once, and bounded: a task that waits on a peer (a TLS close) must
+            # not hold up the rest.
+            await asyncio.wait(tasks, timeout=STOP_STEP_S / 2)
             await ledger.flush()  # the last second's usage
             await proxy.stop()
             await app[admin.STATE].close()

@@ -86,7 +86,10 @@ class Proxy:
         self.ondemand = ondemand
         self.usage = usage
         self.ledger = ledger
-        self.limiter = ClusterLimiter(settings.redis_url, settings.redis_sentinel_password)
+        ca = settings.redis_tls_ca_file
+        self.limiter = ClusterLimiter(
+            settings.redis_url, settings.redis_sentinel_password, str(ca) if ca else None
+        )
         self.forwarder = Forwarder(settings, table, policy, engine_key=engine_key)
         self.inflight = self.forwarder.inflight  # placement id -> requests in flight
         self.streams = self.forwarder.streams

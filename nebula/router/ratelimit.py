@@ -75,10 +75,13 @@ class LocalLimiter:
 class ClusterLimiter:
     """The same bucket shape as `LocalLimiter`, kept in Redis for the whole cluster."""
 
-    def __init__(self, redis_url: str, sentinel_password: str = "") -> None:
+    def __init__(
+        self, redis_url: str, sentinel_password: str = "", tls_ca_file: str | None = None
+    ) -> None:
         self.connection = Connection(
             redis_url,
             sentinel_password=sentinel_password,
+            tls_ca_file=tls_ca_file,
             socket_connect_timeout=REDIS_TIMEOUT_S,
             socket_timeout=REDIS_TIMEOUT_S,
         )

@@ -12,7 +12,9 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
@@ -45,7 +47,31 @@ def _bind(settings: Settings) -> socket.socket:
     return sock
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The router's TLS context when it has a certificate; SIGHUP loads the files again
+    (`reload_on_sighup`), for the connections made from then on."""
+    if settings.tls_cert_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    return context
+
+
+def reload_on_sighup(settings: Settings, context: ssl.SSLContext) -> None:
+    def reload() -> None:
+        try:
+            context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)  # type: ignore[arg-type]
+        except (OSError, ssl.SSLError) as exc:
+            log.error("SIGHUP: the certificate was not reloaded (%s); serving the old one", exc)
+            return
+        log.info("SIGHUP: certificate %s reloaded", settings.tls_cert_file)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+
+
 async def _serve_one(settings: Settings) -> None:
+    context = tls_context(settings)
     app = build_app(settings)
     runner = Runner(
         app,
@@ -58,12 +84,17 @@ async def _serve_one(settings: Settings) -> None:
         shutdown_timeout=settings.router_drain_s + DRAIN_GRACE_S,
     )
     await runner.setup()
-    site = web.SockSite(runner, _bind(settings))
+    site = web.SockSite(runner, _bind(settings), ssl_context=context)
     await site.start()
+    if context is not None:
+        reload_on_sighup(settings, context)
     log.info(
-        "router listening on http://%s:%d (pid %d)",
-        settings.router_host, settings.router_port, os.getpid(),
-    )  # fmt: skip
+        "router listening on %s://%s:%d (pid %d)",
+        "https" if context else "http",
+        settings.router_host,
+        settings.router_port,
+        os.getpid(),
+    )
     async with stop_signal() as stop:
         await stop.wait()
     log.info("stopping: in-flight requests get up to %gs", settings.router_drain_s)
@@ -96,6 +127,11 @@ async def serve(settings: Settings) -> None:
         return proc
 
     procs = [start(i) for i in range(settings.router_workers)]
+    if settings.tls_cert_file is not None:
+        # Each worker holds its own copy of the certificate: pass the signal on.
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, lambda: [os.kill(p.pid, signal.SIGHUP) for p in procs if p.pid]
+        )
     async with stop_signal() as stop:
         await _supervise(procs, start, stop)
 

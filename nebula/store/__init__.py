@@ -39,8 +39,15 @@ from nebula.store.usage import Usage
 class State(Core):
     """The connection core, with every store on it."""
 
-    def __init__(self, url: str, *, event_history: int = 100, sentinel_password: str = "") -> None:
-        super().__init__(url, sentinel_password=sentinel_password)
+    def __init__(
+        self,
+        url: str,
+        *,
+        event_history: int = 100,
+        sentinel_password: str = "",
+        tls_ca_file: str | None = None,
+    ) -> None:
+        super().__init__(url, sentinel_password=sentinel_password, tls_ca_file=tls_ca_file)
         self.requests = Requests(self, event_history)
         self.nodes = Nodes(self)
         self.placements = Placements(self)
@@ -60,6 +67,7 @@ class State(Core):
             settings.redis_url,
             event_history=settings.event_history,
             sentinel_password=settings.redis_sentinel_password,
+            tls_ca_file=str(settings.redis_tls_ca_file) if settings.redis_tls_ca_file else None,
         )
 
     async def __aenter__(self) -> State:

@@ -27,15 +27,20 @@ from nebula.settings import redact
 
 log = logging.getLogger(__name__)
 
+CLOSE_TIMEOUT_S = 1.0
+
 
 class Core:
     """A Redis connection (plain or through Sentinel) and what every store shares."""
 
-    def __init__(self, url: str, *, sentinel_password: str = "") -> None:
+    def __init__(
+        self, url: str, *, sentinel_password: str = "", tls_ca_file: str | None = None
+    ) -> None:
         self.url = url
         self.connection = Connection(
             url,
             sentinel_password=sentinel_password,
+            tls_ca_file=tls_ca_file,
             decode_responses=True,
             socket_connect_timeout=2.0,
             socket_timeout=5.0,
@@ -102,8 +107,10 @@ class Core:
         try:
             yield pubsub
         finally:
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()
+            # Bounded: closing a TLS connection can wait on the peer (seen at shutdown
+            # with rediss://), and a stopping process must not.
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await asyncio.wait_for(pubsub.aclose(), CLOSE_TIMEOUT_S)
 
     async def wake_on(self, event: asyncio.Event, channel: str, retry_s: float) -> None:
         """Set `event` on every message on `channel`, forever; resubscribe after a loss.
