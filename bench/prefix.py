@@ -45,6 +45,7 @@ import aiohttp
 from harness import workloads
 from harness.cluster import ENGINE_KEY as KEY
 from harness.cluster import Cluster, vllm_env, wait_for
+from harness.endpoints import announce
 from harness.processes import EngineProcess, RedisServer, RouterProcess, stop
 from nebula import keys
 from nebula.models import Endpoint, Status
@@ -219,9 +220,7 @@ async def with_test_engines(args: argparse.Namespace, folder: Path, redis: Redis
     try:
         async with State(redis.url) as state:
             for i, e in enumerate(engines):
-                await state.endpoints.publish(
-                    Endpoint(f"p{i}", "r", "chat", f"n{i}", e.url, "chat")
-                )
+                await announce(state, Endpoint(f"p{i}", "r", "chat", f"n{i}", e.url, "chat"))
         for policy in POLICIES:
             routers[policy] = RouterProcess(
                 redis.url,

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import aiohttp
 
+from harness.endpoints import announce
 from harness.processes import (
     EngineProcess,
     RedisServer,
@@ -158,9 +159,7 @@ def main() -> None:
                     ("bench-chat", f"http://127.0.0.1:{nginx_port}"),
                     ("bench-stream", engine.url),
                 ):
-                    await state.endpoints.publish(
-                        Endpoint(f"p-{model}", f"r-{model}", model, "bench", url)
-                    )
+                    await announce(state, Endpoint(f"p-{model}", f"r-{model}", model, "bench", url))
                 await state.close()
 
             asyncio.run(publish())

@@ -39,6 +39,7 @@ from typing import Any
 
 import redis
 
+from harness.endpoints import register_address
 from harness.processes import RedisServer, free_port, spawn, stop
 from nebula.models import Endpoint, ModelSpec, Node, Phase, PlacementState
 from nebula.router.table import RoutingTable
@@ -81,6 +82,7 @@ async def agent_node(state: State, node: Node, stop_at: float, done: list[int]) 
 
 async def publish(state: State, endpoint: Endpoint, *, announce: bool) -> None:
     """The agent's endpoint write, whichever protocol this checkout speaks."""
+    await register_address(state, endpoint.node, endpoint.url)
     try:
         await state.endpoints.publish(endpoint, NODE_TTL_S, announce=announce)
     except TypeError:  # the change-feed protocol: written once, not refreshed

@@ -17,6 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from harness.endpoints import announce
 from harness.cluster import Cluster
 from harness.processes import free_port, spawn, stop, wait_for_port
 from nebula.models import Endpoint, Status
@@ -96,7 +97,7 @@ async def test_prometheus_scrapes_everything_and_every_query_runs(
     # replica that is unreachable (retries and upstream errors).
     pending = await stack.load(state, "gpu_chat")
     await stack.status(state, pending.id, Status.PENDING)
-    await state.endpoints.publish(
+    await announce(state, 
         Endpoint("p-dead", chat.id, "tiny_chat", "node-a", "http://127.0.0.1:9")
     )
 

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from harness.endpoints import announce
 from harness.cluster import wait_for
 from harness.processes import EngineProcess, RouterProcess, StartEngines
 from nebula.models import Endpoint
@@ -162,7 +163,7 @@ def engines(start_engines: StartEngines) -> list[EngineProcess]:
 async def publish(state: State, engines: list[EngineProcess]) -> None:
     for i, engine in enumerate(engines):
         endpoint = Endpoint(f"p{i}", "r", "chat", "n", engine.url, "chat")
-        await state.endpoints.publish(endpoint)
+        await announce(state, endpoint)
 
 
 def stats(engine: EngineProcess) -> dict[str, int]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from harness.endpoints import announce
 from harness import clients
 from harness.cluster import wait_for
 from harness.processes import EngineProcess, RedisServer, RouterProcess, free_port, http_bytes, stop
@@ -74,7 +75,7 @@ def routers(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., RouterProc
 
 
 async def publish(state: State, url: str, placement_id: str, model: str = CHAT) -> None:
-    await state.endpoints.publish(
+    await announce(state, 
         Endpoint(placement_id, f"req-{model}", model, "test-node", url, task="chat")
     )
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from harness.endpoints import announce
 from harness.processes import EngineProcess, RedisServer, RouterProcess, http_bytes, stop
 from nebula.catalog import load_catalog
 from nebula.models import Endpoint
@@ -40,7 +41,7 @@ def http(
 
 
 async def publish(state: State, engine: EngineProcess, placement_id: str) -> None:
-    await state.endpoints.publish(
+    await announce(state, 
         Endpoint(
             placement_id=placement_id,
             request_id=f"req-{engine.model}",

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio
 
+from harness.endpoints import announce
 from harness.cluster import Cluster, wait_for
 from nebula import keys
 from nebula.models import Endpoint
@@ -42,14 +43,14 @@ async def client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
 
 async def test_after_one_full_read_a_router_reads_only_changes(state: State) -> None:
     for i in range(3):
-        await state.endpoints.publish(endpoint(i))
+        await announce(state, endpoint(i))
     table = RoutingTable()
     await table.refresh(state)
     assert set(table.by_id) == {"p0", "p1", "p2"} and table.full_reads == 1
 
-    await state.endpoints.publish(endpoint(3))
+    await announce(state, endpoint(3))
     await state.endpoints.withdraw("p0", "node-x")
-    await state.endpoints.publish(endpoint(1, model="other"))  # replaced
+    await announce(state, endpoint(1, model="other"))  # replaced
     await table.refresh(state)
     assert set(table.by_id) == {"p1", "p2", "p3"}
     assert [e.placement_id for e in table.endpoints("other")] == ["p1"]
@@ -59,7 +60,7 @@ async def test_after_one_full_read_a_router_reads_only_changes(state: State) -> 
 
     # Publishing what is already there, or withdrawing what is not, is no change.
     seq = table.seq
-    await state.endpoints.publish(endpoint(3))
+    await announce(state, endpoint(3))
     await state.endpoints.withdraw("p0", "node-x")
     await table.refresh(state)
     assert table.seq == seq
@@ -68,11 +69,11 @@ async def test_after_one_full_read_a_router_reads_only_changes(state: State) -> 
 async def test_a_gap_in_the_feed_means_a_full_read_and_the_table_converges(
     state: State, client: redis.asyncio.Redis
 ) -> None:
-    await state.endpoints.publish(endpoint(0))
+    await announce(state, endpoint(0))
     table = RoutingTable()
     await table.refresh(state)
     for i in range(1, 30):
-        await state.endpoints.publish(endpoint(i))
+        await announce(state, endpoint(i))
     await state.endpoints.withdraw("p0", "node-x")
     await client.xtrim(keys.ENDPOINT_FEED, maxlen=5, approximate=False)  # trimmed past us
     await table.refresh(state)
@@ -84,11 +85,11 @@ async def test_redis_back_with_an_older_state_means_a_full_read(
     state: State, client: redis.asyncio.Redis
 ) -> None:
     for i in range(10):
-        await state.endpoints.publish(endpoint(i))
+        await announce(state, endpoint(i))
     table = RoutingTable()
     await table.refresh(state)
     await client.flushall()  # a Redis that lost its data: the sequence starts again
-    await state.endpoints.publish(endpoint(42))
+    await announce(state, endpoint(42))
     await table.refresh(state)
     assert table.full_reads == 2 and set(table.by_id) == {"p42"}
 
@@ -104,7 +105,7 @@ async def test_many_routers_stay_consistent_under_a_storm_of_changes(
         for _ in range(300):
             i = rng.randrange(40)
             if rng.random() < 0.6:
-                await state.endpoints.publish(endpoint(i, model=f"m{rng.randrange(3)}"))
+                await announce(state, endpoint(i, model=f"m{rng.randrange(3)}"))
             else:
                 await state.endpoints.withdraw(f"p{i}", "node-x")
             if rng.random() < 0.1:
@@ -129,8 +130,8 @@ async def test_a_dead_nodes_endpoints_are_withdrawn_when_it_is_declared_dead(
 ) -> None:
     node = NodeSim(state, cpu_node("cpu-a"), ttl_s=0.5)
     await node.beat()
-    await state.endpoints.publish(endpoint(1, node="cpu-a"))
-    await state.endpoints.publish(endpoint(2, node="cpu-b"))  # a node that is not ours
+    await announce(state, endpoint(1, node="cpu-a"))
+    await announce(state, endpoint(2, node="cpu-b"))  # a node that is not ours
     scheduler = Scheduler(state, settings)
 
     async def withdrawn() -> bool:
@@ -145,7 +146,7 @@ async def test_an_agent_withdraws_its_nodes_stale_endpoints_when_it_starts(
     state: State, redis_url: str, tmp_path: Path
 ) -> None:
     # Left by an agent that died before it could write the withdrawal.
-    await state.endpoints.publish(endpoint(9, node="node-a"))
+    await announce(state, endpoint(9, node="node-a"))
     cluster = Cluster(redis_url, tmp_path)
     try:
 
@@ -163,7 +164,7 @@ async def test_legacy_mode_writes_what_routers_before_the_feed_read(
     """During a rolling upgrade, agents also write the old form; a withdrawal removes
     both. (What a router before the change feed did: ZRANGEBYSCORE + MGET.)"""
     e = endpoint(5)
-    await state.endpoints.publish(e)
+    await announce(state, e)
     await state.endpoints.publish_legacy(e, ttl_s=30)
     now_ms = int(time.time() * 1000)
     ids = await client.zrangebyscore(keys.LEGACY_ENDPOINTS, now_ms, "+inf")

@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from harness.endpoints import announce
 from harness import workloads
 from harness.cluster import wait_for
 from harness.processes import EngineProcess, RouterProcess, StartEngines
@@ -37,7 +38,7 @@ def fingerprint(engine: EngineProcess) -> str:
 
 async def publish(state: State, engines: list[EngineProcess]) -> None:
     for i, engine in enumerate(engines):
-        await state.endpoints.publish(Endpoint(f"p{i}", "r", "chat", f"n{i}", engine.url, "chat"))
+        await announce(state, Endpoint(f"p{i}", "r", "chat", f"n{i}", engine.url, "chat"))
 
 
 def routers(redis_url: str, tmp_path: Path, n: int, **env: str) -> list[RouterProcess]:

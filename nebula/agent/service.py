@@ -26,6 +26,8 @@ from nebula.agent.engine import Engine, drain, probe_interval, watch_start
 from nebula.agent.programs import engine_program, program_name, publishes_kv_events
 from nebula.agent.supervisor import Supervisor, SupervisorUnavailable
 from nebula.agent.telemetry import Telemetry
+from nebula.agent.vetting import node_catalog, vet
+from nebula.catalog import Catalog
 from nebula.errors import InvalidRequest, NebulaError, StateUnavailable
 from nebula.exporter import advertise, serve_metrics
 from nebula.loops import jittered, reconcile_forever, run_loops
@@ -46,8 +48,10 @@ class Agent:
         settings: Settings,
         supervisor: Supervisor,
         telemetry: Telemetry | None = None,
+        catalog: Catalog | None = None,
     ) -> None:
         self.state = state
+        self.catalog = catalog or node_catalog(settings)  # what this node may run
         self.settings = settings
         self.sup = supervisor
         self.telemetry = telemetry or Telemetry()
@@ -192,6 +196,7 @@ class Agent:
         ours: set[str] = set()  # the programs this pass wrote: the only ones it adds
         for engine in wanted:
             try:
+                vet(engine.placement.spec, self.catalog)
                 program = engine_program(engine.placement, self.settings)
                 changed |= self.sup.write(program, self.settings.max_restarts)
             except InvalidRequest as exc:

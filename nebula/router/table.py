@@ -16,6 +16,10 @@ replacing itself, and never goes blank because Redis came back. When that
 window ends, the table reads everything again and keeps only what it reads:
 an endpoint kept by the merge is checked again then (its engine may have died
 during the outage, and its withdrawal may have been written before the merge).
+
+An endpoint is routed to only when its URL's host is the address its node
+registered with its heartbeat: whoever can write to Redis cannot point a
+model's traffic, and the engine key sent with it, at a host outside the cluster.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from nebula import keys
 from nebula.errors import StateUnavailable
@@ -38,6 +43,15 @@ from nebula.store import State, endpoints, wire
 MAX_CHANGES = 5000
 
 log = logging.getLogger(__name__)
+
+REFUSED_LOGGED = 1000
+
+
+def host_of(url: str) -> str | None:
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
 
 
 class RoutingTable:
@@ -58,6 +72,10 @@ class RoutingTable:
         self.seq: int | None = None  # the endpoint feed's position; None: read it all
         self.version: int | None = None  # the routing version of models and keys
         self.full_reads = 0
+        # node id -> the address its heartbeat registered: an endpoint is routed to
+        # only at its node's address (see `_routable`). Kept over outages.
+        self.addresses: dict[str, str] = {}
+        self._refused: set[str] = set()  # endpoints logged as refused (bounded below)
 
     def endpoints(self, model: str) -> list[Endpoint]:
         return self.by_model.get(model, [])
@@ -110,11 +128,43 @@ class RoutingTable:
                 self.by_id.pop(placement_id, None)
         self._rebuild(time.time())
 
+    def _routable(self, endpoint: Endpoint) -> bool:
+        """Only at the address its node registered: whoever can write an endpoint to
+        Redis cannot send a model's traffic (and the engine key) to another host."""
+        if host_of(endpoint.url) == self.addresses.get(endpoint.node):
+            return True
+        if endpoint.placement_id not in self._refused and len(self._refused) < REFUSED_LOGGED:
+            self._refused.add(endpoint.placement_id)
+            log.warning(
+                "not routing to endpoint %s of %s: its URL's host is not the address node %s "
+                "registered (%s)",
+                endpoint.placement_id,
+                endpoint.model,
+                endpoint.node,
+                self.addresses.get(endpoint.node, "none"),
+            )
+        return False
+
+    async def learn_addresses(self, state: State) -> None:
+        """Read the registered address of each node whose endpoints do not match the
+        one known (a new node, a changed address); rebuild if any changed."""
+        needed = {
+            e.node for e in self.by_id.values() if host_of(e.url) != self.addresses.get(e.node)
+        }
+        if not needed:
+            return
+        found = await state.nodes.addresses(needed)
+        changed = {n: a for n, a in found.items() if self.addresses.get(n) != a}
+        if changed:
+            self.addresses.update(changed)
+            self._rebuild(time.time())
+
     def _rebuild(self, now: float) -> None:
         by_model: dict[str, list[Endpoint]] = defaultdict(list)
         for pid in sorted(self.by_id):
             endpoint = self.by_id[pid]
-            by_model[endpoint.model].append(endpoint)
+            if self._routable(endpoint):
+                by_model[endpoint.model].append(endpoint)
         self.by_model = dict(by_model)
         self.models |= set(by_model)
         self.refreshed_at = now
@@ -165,6 +215,7 @@ class RoutingTable:
                 if changes and changes[0][0] == self.seq + 1 and changes[-1][0] >= seq:
                     self.apply(changes)
                     self.seq = changes[-1][0]
+                    await self.learn_addresses(state)
                     return
             log.info("endpoint feed: a gap after %d (now %d); reading the whole table",
                      self.seq, seq)  # fmt: skip
@@ -178,6 +229,7 @@ class RoutingTable:
         c = full.config
         self.load(full.endpoints, c.models, c.api_keys, c.unloading)
         self.seq = full.seq
+        await self.learn_addresses(state)
 
     def _touch(self) -> None:
         self.refreshed_at = time.time()

@@ -7,6 +7,7 @@ Keys: `nebula:nodes` (ids ever seen and not yet reaped), `nebula:node:{id}`
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 from redis.asyncio.client import Pipeline
 
@@ -79,6 +80,15 @@ class Nodes:
     def __init__(self, core: Core) -> None:
         self.core = core
         self._heartbeats = core.redis.register_script(_HGETALL_EACH)
+
+    async def addresses(self, node_ids: Iterable[str]) -> dict[str, str]:
+        """The address each node registered with its heartbeat (absent: none now)."""
+        ids = sorted(set(node_ids))
+        async with self.core.reachable(), self.core.redis.pipeline(transaction=False) as pipe:
+            for node_id in ids:
+                pipe.hget(keys.node(node_id), "address")
+            found = await pipe.execute()
+        return {node_id: a for node_id, a in zip(ids, found, strict=True) if a}
 
     async def heartbeat(self, node: Node, ttl_s: float) -> None:
         """Publish the node's heartbeat; it dies with its TTL unless renewed."""

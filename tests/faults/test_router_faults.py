@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from harness.endpoints import announce
 from harness.cluster import wait_for
 from harness.processes import EngineProcess, RouterProcess, free_port, stop, wait_for_port
 from nebula.models import Endpoint, Status
@@ -45,7 +46,7 @@ async def test_a_hung_engine_is_a_504_within_the_timeout_and_is_never_sent_twice
         for i, engine in enumerate(engines):
             engine.behave(delay_ms=5000)  # takes the request, answers nothing in time
             endpoint = Endpoint(f"p{i}", "r", "tiny_chat", "n", engine.url, "chat")
-            await state.endpoints.publish(endpoint)
+            await announce(state, endpoint)
 
         async def both_routed() -> bool:
             async with aiohttp.ClientSession() as s, s.get(router.url + "/health") as r:
@@ -241,7 +242,7 @@ async def test_a_router_stopped_mid_stream_finishes_its_answers_within_its_drain
     engine = EngineProcess("tiny_chat", tmp_path, ENGINE_KEY,
                            "--chunk-delay-ms", "150", "--tokens", "20")  # fmt: skip
     try:
-        await state.endpoints.publish(Endpoint("p0", "r", "tiny_chat", "n", engine.url, "chat"))
+        await announce(state, Endpoint("p0", "r", "tiny_chat", "n", engine.url, "chat"))
         for drain, finished in ((20.0, True), (0.5, False)):
             router = RouterProcess(
                 redis_url, tmp_path, NEBULA_ENGINE_API_KEY=ENGINE_KEY,
@@ -309,7 +310,7 @@ async def test_a_replica_that_died_unannounced_is_left_out_after_a_refused_conne
     replacement = None
     try:
         for i, engine in enumerate(engines):
-            await state.endpoints.publish(
+            await announce(state, 
                 Endpoint(f"p{i}", "r", "tiny_chat", "n", engine.url, "chat")
             )
 
@@ -329,7 +330,7 @@ async def test_a_replica_that_died_unannounced_is_left_out_after_a_refused_conne
 
         # The placement comes back at another address: no ejection carries over.
         replacement = EngineProcess("tiny_chat", tmp_path, ENGINE_KEY)
-        await state.endpoints.publish(
+        await announce(state, 
             Endpoint("p0", "r", "tiny_chat", "n", replacement.url, "chat")
         )
 

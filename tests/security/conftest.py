@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.endpoints import announce
 from harness.processes import EngineProcess, RouterProcess, stop
 from nebula.models import Endpoint
 from nebula.store import State
@@ -66,7 +67,7 @@ async def publish(state: State, engine: EngineProcess, placement_id: str, task: 
     # Only the fields this Endpoint has: these tests also run against the code before
     # the fixes (to show that each one fails there).
     known = {k: v for k, v in fields.items() if k in Endpoint.__dataclass_fields__}
-    await state.endpoints.publish(Endpoint(**known))
+    await announce(state, Endpoint(**known))
 
 
 def raw_http(port: int, request: bytes, timeout: float = 5) -> bytes:

@@ -31,9 +31,11 @@ def https_url(router: RouterProcess) -> str:
 def served_certificate(port: int, ca: Path) -> bytes:
     """The DER certificate a new TLS connection to `port` is shown (checked with `ca`)."""
     context = ssl.create_default_context(cafile=str(ca))
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            der = tls.getpeercert(binary_form=True)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
     assert der is not None
     return der
 
