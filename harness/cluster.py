@@ -82,7 +82,10 @@ class Cluster:
         folder: Path,
         catalog_text: str = TEST_CATALOG,
         extra_env: dict[str, str] | None = None,
+        role_urls: dict[str, str] | None = None,
     ) -> None:
+        """`role_urls`: a Redis URL of its own for the scheduler or the node (ACL users)."""
+        role_urls = role_urls or {}
         self.folder = folder
         self.catalog_path = folder / "catalog.toml"
         self.catalog_path.write_text(catalog_text)
@@ -120,10 +123,12 @@ class Cluster:
         self.scheduler = spawn(
             [sys.executable, "-m", "nebula.daemons", "scheduler"],
             folder / "scheduler.log",
-            self.env,
+            {**self.env, "NEBULA_REDIS_URL": role_urls.get("scheduler", redis_url)},
         )
         self.node = spawn(
-            [sys.executable, "-m", "nebula.daemons", "node"], folder / "node.log", self.env
+            [sys.executable, "-m", "nebula.daemons", "node"],
+            folder / "node.log",
+            {**self.env, "NEBULA_REDIS_URL": role_urls.get("node", redis_url)},
         )
         self.router: RouterProcess | None = None
 

@@ -21,9 +21,10 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
-from nebula import __version__
+from nebula import __version__, redis_acl
 from nebula.errors import ConfigError, NebulaError, StateUnavailable
 from nebula.prepare import add_models_commands, run_models_command
 from nebula.process import die_with_parent, run_async
@@ -123,6 +124,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"nebula {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_models_commands(sub)
+    acl = sub.add_parser(
+        "redis-acl",
+        help="write Redis ACL users, one per role (scheduler, agent, router, admin)",
+        description="Write OUT/users.acl (load it with redis-server's aclfile) and "
+        "OUT/<user>.url, the NEBULA_REDIS_URL of each role's processes (built from "
+        "NEBULA_REDIS_URL). Each user writes only its role's keys; see docs/operations.md.",
+    )
+    acl.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write")
+    acl.add_argument(
+        "--nodes", metavar="NODE,...", help="one agent user per node, limited to its own keys"
+    )
     for name, (help_text, _) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         for command, flag, setting, kind, flag_help in FLAGS:
@@ -147,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(settings)
         if args.command == "models":
             run_models_command(args, settings)
+            return 0
+        if args.command == "redis-acl":
+            nodes = [n for n in (args.nodes or "").split(",") if n]
+            for path in redis_acl.write_files(args.out, settings.redis_url, nodes):
+                print(path)
             return 0
         _, run = COMMANDS[args.command]
         run_async(run(settings))
