@@ -207,6 +207,28 @@ DASHBOARDS: dict[str, dict[str, Any]] = {
                 "timeseries",
             ),
             (
+                "Tokens per second by client key",
+                "none",
+                [
+                    (
+                        "sum by (key) (rate(nebula_router_key_tokens_total[5m]))",
+                        "{{key}}",
+                    )
+                ],
+                "timeseries",
+            ),
+            (
+                "Requests refused: token budget spent",
+                "none",
+                [
+                    (
+                        "sum by (key) (rate(nebula_router_budget_refusals_total[5m]))",
+                        "{{key}}",
+                    )
+                ],
+                "timeseries",
+            ),
+            (
                 "Retries and upstream errors",
                 "none",
                 [

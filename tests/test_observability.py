@@ -17,9 +17,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from harness.endpoints import announce
 from harness.cluster import Cluster
-from harness.processes import free_port, spawn, stop, wait_for_port
+from harness.endpoints import announce
+from harness.processes import free_port, http_bytes, spawn, stop, wait_for_port
 from nebula.models import Endpoint, Status
 from nebula.store import State
 
@@ -56,6 +56,24 @@ def alert_exprs() -> list[tuple[str, str]]:
         assert expr, name
         rules.append((name, " ".join(expr.group(1).lstrip("|").split())))
     return rules
+
+
+async def spend_a_budget(router_url: str) -> None:
+    """A key with a budget of one token, spent, then refused (for the budget panel).
+    Last: with a stored key, the router is no longer open."""
+    status, _, body = http_bytes(
+        "POST", router_url + "/admin/keys", {"name": "tiny-budget", "token_budget": 1}, ADMIN_KEY
+    )
+    assert status == 201, body
+    key = json.loads(body)["key"]
+    chat = {"model": "tiny_chat", "messages": [{"role": "user", "content": "hi"}]}
+    deadline = time.monotonic() + 15
+    while http_bytes("GET", router_url + "/v1/models", key=key)[0] != 200:
+        assert time.monotonic() < deadline, "the router never learned of the key"
+        await asyncio.sleep(0.2)
+    assert http_bytes("POST", router_url + "/v1/chat/completions", chat, key)[0] == 200
+    for _ in range(2):
+        assert http_bytes("POST", router_url + "/v1/chat/completions", chat, key)[0] == 429
 
 
 @pytest.fixture
@@ -97,7 +115,7 @@ async def test_prometheus_scrapes_everything_and_every_query_runs(
     # replica that is unreachable (retries and upstream errors).
     pending = await stack.load(state, "gpu_chat")
     await stack.status(state, pending.id, Status.PENDING)
-    await announce(state, 
+    await announce(state,
         Endpoint("p-dead", chat.id, "tiny_chat", "node-a", "http://127.0.0.1:9")
     )
 
@@ -157,6 +175,7 @@ async def test_prometheus_scrapes_everything_and_every_query_runs(
                 with pytest.raises(openai.NotFoundError):
                     api.embeddings.create(model="no-such-model", input="x")
                 await asyncio.sleep(1.0 if round_ < 5 else 0)
+        await spend_a_budget(stack.router.url)
         await asyncio.sleep(4)  # a few more scrapes, so rates have two samples
 
         failures = []

@@ -111,7 +111,7 @@ def test_each_role_is_refused_outside_its_keys(acl_redis: tuple[RedisServer, dic
 async def test_a_whole_stack_runs_with_one_user_per_role(
     acl_redis: tuple[RedisServer, dict[str, str]], tmp_path: Path
 ) -> None:
-    server, urls = acl_redis
+    _, urls = acl_redis
     cluster = Cluster(
         urls["nebula-ops"],
         tmp_path,
