@@ -27,7 +27,7 @@ from typing import Any
 from nebula import __version__, redis_acl
 from nebula.errors import ConfigError, NebulaError, StateUnavailable
 from nebula.prepare import add_models_commands, run_models_command
-from nebula.process import die_with_parent, run_async
+from nebula.process import die_with_parent, run_async, setup_logging
 from nebula.settings import Settings, load_settings
 from nebula.store import State
 
@@ -37,11 +37,7 @@ STARTUP_WAIT_S = 15.0
 
 
 def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(settings.log_level)
 
 
 async def _wait_for_redis(settings: Settings) -> None:

@@ -25,6 +25,16 @@ STOP_STEP_S = 5.0
 log = logging.getLogger(__name__)
 
 
+def setup_logging(level: str) -> None:
+    """One line per record on stderr, for every Nebula process (router workers too:
+    a spawned worker starts with no logging of its own)."""
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
 def run_async(coro: Coroutine[Any, Any, None]) -> None:
     """Run `coro` on uvloop where it is installed."""
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:

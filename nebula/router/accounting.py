@@ -121,17 +121,18 @@ class Ledger:
             await self.state.usage.record(dict(batch), self.retention_days)
         except NebulaError as exc:
             log.warning("recording token usage failed (%s); retrying", exc.message)
-            for at, counts in batch.items():  # kept for the next try
-                mine = self.pending[at]
+            for where, counts in batch.items():  # kept for the next try
+                mine = self.pending[where]
                 for i, n in enumerate(counts):
                     mine[i] += n
             return
-        for at, (tokens, ends) in list(self.unsent.items()):
+        for (name, period), (tokens, ends) in list(self.unsent.items()):
             try:
-                self.known[at] = await self.state.usage.charge(*at, tokens, ends)
+                total = await self.state.usage.charge(name, period, tokens, ends)
             except NebulaError:
                 return  # Redis went away again: the rest waits for the next flush
-            del self.unsent[at]
+            self.known[(name, period)] = total
+            del self.unsent[(name, period)]
 
 
 class Account:

@@ -131,26 +131,13 @@ class RoutingTable:
     def _routable(self, endpoint: Endpoint) -> bool:
         """Only at the address its node registered: whoever can write an endpoint to
         Redis cannot send a model's traffic (and the engine key) to another host."""
-        if host_of(endpoint.url) == self.addresses.get(endpoint.node):
-            return True
-        if endpoint.placement_id not in self._refused and len(self._refused) < REFUSED_LOGGED:
-            self._refused.add(endpoint.placement_id)
-            log.warning(
-                "not routing to endpoint %s of %s: its URL's host is not the address node %s "
-                "registered (%s)",
-                endpoint.placement_id,
-                endpoint.model,
-                endpoint.node,
-                self.addresses.get(endpoint.node, "none"),
-            )
-        return False
+        return host_of(endpoint.url) == self.addresses.get(endpoint.node)
 
     async def learn_addresses(self, state: State) -> None:
         """Read the registered address of each node whose endpoints do not match the
-        one known (a new node, a changed address); rebuild if any changed."""
-        needed = {
-            e.node for e in self.by_id.values() if host_of(e.url) != self.addresses.get(e.node)
-        }
+        one known (a new node, a changed address); rebuild if any changed, and say
+        which endpoints are still not routed to."""
+        needed = {e.node for e in self.by_id.values() if not self._routable(e)}
         if not needed:
             return
         found = await state.nodes.addresses(needed)
@@ -158,6 +145,22 @@ class RoutingTable:
         if changed:
             self.addresses.update(changed)
             self._rebuild(time.time())
+        for endpoint in self.by_id.values():
+            if not self._routable(endpoint):
+                self._refuse(endpoint)
+
+    def _refuse(self, endpoint: Endpoint) -> None:
+        if endpoint.placement_id in self._refused or len(self._refused) >= REFUSED_LOGGED:
+            return
+        self._refused.add(endpoint.placement_id)
+        log.warning(
+            "not routing to endpoint %s of %s: its URL's host is not the address node %s "
+            "registered (%s)",
+            endpoint.placement_id,
+            endpoint.model,
+            endpoint.node,
+            self.addresses.get(endpoint.node, "none"),
+        )
 
     def _rebuild(self, now: float) -> None:
         by_model: dict[str, list[Endpoint]] = defaultdict(list)

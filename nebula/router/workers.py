@@ -26,6 +26,7 @@ from nebula.process import (
     bounded,
     die_with_parent,
     run_async,
+    setup_logging,
     stop_signal,
     wait_event,
 )
@@ -107,6 +108,7 @@ async def _serve_one(settings: Settings) -> None:
 def _worker(settings: Settings, parent: int) -> None:
     # This worker gets SIGTERM when the process that started it dies.
     die_with_parent(parent=parent, exit_code=0)
+    setup_logging(settings.log_level)
     run_async(_serve_one(settings))
 
 
@@ -129,9 +131,12 @@ async def serve(settings: Settings) -> None:
     procs = [start(i) for i in range(settings.router_workers)]
     if settings.tls_cert_file is not None:
         # Each worker holds its own copy of the certificate: pass the signal on.
-        asyncio.get_running_loop().add_signal_handler(
-            signal.SIGHUP, lambda: [os.kill(p.pid, signal.SIGHUP) for p in procs if p.pid]
-        )
+        def pass_on() -> None:
+            for proc in procs:
+                if proc.pid and proc.is_alive():
+                    os.kill(proc.pid, signal.SIGHUP)
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, pass_on)
     async with stop_signal() as stop:
         await _supervise(procs, start, stop)
 

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from harness.cluster import TEST_CATALOG, wait_for
-from harness.processes import EngineProcess, RouterProcess
+from harness.processes import EngineProcess, RedisServer, RouterProcess
 from nebula import keys
 from nebula.store import State
 from tests.security.conftest import ADMIN_KEY, CHAT, EMBED, publish, router_env
@@ -259,3 +259,37 @@ async def test_a_revocation_that_cannot_reach_every_router_does_not_happen(
         return chat(router, key)[0] == 401
 
     await wait_for(refused, 15, "the revoked key refused")
+
+
+async def test_while_redis_is_away_each_router_stops_a_key_on_what_it_knows(
+    state: State,
+    router: RouterProcess,
+    engines: Callable[..., EngineProcess],
+    redis_server: RedisServer,
+) -> None:
+    await publish(state, engines(CHAT), "p-chat", "chat")
+    await served(router, 1)
+    budget = 120
+    key = create_key(router, name="offline", token_budget=budget)
+    await wait_for(lambda: _answers(router, key), 15, "the key in the router's table")
+    costs = [chat(router, key, max_tokens=6)[1]["usage"]["total_tokens"] for _ in range(3)]
+    redis_server.pause()
+    try:
+        refused = None
+        for _ in range(100):
+            status, answer = chat(router, key, max_tokens=6)
+            if status != 200:
+                refused = (status, answer)
+                break
+            costs.append(answer["usage"]["total_tokens"])
+        assert refused is not None and refused[0] == 429, refused
+        assert refused[1]["error"]["code"] == "budget_exhausted"
+        # This router alone: it stopped the key within one request of the budget.
+        assert sum(costs) >= budget and sum(costs) - costs[-1] < budget, costs
+    finally:
+        redis_server.resume()
+
+    async def told() -> bool:  # what it spent while Redis was away is added
+        return spent_of(router, "offline") == sum(costs)
+
+    await wait_for(told, 30, f"{sum(costs)} tokens in Redis once it is back")
