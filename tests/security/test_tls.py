@@ -5,10 +5,13 @@ named the CA that signed Redis's certificate."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
 import signal
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +20,15 @@ import openai
 import pytest
 
 from harness.cluster import wait_for
-from harness.processes import EngineProcess, RedisServer, RouterProcess, free_port, http_bytes
+from harness.processes import (
+    EngineProcess,
+    RedisServer,
+    RouterProcess,
+    free_port,
+    http_bytes,
+    stop,
+    wait_for_port,
+)
 from harness.tls import Certificates, make_certificates
 from nebula.errors import StateUnavailable
 from nebula.store import State
@@ -158,3 +169,40 @@ async def test_rediss_to_a_real_tls_redis_server(
         assert status == 200 and [k["name"] for k in json.loads(body)["keys"]] == ["over-tls"]
     finally:
         router.stop()
+
+
+async def test_rediss_sentinel_follows_a_master_over_tls(
+    tls_redis: tuple[RedisServer, Certificates], tmp_path: Path
+) -> None:
+    """The TLS form of the Sentinel URL: TLS to the Sentinel, and to the master it names."""
+    server, certs = tls_redis
+    port = free_port()
+    folder = tmp_path / "sentinel"
+    folder.mkdir()
+    conf = folder / "sentinel.conf"
+    conf.write_text(
+        f"port 0\ntls-port {port}\nbind 127.0.0.1\ndir {folder}\n"
+        f"tls-cert-file {certs.cert}\ntls-key-file {certs.key}\ntls-ca-cert-file {certs.ca}\n"
+        "tls-auth-clients no\ntls-replication yes\n"
+        f"sentinel monitor nebula 127.0.0.1 {server.port} 1\n"
+    )
+    binary = shutil.which("redis-sentinel")
+    assert binary is not None, "redis-sentinel is not installed; shell/test installs it"
+    with (folder / "sentinel.log").open("ab") as log:
+        sentinel = subprocess.Popen([binary, str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port)
+        url = f"rediss+sentinel://127.0.0.1:{port}/nebula/0"
+        async with State(url, tls_ca_file=str(certs.ca)) as state:
+            deadline = time.monotonic() + 15
+            while True:  # the Sentinel names the master once it has checked it
+                try:
+                    await state.api_keys.create("via-sentinel")
+                    break
+                except StateUnavailable:
+                    assert time.monotonic() < deadline, (folder / "sentinel.log").read_text()
+                    await asyncio.sleep(0.2)
+            assert await state.connection.master_address() == f"127.0.0.1:{server.port}"
+            assert [k.name for k in await state.api_keys.all()] == ["via-sentinel"]
+    finally:
+        stop(sentinel)
