@@ -85,12 +85,12 @@ def _refused(keys: KeyRing, request: web.Request, *, write: bool) -> web.Respons
         foreign = keys.foreign_caller(request)
         if foreign is not None:
             return error(403, foreign, "foreign_origin")
-    if request.method in ("POST", "DELETE") and not origin.json_content(request.headers):
-        # A web page can send text/plain or a form anywhere without asking; JSON it can not.
+    if request.method == "POST" and not origin.json_content(request.headers):
+        # A web page can POST text/plain or a form anywhere without asking; JSON it can
+        # not. (Any other method it cannot send across origins without a preflight.)
         return error(
             415,
-            "admin routes that change state take only Content-Type: "
-            "application/json (even with no body)",
+            "admin POST routes take only Content-Type: application/json (even with no body)",
             "unsupported_media_type",
         )
     return None

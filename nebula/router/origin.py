@@ -10,9 +10,9 @@ loopback, a request is refused when
   the page's own name), or
 - it carries an `Origin` that is not a loopback origin (a page elsewhere);
 
-and every state-changing admin route takes only `application/json`, which no
-page can send to another origin without a CORS preflight, which the router
-never grants. A router open on a trusted network (`trusted_network`) cannot
+and every admin POST takes only `application/json`, which no page can send
+to another origin without a CORS preflight, which the router never grants
+(nor can it send DELETE). A router open on a trusted network (`trusted_network`) cannot
 check `Host` (its clients use its network name), so it refuses every foreign
 `Origin` only.
 """
