@@ -28,7 +28,7 @@ from nebula.models import ApiKey
 from nebula.router import router_metrics
 from nebula.router.usage_tap import StreamTap, Tokens
 from nebula.store import State
-from nebula.tenancy import day_of, period_of
+from nebula.tenancy import period_of
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,15 @@ class Ledger:
         self.known: dict[tuple[str, str], int] = {}
         self.unsent: dict[tuple[str, str], tuple[int, float]] = {}
         self._local_until = 0.0
+        self._day = ("", 0.0)  # the UTC day usage is counted under, and when it ends
+
+    def today(self, now: float) -> str:
+        """The UTC day of `now`, worked out once a day, not per answer."""
+        day, ends = self._day
+        if now >= ends or not day:
+            day, ends = period_of("day", now)
+            self._day = (day, ends)
+        return day
 
     async def admit(self, key: ApiKey) -> None:
         """Raise BudgetExhausted when `key` has spent its budget for this period."""
@@ -153,7 +162,7 @@ class Account:
         if self.settled:
             return
         self.settled = True
-        counts = self.ledger.pending[(day_of(time.time()), self.name, self.model)]
+        counts = self.ledger.pending[(self.ledger.today(time.time()), self.name, self.model)]
         counts[2] += 1
         if tokens is None:
             return

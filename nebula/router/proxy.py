@@ -257,6 +257,8 @@ class Proxy:
                 f"this key may not use model {shown(model)}; it may use {', '.join(key.models)}",
                 "model_not_allowed",
             )
+        if key.token_budget is None:
+            return None
         try:
             await self.ledger.admit(key)
         except BudgetExhausted as exc:
