@@ -12,6 +12,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -206,3 +207,35 @@ async def test_rediss_sentinel_follows_a_master_over_tls(
             assert [k.name for k in await state.api_keys.all()] == ["via-sentinel"]
     finally:
         stop(sentinel)
+
+
+async def test_nebula_cli_over_https_trusts_the_ca_named_by_ssl_cert_file(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """docs/cli.md's way to reach an HTTPS router signed by a private CA, as written."""
+    certs = make_certificates(tmp_path / "tls", "router")
+    env = router_env(NEBULA_TLS_CERT_FILE=str(certs.cert), NEBULA_TLS_KEY_FILE=str(certs.key))
+    router = RouterProcess(redis_url, tmp_path, **env)
+    try:
+        base = {
+            "PATH": "/usr/bin:/bin",
+            "NEBULA_URL": https_url(router),
+            "NEBULA_ADMIN_KEY": ADMIN_KEY,
+        }
+
+        def cli(**more: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "nebula.cli", "key", "list"],
+                env={**base, **more},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        untrusted = cli()
+        assert untrusted.returncode == 3 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
+        trusted = cli(SSL_CERT_FILE=str(certs.ca))
+        assert trusted.returncode == 0, trusted.stderr
+        assert "no stored keys" in trusted.stdout
+    finally:
+        router.stop()
