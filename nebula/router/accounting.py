@@ -122,7 +122,10 @@ class Ledger:
         """Write the batched usage, and the spend kept while Redis was away, forever."""
         while True:
             await asyncio.sleep(self.flush_s)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # never dies: usage would stop being counted
+                log.exception("recording token usage failed; retrying")
 
     async def flush(self) -> None:
         batch, self.pending = self.pending, defaultdict(lambda: [0, 0, 0])
