@@ -33,6 +33,7 @@ from nebula.tenancy import period_of
 log = logging.getLogger(__name__)
 
 OPEN = "open"  # the usage of an open router (no keys at all) is counted under this name
+CHARS_PER_TOKEN = 4  # an answer cut short is charged its body's bytes / 4 as its prompt
 REDIS_TIMEOUT_S = 0.5  # a budget check never holds a request longer
 LOCAL_FOR_S = 5.0  # after a failure, budgets are checked locally this long
 
@@ -59,6 +60,7 @@ class Ledger:
         self.unsent: dict[tuple[str, str], tuple[int, float]] = {}
         self._local_until = 0.0
         self._day = ("", 0.0)  # the UTC day usage is counted under, and when it ends
+        self._charging: set[asyncio.Task[None]] = set()
 
     def today(self, now: float) -> str:
         """The UTC day of `now`, worked out once a day, not per answer."""
@@ -99,8 +101,14 @@ class Ledger:
             )
         self._local_until = time.monotonic() + LOCAL_FOR_S
 
-    def account(self, key: ApiKey | None, model: str, *, strip: bool) -> Account:
-        return Account(self, key, model, strip)
+    def account(self, key: ApiKey | None, model: str, *, strip: bool, body_bytes: int) -> Account:
+        return Account(self, key, model, strip, body_bytes)
+
+    def charge_later(self, key: ApiKey, tokens: int) -> None:
+        """`charge` from a request that is being cancelled (it cannot wait for Redis)."""
+        task = asyncio.get_running_loop().create_task(self.charge(key, tokens))
+        self._charging.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._charging.discard)
 
     async def charge(self, key: ApiKey, tokens: int) -> None:
         """Add `tokens` to a budgeted key's spend in Redis, or keep them to send later."""
@@ -150,12 +158,31 @@ class Ledger:
 class Account:
     """One request's usage: read from its answer, then counted (and charged) once."""
 
-    __slots__ = ("key", "ledger", "model", "name", "settled", "strip")
+    __slots__ = ("body_bytes", "key", "ledger", "model", "name", "sent", "settled", "strip")
 
-    def __init__(self, ledger: Ledger, key: ApiKey | None, model: str, strip: bool) -> None:
+    def __init__(
+        self, ledger: Ledger, key: ApiKey | None, model: str, strip: bool, body_bytes: int
+    ) -> None:
         self.ledger, self.key, self.model, self.strip = ledger, key, model, strip
         self.name = key.name if key is not None else OPEN
+        self.body_bytes = body_bytes
+        self.sent = False  # has an engine been sent the request (so done work for it)?
         self.settled = False
+
+    def cut_short(self, events: int) -> None:
+        """An answer that ended before its usage (the client left, the engine broke
+        off): a budgeted key is charged an estimate, so that leaving a stream just
+        before its end is no way around a budget. The prompt: the body's bytes / 4
+        (an upper bound for most tokenizers); the answer: one token per event passed.
+        Usage reports keep only what engines reported."""
+        if self.settled:
+            return
+        self.settled = True
+        key = self.key
+        if key is None or key.token_budget is None or not self.sent:
+            return
+        estimate = self.body_bytes // CHARS_PER_TOKEN + events
+        self.ledger.charge_later(key, estimate)
 
     def tap(self) -> StreamTap:
         return StreamTap(strip=self.strip)

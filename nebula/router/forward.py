@@ -192,6 +192,7 @@ class Forwarder:
         """One attempt: the answer to give, or None to try another replica."""
         assert self.session is not None
         endpoint, model = send.endpoint, send.model
+        send.account.sent = True
         try:
             upstream = await self.session.post(
                 endpoint.url + send.path,

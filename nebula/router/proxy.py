@@ -166,14 +166,16 @@ class Proxy:
             if self.forwarder.prefix is not None and wanted is Task.CHAT
             else None
         )
-        strip = False
+        strip, client_bytes = False, len(body)
         if wanted is Task.CHAT and payload.get("stream") is True:
             # Ask for the stream's usage (counted per key), and take the chunk out on
             # the way back when the client did not ask for it.
             asked_for = ask_for_usage(body, payload)
             strip = asked_for is not None
             body = asked_for or body
-        account = self.ledger.account(key if isinstance(key, ApiKey) else None, model, strip=strip)
+        account = self.ledger.account(
+            key if isinstance(key, ApiKey) else None, model, strip=strip, body_bytes=client_bytes
+        )
         if self.usage is not None:
             self.usage.begin(model)
         try:
@@ -184,6 +186,7 @@ class Proxy:
             # The client left: aiohttp cancelled this handler, and with it the upstream
             # request (see `_send`) and any hold.
             self._done(model, route, CLIENT_CLOSED)
+            account.cut_short(0)
             raise
         finally:
             if self.usage is not None:

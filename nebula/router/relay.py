@@ -8,6 +8,7 @@ router itself was stopped past its drain.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -82,7 +83,11 @@ class Streams:
                     await account.settle(tap.tokens)
                 if passed:
                     await response.write(passed)
+        except asyncio.CancelledError:  # the client left
+            account.cut_short(tap.events)
+            raise
         except (aiohttp.ClientError, TimeoutError) as exc:
+            account.cut_short(tap.events)
             if _client_gone(request):
                 # Nobody to tell: drop the engine's connection so that it stops too.
                 upstream.close()

@@ -84,6 +84,7 @@ class StreamTap:
         self.strip = strip
         self.tokens: Tokens | None = None
         self.final = False
+        self.events = 0  # events passed on: about one token each (for an estimate)
         self._partial = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -96,6 +97,7 @@ class StreamTap:
             self._partial = data
             return b""
         whole, self._partial = data[: cut + 2], data[cut + 2 :]
+        self.events += whole.count(b"\n\n")
         if USAGE not in whole:
             return whole
         return self._read(whole)

@@ -15,6 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from harness import clients
 from harness.cluster import TEST_CATALOG, wait_for
 from harness.processes import EngineProcess, RedisServer, RouterProcess
 from nebula import keys
@@ -293,3 +294,30 @@ async def test_while_redis_is_away_each_router_stops_a_key_on_what_it_knows(
         return spent_of(router, "offline") == sum(costs)
 
     await wait_for(told, 30, f"{sum(costs)} tokens in Redis once it is back")
+
+
+async def test_leaving_a_stream_before_its_end_is_no_way_around_a_budget(
+    state: State, router: RouterProcess, engines: Callable[..., EngineProcess]
+) -> None:
+    # 40 words, 100 ms each: the client reads for a second, then leaves, before the
+    # usage chunk that would have said what the answer cost.
+    engine = engines(CHAT, "--tokens", "40", "--token-ms", "100")
+    await publish(state, engine, "p-chat", "chat")
+    await served(router, 1)
+    key = create_key(router, name="leaver-2", token_budget=100_000)
+    await wait_for(lambda: _answers(router, key), 15, "the key in the router's table")
+    words = " ".join(f"w{i}" for i in range(40))
+    body = {"model": CHAT, "stream": True, "messages": [{"role": "user", "content": words}]}
+    for stream in (True, False):
+        before = spent_of(router, "leaver-2")
+        await clients.leave_after(router.url, {**body, "stream": stream}, 1.0, key)
+
+        async def charged(before: int = before) -> bool:
+            return spent_of(router, "leaver-2") > before
+
+        await wait_for(charged, 15, f"a {'stream' if stream else 'request'} left, charged")
+        spent = spent_of(router, "leaver-2") - before
+        # An estimate: the body's bytes / 4, plus a token per event that reached the
+        # client (none for a whole answer that never came).
+        prompt = len(json.dumps({**body, "stream": stream}).encode()) // 4
+        assert prompt <= spent <= prompt + 20, (stream, spent, prompt)
