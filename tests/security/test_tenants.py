@@ -20,7 +20,7 @@ from harness.cluster import TEST_CATALOG, wait_for
 from harness.processes import EngineProcess, RedisServer, RouterProcess
 from nebula import keys
 from nebula.store import State
-from tests.security.conftest import ADMIN_KEY, CHAT, EMBED, publish, router_env
+from tests.security.conftest import ADMIN_KEY, CHAT, EMBED, READ_KEY, publish, router_env
 from tests.security.test_router_edges import http, openai_error, served
 
 
@@ -225,6 +225,10 @@ async def test_usage_is_counted_exactly_streamed_or_not_and_the_added_chunk_remo
         )
 
     await wait_for(recorded, 15, f"usage of {prompt}+{completion} tokens recorded")
+    # Usage and keys are the tenants' business: not for a read-only key, nor a client's.
+    for path in ("/admin/usage", "/admin/keys/counted", "/admin/keys"):
+        assert http("GET", router.url + path, key=READ_KEY)[0] == 401, path
+        assert http("GET", router.url + path, key=key)[0] == 401, path
     with urllib.request.urlopen(router.url + "/metrics", timeout=10) as r:
         page = r.read().decode()
     counted = sum(
