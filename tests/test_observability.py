@@ -72,8 +72,11 @@ async def spend_a_budget(router_url: str) -> None:
         assert time.monotonic() < deadline, "the router never learned of the key"
         await asyncio.sleep(0.2)
     assert http_bytes("POST", router_url + "/v1/chat/completions", chat, key)[0] == 200
-    for _ in range(2):
-        assert http_bytes("POST", router_url + "/v1/chat/completions", chat, key)[0] == 429
+    # Refused from here on (the exact stop is tests/security/test_tenants.py's): the
+    # panel needs refusals, two of them at least.
+    statuses = [http_bytes("POST", router_url + "/v1/chat/completions", chat, key)[0]
+                for _ in range(6)]  # fmt: skip
+    assert statuses.count(429) >= 2 and statuses[-1] == 429, statuses
 
 
 @pytest.fixture
