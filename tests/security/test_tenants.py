@@ -99,6 +99,13 @@ async def test_a_key_without_on_demand_never_makes_a_model_load(
     try:
         no_loads = create_key(router, name="no-loads", on_demand=False)
         await served(router, 0)
+
+        async def key_known() -> bool:
+            # The router learns a new key from the routing version it polls, even the
+            # router that created it; until then the key is unknown (401).
+            return chat(router, no_loads)[0] != 401
+
+        await wait_for(key_known, 15, "the new key in every worker's table")
         status, answer = chat(router, no_loads)
         assert status == 403, answer
         assert answer["error"]["code"] == "on_demand_not_allowed"
