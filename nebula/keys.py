@@ -132,6 +132,13 @@ def router_in_flight(instance: str) -> str:
     return f"{PREFIX}router-in-flight:{instance}"
 
 
+# Flow control and autoscaling (store/demand.py): one hash, router process ->
+# JSON of its demand per model and priority band, with the time of the report.
+# Written by each router process every second; stale fields are ignored and
+# trimmed by readers.
+ROUTER_DEMAND = PREFIX + "router-demand"
+
+
 # Prefix routing's shared index (store/prefixes.py): a capped stream; each entry
 # is one router process's new prefix keys for one replica (fields i, p, k).
 PREFIX_FEED = PREFIX + "prefix-feed"

@@ -71,11 +71,30 @@ class ModelSpec:
     drain_timeout_s: float | None = None  # on unload; the node's setting when None
     on_demand: bool = True  # may be loaded by its first request (where the cluster allows)
     keep_alive: str = ""  # idle time before an on-demand load unloads; "" = the default
+    max_concurrency: int | None = None  # requests per replica at once (flow control's target)
+    min_replicas: int | None = None  # the catalog's replica range, when a load names none
+    max_replicas: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["engine_args"] = list(self.engine_args)
         return data
+
+    def concurrency_target(self, default: int) -> int:
+        """Requests one replica should work on at once: the catalog's max_concurrency,
+        else the engine's own batch limit (--max-num-seqs), else `default`."""
+        if self.max_concurrency:
+            return self.max_concurrency
+        args = self.engine_args
+        for i, arg in enumerate(args):
+            value = None
+            if arg == "--max-num-seqs" and i + 1 < len(args):
+                value = args[i + 1]
+            elif arg.startswith("--max-num-seqs="):
+                value = arg.partition("=")[2]
+            if value is not None and value.isdigit() and int(value) > 0:
+                return int(value)
+        return default
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +116,19 @@ class ModelRequest:
     on_demand: bool = False  # loaded by a client's request, not by an operator
     keep_alive_s: float | None = None  # unloaded after this long idle; None: pinned
     ready_at: float = 0.0  # when it was last Ready from not Ready (its idle clock's start)
+    # The range autoscaling keeps `replicas` in; equal to it when not autoscaled.
+    min_replicas: int = 0
+    max_replicas: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.min_replicas:
+            object.__setattr__(self, "min_replicas", self.replicas)
+        if not self.max_replicas:
+            object.__setattr__(self, "max_replicas", max(self.replicas, self.min_replicas))
+
+    @property
+    def autoscaled(self) -> bool:
+        return self.max_replicas > self.min_replicas
 
     @property
     def pinned(self) -> bool:
@@ -228,6 +260,9 @@ class Endpoint:
     # The engine publishes its KV-cache events to its agent: the router tags requests
     # with a session id so that its evictions name them (agent/kv_watch.py).
     kv_events: bool = False
+    # Requests it should work on at once (flow control's target); 0: the router's
+    # default (an agent older than this field).
+    max_concurrency: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from pydantic_settings import (
 from nebula.connection import is_sentinel, parse_sentinel
 from nebula.durations import parse_keep_alive
 from nebula.errors import ConfigError, InvalidRequest, validation_problems
+from nebula.load_settings import LoadSettings
 from nebula.names import NAME_RE, NAME_RULE
 from nebula.routing_settings import RoutingSettings
 from nebula.security_settings import SecuritySettings
@@ -62,9 +63,9 @@ def config_file() -> Path | None:
     return next((p for p in CONFIG_CANDIDATES if p.is_file()), None)
 
 
-class Settings(RoutingSettings, SecuritySettings):
+class Settings(RoutingSettings, SecuritySettings, LoadSettings):
     """Nebula's settings; each field is documented where it is declared (the routing
-    policy's in `nebula.routing_settings`)."""
+    policy's in `nebula.routing_settings`, overload's in `nebula.load_settings`)."""
 
     model_config = SettingsConfigDict(env_prefix="NEBULA_", extra="forbid", enable_decoding=False)
 

@@ -309,8 +309,8 @@ class Agent:
             return
         p = engine.placement
         kv = publishes_kv_events(p, self.settings)
-        url, task = self._url(p), p.spec.task.value
-        endpoint = Endpoint(p.id, p.request_id, p.model, self.node_id, url, task, kv)
+        url, task, target = self._url(p), p.spec.task.value, p.spec.concurrency_target(0)
+        endpoint = Endpoint(p.id, p.request_id, p.model, self.node_id, url, task, kv, target)
         if legacy:  # every probe, for routers not yet upgraded
             await self.state.endpoints.publish_legacy(endpoint, self.settings.node_ttl_s)
         if engine.published:

@@ -6,6 +6,7 @@ The processes that serve it are in `workers`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -71,6 +72,24 @@ async def sample_engine_load(state: State, table: RoutingTable, proxy: Proxy) ->
         log.debug("reading the engines' load: %s", exc.message)
         return
     proxy.forwarder.loads.sampled({pid: x.running + x.waiting for pid, x in loads.items()})
+    if proxy.flow is not None:
+        proxy.flow.engines_waiting = {pid: x.waiting for pid, x in loads.items() if x.waiting}
+
+
+async def share_slots(state: State, instance: str, proxy: Proxy) -> None:
+    """Report this process's demand, read everyone's, take its share of the slots
+    (router/flow_share.py). Without Redis, each process goes on with all the slots:
+    the engines' own queues take the excess, and no process starves."""
+    if proxy.flow is None:
+        return
+    try:
+        await state.demand.report(instance, proxy.flow.demand())
+        everyone = await state.demand.all()
+    except NebulaError as exc:
+        log.debug("sharing flow-control slots: %s", exc.message)
+        proxy.flow.forget_others()
+        return
+    proxy.flow.shared(everyone, instance)
 
 
 def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Application:
@@ -129,6 +148,7 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
             while True:
                 reported = await report_in_flight(app[admin.STATE], instance, proxy, reported)
                 await sample_engine_load(app[admin.STATE], table, proxy)
+                await share_slots(app[admin.STATE], instance, proxy)
                 await asyncio.sleep(SAMPLE_S)
 
         sampler = asyncio.create_task(sample(), name="in-flight-sampler")
@@ -163,6 +183,8 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
             # not hold up the rest.
             await asyncio.wait(tasks, timeout=STOP_STEP_S / 2)
             await ledger.flush()  # the last second's usage
+            with contextlib.suppress(NebulaError):  # others take its slots at once
+                await app[admin.STATE].demand.remove(instance)
             await proxy.stop()
             await app[admin.STATE].close()
 

@@ -24,6 +24,7 @@ from nebula.router import router_metrics
 from nebula.router.accounting import Account, BudgetExhausted, Ledger
 from nebula.router.auth import KeyRing, bearer
 from nebula.router.balance import Policy
+from nebula.router.flow import FlowControl
 from nebula.router.forward import NO_REPLICA_RETRY_AFTER, Forwarder
 from nebula.router.ondemand import OnDemand, Refused, UsageRecorder, into_stream
 from nebula.router.openai_errors import error, invalid_api_key
@@ -91,6 +92,17 @@ class Proxy:
             settings.redis_url, settings.redis_sentinel_password, str(ca) if ca else None
         )
         self.forwarder = Forwarder(settings, table, policy, engine_key=engine_key)
+        self.flow = (
+            FlowControl(
+                table,
+                default_target=settings.max_concurrency,
+                queue_limit=settings.queue_limit,
+                queue_timeout_s=settings.queue_timeout_s,
+                keepalive_s=settings.hold_keepalive_s,
+            )
+            if settings.flow_control
+            else None
+        )
         self.inflight = self.forwarder.inflight  # placement id -> requests in flight
         self.streams = self.forwarder.streams
         self.labels = self.forwarder.labels
@@ -309,7 +321,8 @@ class Proxy:
         prefix: Prompt | None,
         account: Account,
     ) -> web.StreamResponse:
-        """Hold the request while its model loads (if it must), then forward it."""
+        """Hold the request while its model loads (if it must) and while its replicas
+        are busy (flow control), then forward it."""
         stream = None
         if not candidates:
             assert self.ondemand is not None and spec is not None
@@ -323,6 +336,41 @@ class Proxy:
                 assert held.stream is not None
                 return held.stream
             candidates, stream = held.endpoints, held.stream
+        if self.flow is None:
+            return await self._forward(
+                request, route, body, model, candidates, started, prefix, account, stream
+            )
+        key = account.key  # None on an open router: one tenant, normal priority
+        who, priority = (key.name, key.priority) if key is not None else ("", "normal")
+        try:
+            admitted = await self.flow.enter(
+                request, model, who, priority, stream=payload.get("stream") is True, opened=stream
+            )
+        except Refused as refused:
+            return error(refused.status, refused.message, refused.code, refused.headers)
+        if admitted.answered:  # refused after keep-alives: the stream said why
+            assert admitted.stream is not None
+            return admitted.stream
+        sent = time.perf_counter()
+        try:
+            return await self._forward(
+                request, route, body, model, candidates, started, prefix, account, admitted.stream
+            )
+        finally:
+            self.flow.release(model, admitted.band, time.perf_counter() - sent)
+
+    async def _forward(
+        self,
+        request: web.Request,
+        route: str,
+        body: bytes,
+        model: str,
+        candidates: list[Endpoint],
+        started: float,
+        prefix: Prompt | None,
+        account: Account,
+        stream: web.StreamResponse | None,
+    ) -> web.StreamResponse:
         latency, ttft = self.labels.get(model, route)
         response = await self.forwarder.forward(
             request, route, body, model, candidates, started, ttft, account, prefix, stream

@@ -128,6 +128,24 @@ HOLDS_REFUSED = Counter(
     ["model"],
 )
 
+QUEUED = Gauge(
+    "nebula_router_queued_requests",
+    "Requests waiting in the router for a free replica (flow control), by priority band.",
+    ["model", "band"],
+    multiprocess_mode="livesum",
+)
+QUEUE_WAIT = Histogram(
+    "nebula_router_queue_wait_seconds",
+    "How long requests let through by flow control waited for a free replica.",
+    ["model", "band"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+QUEUE_REFUSALS = Counter(
+    "nebula_router_queue_refusals",
+    "Requests refused by flow control: queue_full (429) or queue_timeout (503).",
+    ["model", "reason"],
+)
+
 
 class Labels:
     """Prometheus children, made once each: `.labels()` costs a lock and a lookup."""

@@ -6,6 +6,7 @@
     placements.Placements  desired placements and their observed states
     endpoints.Endpoints  healthy engines for the routers
     inflight.RouterInFlight  what routers have in flight to each engine (drains)
+    demand.RouterDemand  what routers ask of each model (flow control, autoscaling)
     api_keys.ApiKeys     hashed client keys and their scopes
     usage.Usage          tokens per key, model and day; budgeted keys' spend
     prefixes.PrefixFeed  prefix routing's shared index (routers' choices)
@@ -24,6 +25,7 @@ from __future__ import annotations
 from nebula.settings import Settings
 from nebula.store.api_keys import ApiKeys
 from nebula.store.core import Core
+from nebula.store.demand import RouterDemand
 from nebula.store.endpoints import Endpoints
 from nebula.store.engine_load import EngineLoads
 from nebula.store.inflight import RouterInFlight
@@ -53,6 +55,7 @@ class State(Core):
         self.placements = Placements(self)
         self.endpoints = Endpoints(self)
         self.in_flight = RouterInFlight(self)
+        self.demand = RouterDemand(self)
         self.api_keys = ApiKeys(self)
         self.usage = Usage(self)
         self.prefix_feed = PrefixFeed(self)

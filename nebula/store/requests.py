@@ -38,6 +38,15 @@ redis.call('HSET', KEYS[1], 'status', ARGV[1], 'message', ARGV[2], 'updated_at',
 return 1
 """
 
+# Autoscaling's write: only while the request is served (an unload asked since the
+# pass read it wins).
+_SET_REPLICAS = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current or current == 'Unloading' then return 0 end
+redis.call('HSET', KEYS[1], 'replicas', ARGV[1])
+return 1
+"""
+
 
 def encode(request: ModelRequest) -> dict[str, str]:
     return {
@@ -58,6 +67,8 @@ def encode(request: ModelRequest) -> dict[str, str]:
         "on_demand": "1" if request.on_demand else "0",
         "keep_alive_s": _seconds(request.keep_alive_s),
         "ready_at": repr(request.ready_at),
+        "min_replicas": str(request.min_replicas),
+        "max_replicas": str(request.max_replicas),
     }
 
 
@@ -82,6 +93,9 @@ def decode(data: dict[str, str]) -> ModelRequest:
         on_demand=data.get("on_demand") == "1",
         keep_alive_s=float(data["keep_alive_s"]) if data.get("keep_alive_s") else None,
         ready_at=float(data.get("ready_at") or 0.0),
+        # Absent (written before autoscaling): a fixed count, min = max = replicas.
+        min_replicas=int(data.get("min_replicas") or 0),
+        max_replicas=int(data.get("max_replicas") or 0),
     )
 
 
@@ -110,16 +124,27 @@ class Requests:
         *,
         keep_alive_s: float | None = None,
         on_demand: bool = False,
+        max_replicas: int | None = None,
     ) -> ModelRequest:
         """Ask for `replicas` engines of `spec`; a model is loaded at most once.
 
         `keep_alive_s`: unload after this long without requests (None: pinned).
         `on_demand`: asked for by a client's request rather than by an operator.
+        `max_replicas`: the scheduler adds replicas up to this many while the load
+        calls for them, and drains them down to `replicas` when it no longer does.
         """
-        if not isinstance(replicas, int) or isinstance(replicas, bool):
-            raise InvalidRequest(f"replicas must be a whole number, not {replicas!r}")
-        if not 1 <= replicas <= MAX_REPLICAS:
-            raise InvalidRequest(f"replicas must be between 1 and {MAX_REPLICAS}, not {replicas}")
+        for name, value in (("replicas", replicas), ("max_replicas", max_replicas)):
+            if value is None and name == "max_replicas":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidRequest(f"{name} must be a whole number, not {value!r}")
+            if not 1 <= value <= MAX_REPLICAS:
+                raise InvalidRequest(f"{name} must be between 1 and {MAX_REPLICAS}, not {value}")
+        if max_replicas is not None and max_replicas < replicas:
+            raise InvalidRequest(
+                f"max_replicas ({max_replicas}) is below replicas ({replicas}); give a range "
+                "as MIN..MAX with MIN <= MAX"
+            )
         now = time.time()
         request = ModelRequest(
             id=f"{spec.name}-{uuid.uuid4().hex[:6]}",
@@ -131,6 +156,8 @@ class Requests:
             updated_at=now,
             on_demand=on_demand,
             keep_alive_s=keep_alive_s,
+            min_replicas=replicas,
+            max_replicas=max_replicas or replicas,
         )
         redis = self.core.redis
         async with self.core.reachable(), redis.pipeline(transaction=True) as pipe:
@@ -151,6 +178,9 @@ class Requests:
                     pipe.sadd(keys.REQUESTS_DIRTY, request.id)
                     how = "on demand (a client's request)" if on_demand else "load asked"
                     text = f"{how}: {replicas} replica(s)"
+                    if request.autoscaled:
+                        top = request.max_replicas
+                        text = f"{how}: {replicas}..{top} replicas, following the load"
                     if on_demand or keep_alive_s is not None:
                         text += f", keep-alive {show_duration(keep_alive_s)}"
                     self.stage_event(pipe, request.id, text, request.status)
@@ -331,6 +361,12 @@ class Requests:
         if request.status is Status.UNLOADING:  # an idle unload, an eviction
             pipe.sadd(keys.UNLOADING, request.model)
             pipe.incr(keys.ROUTING_VERSION)
+
+    @staticmethod
+    def stage_replicas(pipe: Pipeline, request: ModelRequest) -> None:
+        """Autoscaling's new replica count (never onto a request being unloaded)."""
+        pipe.eval(_SET_REPLICAS, 1, keys.request(request.id), str(request.replicas))
+        pipe.sadd(keys.REQUESTS_DIRTY, request.id)
 
     @staticmethod
     def stage_gone(pipe: Pipeline, request: ModelRequest) -> None:
