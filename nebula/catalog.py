@@ -20,6 +20,7 @@ from nebula.engine_flags import check_api_args, check_catalog_args
 from nebula.errors import CatalogError, InvalidRequest, NotFound, validation_problems
 from nebula.models import ModelSpec, Task
 from nebula.names import NAME_RE, NAME_RULE, has_control, shown
+from nebula.replicas import parse_replicas, show_replicas
 
 OVERRIDABLE = frozenset(
     {"gpu_memory_utilization", "cpu_memory_gib", "tensor_parallel_size", "engine_args"}
@@ -49,6 +50,22 @@ class CatalogEntry(BaseModel):
     on_demand: bool = True
     # Idle time before an on-demand load unloads ("10m", 0, "never"); else NEBULA_KEEP_ALIVE.
     keep_alive: str | None = None
+    # Requests one replica should work on at once (flow control, autoscaling); unset:
+    # the engine's --max-num-seqs, else NEBULA_MAX_CONCURRENCY.
+    max_concurrency: int | None = Field(None, ge=1, le=65536)
+    # Replicas when a load names none (on-demand loads too): a count, or MIN..MAX to
+    # follow the load (see docs/operations.md, "Overload").
+    replicas: str | int | None = None
+
+    @field_validator("replicas")
+    @classmethod
+    def _replica_range(cls, value: str | int | None) -> str | int | None:
+        if value is not None:
+            try:
+                parse_replicas(value)
+            except InvalidRequest as exc:
+                raise ValueError(exc.message) from None
+        return value
 
     @field_validator("keep_alive", mode="before")
     @classmethod
@@ -86,6 +103,7 @@ class CatalogEntry(BaseModel):
         return self
 
     def spec(self, name: str) -> ModelSpec:
+        low, high = parse_replicas(self.replicas) if self.replicas is not None else (None, None)
         return ModelSpec(
             name=name,
             model=self.model,
@@ -99,6 +117,9 @@ class CatalogEntry(BaseModel):
             drain_timeout_s=self.drain_timeout_s,
             on_demand=self.on_demand,
             keep_alive=self.keep_alive or "",
+            max_concurrency=self.max_concurrency,
+            min_replicas=low,
+            max_replicas=high,
         )
 
 
@@ -146,6 +167,9 @@ class Catalog(Mapping[str, ModelSpec]):
             given["engine_args"] = [*spec.engine_args, *check_api_args(given["engine_args"])]
         merged = {**spec.to_dict(), **given}
         merged.pop("name")
+        # The entry's replica range, as the catalog wrote it.
+        low, high = merged.pop("min_replicas"), merged.pop("max_replicas")
+        merged["replicas"] = show_replicas(low, high) if low is not None else None
         try:
             entry = CatalogEntry(**merged)
         except ValidationError as exc:

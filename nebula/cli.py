@@ -88,7 +88,12 @@ def parser(prog: str = "nebula-cli") -> argparse.ArgumentParser:
     )
     load = model_sub.add_parser("load", parents=[common], help="load a catalog model")
     load.add_argument("name", help="catalog name (see `catalog list`)")
-    load.add_argument("--replicas", type=int, default=1, help="engines to run (default 1)")
+    load.add_argument(
+        "--replicas",
+        metavar="N|MIN..MAX",
+        help="engines to run, or a range to follow the load (1..4: start at 1, add up to 3 "
+        "more while requests queue); default: the catalog's, else 1",
+    )
     load.add_argument(
         "--gpu-memory-utilization", type=float, help="fraction of each GPU, overriding the catalog"
     )

@@ -100,8 +100,11 @@ class AdminClient:
     def models(self) -> list[dict[str, Any]]:
         return list(self.call("GET", "/admin/models")["models"])
 
-    def load(self, model: str, replicas: int, **overrides: Any) -> dict[str, Any]:
-        body = {"model": model, "replicas": replicas}
+    def load(self, model: str, replicas: int | str | None, **overrides: Any) -> dict[str, Any]:
+        """Load `model`: `replicas` a count, a range "MIN..MAX", or None (the catalog's)."""
+        body: dict[str, Any] = {"model": model}
+        if replicas is not None:
+            body["replicas"] = replicas
         body.update({k: v for k, v in overrides.items() if v is not None})
         return dict(self.call("POST", "/admin/models", body))
 

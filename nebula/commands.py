@@ -15,6 +15,7 @@ from nebula.client import AdminClient, ClientError
 from nebula.console import Output, node_rows
 from nebula.durations import show_duration
 from nebula.errors import NebulaError
+from nebula.replicas import show_replicas
 
 
 class WaitFailed(NebulaError):
@@ -144,7 +145,9 @@ def model_load(client: AdminClient, args: argparse.Namespace, out: Output) -> in
         keep_alive=args.keep_alive,
     )
     if not out.as_json:
-        out.line(f"loading {created['model']} as {created['id']} ({created['replicas']} replicas)")
+        count = show_replicas(created["min_replicas"], created["max_replicas"])
+        following = ", following the load" if created["autoscaled"] else ""
+        out.line(f"loading {created['model']} as {created['id']} ({count} replicas{following})")
     if args.wait:
         _wait(
             client, created["id"], out, args.timeout, lambda m: bool(m and m["status"] == "Ready")
@@ -210,7 +213,10 @@ def model_show(client: AdminClient, args: argparse.Namespace, out: Output) -> in
     spec = m["spec"]
     out.line(f"{m['model']}  ({m['id']})")
     out.line(f"  status    {out.paint(m['status'])}: {m['message']}")
-    out.line(f"  replicas  {m['replicas']}")
+    scaling = ""
+    if m.get("autoscaled"):
+        scaling = f" (following the load within {m['min_replicas']}..{m['max_replicas']})"
+    out.line(f"  replicas  {m['replicas']}{scaling}")
     memory = (
         f"{spec['gpu_memory_utilization']} of a GPU" if spec["gpu_memory_utilization"] else ""
     ) or f"{spec['cpu_memory_gib']} GiB RAM"

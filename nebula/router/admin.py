@@ -17,6 +17,7 @@ from nebula.catalog import Catalog
 from nebula.durations import parse_keep_alive
 from nebula.errors import InvalidRequest, NebulaError
 from nebula.names import check_name, check_ref
+from nebula.replicas import parse_replicas
 from nebula.router import origin
 from nebula.router.auth import KeyRing, bearer
 from nebula.router.balance import Loads
@@ -166,14 +167,22 @@ async def load_model(request: web.Request) -> web.Response:
     if not isinstance(name, str) or not name:
         raise InvalidRequest("`model` must name a catalog model (see GET /admin/catalog)")
     check_name(name, "`model`")
-    replicas = body.get("replicas", 1)
     # An operator's load is pinned unless it names a keep-alive.
     keep_alive = None
     if body.get("keep_alive") is not None:
         keep_alive = parse_keep_alive(body["keep_alive"])
     overrides = {k: v for k, v in body.items() if k not in ("model", "replicas", "keep_alive")}
     spec = request.app[CATALOG].resolve(name, overrides)
-    created = await request.app[STATE].requests.create(spec, replicas, keep_alive_s=keep_alive)
+    # A count or a range ("1..4"); none given: the catalog's range, else 1.
+    given = body.get("replicas")
+    low, high = (
+        parse_replicas(given)
+        if given is not None
+        else (spec.min_replicas or 1, spec.max_replicas or spec.min_replicas or 1)
+    )
+    created = await request.app[STATE].requests.create(
+        spec, low, keep_alive_s=keep_alive, max_replicas=high
+    )
     return web.json_response(request_view(created), status=201)
 
 

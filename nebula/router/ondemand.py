@@ -231,7 +231,13 @@ class OnDemand:
         spec = waiter.spec
         keep_alive = parse_keep_alive(spec.keep_alive or self.settings.keep_alive)
         try:
-            await self.state.requests.create(spec, 1, keep_alive_s=keep_alive, on_demand=True)
+            await self.state.requests.create(
+                spec,
+                spec.min_replicas or 1,
+                keep_alive_s=keep_alive,
+                on_demand=True,
+                max_replicas=spec.max_replicas,
+            )
         except Conflict:
             return True  # another router (or worker) asked first: one load for all
         router_metrics.ON_DEMAND_LOADS.labels(waiter.model).inc()

@@ -21,6 +21,7 @@ from nebula.models import (
     Status,
     can_transition,
 )
+from nebula.scheduler.autoscale import extra_replicas
 from nebula.scheduler.elasticity import idle_since, idle_unloads, victims_for
 from nebula.scheduler.placement import default_id, plan, wanting
 from nebula.scheduler.snapshot import Changes, Snapshot
@@ -166,13 +167,10 @@ def reconcile(
             elif p.node in draining and healthy_off_drain >= request.replicas:
                 reason = f"node {p.node} draining, replacement healthy"
             if reason is not None:
-                unloading = request is not None and request.status is Status.UNLOADING
-                stopped = p.stopped(request.drain_timeout_s if unloading and request else None)
-                usage.put(stopped)
-                ch.put_placements.append(stopped)
-                if request is not None:
-                    text = f"stopping replica on {where(p)}: {reason}"
-                    ch.events.append((request.id, text, request.status))
+                _stop(p, request, reason, usage, ch)
+        if request is not None and request.status is not Status.UNLOADING:
+            for p, reason in extra_replicas(request, placed, usage, states, draining):
+                _stop(p, request, reason, usage, ch)
 
     # Place what is missing.
     result = plan(
@@ -294,6 +292,18 @@ def _evict(
     return out
 
 
+def _stop(
+    p: Placement, request: ModelRequest | None, reason: str, usage: Usage, ch: Changes
+) -> None:
+    """Ask `p`'s engine to stop: its node withdraws the endpoint, drains, then stops it."""
+    unloading = request is not None and request.status is Status.UNLOADING
+    stopped = p.stopped(request.drain_timeout_s if unloading and request else None)
+    usage.put(stopped)
+    ch.put_placements.append(stopped)
+    if request is not None:
+        ch.events.append((request.id, f"stopping replica on {where(p)}: {reason}", request.status))
+
+
 def _failed_once(
     request: ModelRequest, why: str, now: float, max_replacements: int, backoff_s: float
 ) -> ModelRequest:
@@ -331,6 +341,13 @@ def _status(
     waiting = "; ".join(pending)
     if healthy >= request.replicas:
         return Status.READY, f"{request.replicas}/{request.replicas} replicas healthy"
+    if request.autoscaled and healthy >= request.min_replicas and request.ever_ready:
+        # Autoscaling asked for more than run: serving as asked, growing.
+        suffix = f"; {waiting}" if waiting else ""
+        return Status.READY, (
+            f"{healthy}/{request.replicas} replicas healthy, scaling out to "
+            f"{request.replicas}{suffix}"
+        )
     note = ""
     if request.failures and given_up:
         note = f"; {request.failures} replicas failed, no more replacements: {request.last_failure}"

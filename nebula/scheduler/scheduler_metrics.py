@@ -41,8 +41,28 @@ EVICTIONS = Counter(
     "Idle models unloaded to make room for a load that fit nowhere, by evicted model.",
     ["model"],
 )
+REPLICAS_DESIRED = Gauge(
+    "nebula_scheduler_replicas_desired",
+    "Replicas each model's request asks for now (autoscaling moves it within its range).",
+    ["model"],
+)
+REPLICAS_READY = Gauge(
+    "nebula_scheduler_replicas_ready", "Healthy replicas of each model.", ["model"]
+)
+DEMAND = Gauge(
+    "nebula_scheduler_demand",
+    "Requests in flight or waiting in the routers, per autoscaled model.",
+    ["model"],
+)
+SCALE_EVENTS = Counter(
+    "nebula_scheduler_scale_events",
+    "Autoscaling changes of a model's replicas, by direction (out, in).",
+    ["model", "direction"],
+)
 
 _pending_labels: set[tuple[str, str]] = set()
+_replica_models: set[str] = set()
+_demand_models: set[str] = set()
 
 
 def clear() -> None:
@@ -51,6 +71,11 @@ def clear() -> None:
     NODES.clear()
     PENDING.clear()
     _pending_labels.clear()
+    REPLICAS_DESIRED.clear()
+    REPLICAS_READY.clear()
+    DEMAND.clear()
+    _replica_models.clear()
+    _demand_models.clear()
 
 
 def reason_kind(text: str) -> str:
@@ -86,3 +111,21 @@ def record(snap: Snapshot, pending: dict[str, tuple[str, ...]]) -> None:
         PENDING.labels(*labels).set(n)
     _pending_labels.clear()
     _pending_labels.update(now)
+
+
+def record_replicas(desired: dict[str, int], ready: dict[str, int], demand: dict[str, int]) -> None:
+    """Replicas asked for and healthy per model; demand per autoscaled model."""
+    for model in _replica_models - desired.keys():
+        REPLICAS_DESIRED.remove(model)
+        REPLICAS_READY.remove(model)
+    for model, n in desired.items():
+        REPLICAS_DESIRED.labels(model).set(n)
+        REPLICAS_READY.labels(model).set(ready.get(model, 0))
+    _replica_models.clear()
+    _replica_models.update(desired)
+    for model in _demand_models - demand.keys():
+        DEMAND.remove(model)
+    for model, n in demand.items():
+        DEMAND.labels(model).set(n)
+    _demand_models.clear()
+    _demand_models.update(demand)

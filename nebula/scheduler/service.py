@@ -20,13 +20,16 @@ from nebula import keys, redis_health
 from nebula.errors import NebulaError, StateUnavailable
 from nebula.exporter import advertise, serve_metrics
 from nebula.loops import jittered, reconcile_forever, run_loops
+from nebula.models import Desired, Phase
 from nebula.scheduler import scheduler_metrics
+from nebula.scheduler.autoscale import Autoscaler, Scaling
 from nebula.scheduler.reconcile import needs_placement, reconcile, usage_of
 from nebula.scheduler.snapshot import Changes, Snapshot
 from nebula.scheduler.store import ClusterStore
 from nebula.scheduler.usage import Usage
 from nebula.settings import Settings
 from nebula.store import State
+from nebula.store.demand import totals
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,12 @@ class Scheduler:
         self._outage = False
         self._was_exporting = False
         self._epoch = 0  # the state store's master epoch this scheduler has seen
+        self.autoscaler = Autoscaler(
+            settings.scale_up_window_s,
+            settings.scale_down_window_s,
+            settings.scale_tolerance,
+            settings.max_concurrency,
+        )
 
     async def run(self) -> None:
         log.info("scheduler %s starting", self.me)
@@ -165,6 +174,7 @@ class Scheduler:
         if spared:
             log.info("not declaring %s dead yet: %.1fs of grace left after an outage or a "
                      "new leader", ", ".join(sorted(spared)), self._grace_until - now)  # fmt: skip
+        scalings = await self._autoscale(snap, now, record=used)
         changes = reconcile(
             snap,
             ceiling=self.settings.memory_ceiling,
@@ -177,6 +187,9 @@ class Scheduler:
             idle_grace_s=3 * self.settings.usage_flush_s,
         )
         scheduler_metrics.record(snap, changes.pending)
+        if scalings:
+            changes.scaled = [x.request for x in scalings]
+            changes.events[:0] = [(x.request.id, x.reason, x.request.status) for x in scalings]
         self._was_exporting = True
         if full:
             refreeze()
@@ -193,6 +206,8 @@ class Scheduler:
         for model in changes.idle_unloaded:
             scheduler_metrics.IDLE_UNLOADS.labels(model).inc()
             log.info("model %s idle past its keep-alive: unloading", model)
+        for x in scalings:
+            scheduler_metrics.SCALE_EVENTS.labels(x.request.model, x.direction).inc()
         for victim, model in changes.evicted:
             scheduler_metrics.EVICTIONS.labels(victim).inc()
             log.info("model %s evicted to make room for %s", victim, model)
@@ -201,6 +216,37 @@ class Scheduler:
             log.warning("node(s) %s declared dead", ", ".join(changes.dead_nodes))
         scheduler_metrics.PASS_SECONDS.observe(time.perf_counter() - started)
         return changes
+
+    async def _autoscale(self, snap: Snapshot, now: float, *, record: bool) -> list[Scaling]:
+        """Move autoscaled requests' replicas with the routers' demand, before the pass
+        (which then places the new replicas or drains the extra ones at once)."""
+        demand: dict[str, int] = {}
+        if any(r.autoscaled for r in snap.requests.values()):
+            read = totals(await self.state.demand.all())
+            demand = {model: total for model, (total, _) in read.items()}
+        scalings = self.autoscaler.decide(snap.requests.values(), demand, now)
+        for x in scalings:
+            snap.requests[x.request.id] = x.request
+            snap.dirty_requests.add(x.request.id)
+        if record:  # about once a second: O(placements)
+            self._record_replicas(snap, demand)
+        return scalings
+
+    def _record_replicas(self, snap: Snapshot, demand: dict[str, int]) -> None:
+        desired, ready = {}, {}
+        for r in snap.requests.values():
+            desired[r.model] = r.replicas
+            ready[r.model] = sum(
+                1
+                for pid in self.usage.by_request.get(r.id, ())
+                if self.usage.placements[pid].desired is Desired.RUN
+                and (state := snap.states.get(pid)) is not None
+                and state.phase is Phase.HEALTHY
+            )
+        autoscaled = {r.model for r in snap.requests.values() if r.autoscaled}
+        shown = {m: n for m, n in demand.items() if m in autoscaled}
+        shown.update((m, demand.get(m, 0)) for m in autoscaled)
+        scheduler_metrics.record_replicas(desired, ready, shown)
 
     def _remember(self, changes: Changes) -> None:
         """Apply our own writes to the cached snapshot (we are their only writer)."""

@@ -46,6 +46,7 @@ class Changes:
     gone_requests: list[ModelRequest] = field(default_factory=list)
     events: list[tuple[str, str, Status]] = field(default_factory=list)  # request, text, status
     dead_nodes: list[str] = field(default_factory=list)
+    scaled: list[ModelRequest] = field(default_factory=list)  # autoscaling's new replicas
     # Not written, for metrics: models unloaded for idling; (evicted, for whom).
     idle_unloaded: list[str] = field(default_factory=list)
     evicted: list[tuple[str, str]] = field(default_factory=list)
@@ -61,5 +62,6 @@ class Changes:
                 self.gone_requests,
                 self.events,
                 self.dead_nodes,
+                self.scaled,
             )
         )

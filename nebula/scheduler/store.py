@@ -170,6 +170,8 @@ class ClusterStore:
                     st.placements.stage_drop_node(pipe, node_id)
                     st.endpoints.stage_withdraw_node(pipe, node_id)
                     st.nodes.stage_forget(pipe, node_id)
+                for request in changes.scaled:
+                    st.requests.stage_replicas(pipe, request)
                 for request in changes.put_requests:
                     st.requests.stage_status(pipe, request)
                 for request_id, text, status in changes.events:

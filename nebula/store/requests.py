@@ -21,10 +21,9 @@ from nebula import keys
 from nebula.durations import show_duration
 from nebula.errors import Conflict, InvalidRequest, NebulaError, NotFound
 from nebula.models import ModelRequest, ModelSpec, Status
+from nebula.replicas import MAX_REPLICAS
 from nebula.store import wire
 from nebula.store.core import Core
-
-MAX_REPLICAS = 256
 
 # The scheduler writes only the fields it owns, and never over an unload that
 # landed after its pass read the request.
