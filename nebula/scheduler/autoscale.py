@@ -143,10 +143,10 @@ def extra_replicas(
     if excess <= 0:
         return []
 
-    def keep_first(p: Placement) -> tuple[bool, float, str]:
+    def stop_first(p: Placement) -> tuple[bool, float, str]:
         state = states.get(p.id)
-        return (state is not None and state.phase is Phase.HEALTHY, p.created_at, p.id)
+        return (state is not None and state.phase is Phase.HEALTHY, -p.created_at, p.id)
 
-    running.sort(key=keep_first)
+    running.sort(key=stop_first)
     reason = f"scaled in to {request.replicas} replica(s)"
     return [(p, reason) for p in running[:excess]]
