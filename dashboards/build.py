@@ -297,6 +297,63 @@ DASHBOARDS: dict[str, dict[str, Any]] = {
                 [("max by (model) (nebula_router_endpoints)", "{{model}}")],
                 "timeseries",
             ),
+            (
+                "Requests waiting for a free replica (flow control), by band",
+                "none",
+                [
+                    (
+                        "sum by (model, band) (nebula_router_queued_requests) or vector(0)",
+                        "{{model}} {{band}}",
+                    )
+                ],
+                "timeseries",
+            ),
+            (
+                "Queue wait p95 by band",
+                "s",
+                [
+                    (
+                        "histogram_quantile(0.95, sum by (le, model, band) "
+                        "(rate(nebula_router_queue_wait_seconds_bucket[5m]))) or vector(0)",
+                        "{{model}} {{band}}",
+                    )
+                ],
+                "timeseries",
+            ),
+            (
+                "Flow-control refusals (queue_full 429, queue_timeout 503)",
+                "reqps",
+                [
+                    (
+                        "sum by (model, reason) (rate(nebula_router_queue_refusals_total[5m]))"
+                        " or vector(0)",
+                        "{{model}} {{reason}}",
+                    )
+                ],
+                "timeseries",
+            ),
+            (
+                "Replicas desired vs ready",
+                "none",
+                [
+                    ("sum by (model) (nebula_scheduler_replicas_desired)", "desired {{model}}"),
+                    ("sum by (model) (nebula_scheduler_replicas_ready)", "ready {{model}}"),
+                ],
+                "timeseries",
+            ),
+            (
+                "Autoscaling: demand (in flight + waiting) and scale events",
+                "none",
+                [
+                    ("sum by (model) (nebula_scheduler_demand) or vector(0)", "demand {{model}}"),
+                    (
+                        "sum by (model, direction) "
+                        "(increase(nebula_scheduler_scale_events_total[1h])) or vector(0)",
+                        "scaled {{direction}} {{model}}",
+                    ),
+                ],
+                "timeseries",
+            ),
         ],
     },
     "engines": {
