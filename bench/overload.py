@@ -65,10 +65,10 @@ async def make_key(session: aiohttp.ClientSession, url: str, name: str, priority
         return str((await r.json())["key"])
 
 
-def body(words: int, stream: bool) -> dict[str, Any]:
+def body(words: int, stream: bool, prompt: str) -> dict[str, Any]:
     return {
         "model": MODEL,
-        "messages": [{"role": "user", "content": WORDS}],
+        "messages": [{"role": "user", "content": prompt}],
         "max_tokens": words,
         "stream": stream,
     }
@@ -78,7 +78,9 @@ async def first_token(session: aiohttp.ClientSession, url: str, key: str) -> flo
     """Seconds to the first `data:` event of a streamed chat; None if it failed."""
     started = time.monotonic()
     headers = {"Authorization": f"Bearer {key}"}
-    async with session.post(url + "/v1/chat/completions", json=body(2, True), headers=headers) as r:
+    async with session.post(
+        url + "/v1/chat/completions", json=body(2, True, "chat: " + WORDS), headers=headers
+    ) as r:
         if r.status != 200:
             await r.read()
             return None
@@ -93,9 +95,10 @@ async def batch_client(
     session: aiohttp.ClientSession, url: str, key: str, until: float, errors: list[int]
 ) -> None:
     headers = {"Authorization": f"Bearer {key}"}
+    document = f"document {id(errors)}-{time.monotonic_ns()}: {WORDS}"  # each client its own
     while time.monotonic() < until:
         async with session.post(
-            url + "/v1/chat/completions", json=body(32, False), headers=headers
+            url + "/v1/chat/completions", json=body(32, False, document), headers=headers
         ) as r:
             await r.read()
             if r.status != 200:
@@ -143,14 +146,14 @@ async def served(url: str) -> None:
 
 
 async def with_router(
-    cluster: Cluster, flow: bool, **env: str
+    cluster: Cluster, flow: bool, part: str, **env: str
 ) -> tuple[RouterProcess, aiohttp.ClientSession, tuple[str, str]]:
     router = cluster.start_router(
         NEBULA_FLOW_CONTROL="true" if flow else "false", NEBULA_ADMIN_KEY=ADMIN_KEY, **env
     )
     await served(router.url)
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300))
-    suffix = "on" if flow else "off"
+    suffix = f"{part}-{'on' if flow else 'off'}"
     keys = (
         await make_key(session, router.url, f"interactive-{suffix}", "high"),
         await make_key(session, router.url, f"batch-{suffix}", "low"),
@@ -169,7 +172,7 @@ async def compare(cluster: Cluster, state: State, args: argparse.Namespace) -> N
     await cluster.status(state, request.id, Status.READY, 60)
     print(f"\none replica ({SLOTS} slots); interactive time to first token")
     for flow in (False, True):
-        router, session, keys = await with_router(cluster, flow)
+        router, session, keys = await with_router(cluster, flow, "compare")
         try:
             alone, _, _ = await phase(session, router.url, keys, 0, args.baseline_s)
             half, _, _ = await phase(session, router.url, keys, SLOTS // 2, args.baseline_s)
@@ -195,7 +198,7 @@ async def autoscale(cluster: Cluster, state: State, args: argparse.Namespace) ->
     spec = cluster.catalog.get_spec(MODEL)
     request = await state.requests.create(spec, 1, max_replicas=3)
     await cluster.status(state, request.id, Status.READY, 60)
-    router, session, keys = await with_router(cluster, True)
+    router, session, keys = await with_router(cluster, True, "autoscale")
     timeline: list[tuple[float, int, int]] = []
     started = time.monotonic()
 

@@ -35,6 +35,19 @@ class LoadSettings(BaseSettings):
     queue_timeout_s: float = Field(
         60.0, gt=0, description="Longest a request waits for a free slot (then 503 queue_timeout)."
     )
+    priority_reserve: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Fraction of a model's slots (at least one, never all) that lower-"
+        "priority requests leave free while higher-priority ones have asked lately, so that "
+        "these find a slot at once; 0: none.",
+    )
+    priority_reserve_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long after a higher-priority request its reserve is kept.",
+    )
     scale_up_window_s: float = Field(
         30.0,
         gt=0,

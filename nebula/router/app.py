@@ -88,8 +88,10 @@ async def share_slots(state: State, instance: str, proxy: Proxy) -> None:
     except NebulaError as exc:
         log.debug("sharing flow-control slots: %s", exc.message)
         proxy.flow.forget_others()
+        proxy.forwarder.alone = False
         return
     proxy.flow.shared(everyone, instance)
+    proxy.forwarder.alone = everyone.keys() <= {instance}
 
 
 def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Application:

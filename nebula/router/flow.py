@@ -9,6 +9,11 @@ model's queue, and is sent the moment a slot frees:
 - **Priority bands**: high before normal before low (the key's priority class;
   an open router's requests are normal). A band is served only when every
   higher one is empty.
+- **A reserve for the higher bands**: while a higher band has asked in the last
+  `priority_reserve_s`, a lower band leaves `priority_reserve` of the slots (at
+  least one, never all) free for it, so that an interactive request finds a slot
+  at once instead of waiting for a batch request to end. When the higher band is
+  quiet, the lower ones use every slot.
 - **Fair across keys** within a band: each key has its own FIFO and the band
   serves its keys round-robin, one request each, so a key sending ten times as
   many requests gets the same share of the slots as one that keeps a request
@@ -117,6 +122,10 @@ class ModelQueue:
                 return max((fifo[-1] for fifo in fifos.values()), key=lambda t: t.seq)
         return None
 
+    def next_band(self) -> int | None:
+        """The band `pop` takes from next (None: empty)."""
+        return next((i for i, band in enumerate(self.bands) if band), None)
+
     def waiting(self, band: int) -> int:
         return sum(len(fifo) for fifo in self.bands[band].values())
 
@@ -143,6 +152,8 @@ class FlowControl:
         queue_limit: int,
         queue_timeout_s: float,
         keepalive_s: float,
+        reserve: float = 0.0,
+        reserve_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.table = table
@@ -150,7 +161,10 @@ class FlowControl:
         self.queue_limit = queue_limit
         self.queue_timeout_s = queue_timeout_s
         self.keepalive_s = keepalive_s
+        self.reserve = reserve  # of the slots, kept for higher bands while they ask
+        self.reserve_s = reserve_s
         self.clock = clock
+        self.last_seen: dict[str, list[float]] = {}  # model -> when each band last asked
         # model -> requests let through and not yet done, per band
         self.admitted: dict[str, list[int]] = {}
         self.shares: dict[str, int] = {}  # model -> this process's slots (flow_share)
@@ -185,9 +199,22 @@ class FlowControl:
         share = self.shares.get(model)
         return slots if share is None else min(share, slots)
 
-    def _room(self, model: str) -> bool:
+    def _room(self, model: str, band: int) -> bool:
+        """May a request of `band` take a slot of `model` now? A lower band leaves
+        the reserve free while a higher band has been asking lately."""
         capacity = self.capacity(model)
-        return capacity is None or sum(self.admitted.get(model, ())) < capacity
+        if capacity is None:
+            return True
+        if band and self.reserve and self._higher_active(model, band):
+            capacity -= min(capacity - 1, max(1, round(self.reserve * capacity)))
+        return sum(self.admitted.get(model, ())) < capacity
+
+    def _higher_active(self, model: str, band: int) -> bool:
+        seen = self.last_seen.get(model)
+        if seen is None:
+            return False
+        since = self.clock() - self.reserve_s
+        return any(at >= since for at in seen[:band])
 
     def _take(self, model: str, band: int) -> None:
         counts = self.admitted.setdefault(model, [0, 0, 0])
@@ -254,7 +281,7 @@ class FlowControl:
 
     def _dispatch(self, model: str) -> None:
         queue = self.queues.get(model)
-        while queue is not None and queue.depth and self._room(model):
+        while queue is not None and queue.depth and self._room(model, queue.next_band() or 0):
             ticket = queue.pop()
             assert ticket is not None
             self._take(model, ticket.band)
@@ -285,8 +312,9 @@ class FlowControl:
         """Take a slot for one request to `model`, waiting for one if none is free.
         Raises `Refused` (nothing sent yet) or returns the stream that said why."""
         band = BAND_OF.get(priority, BAND_OF["normal"])
+        self.last_seen.setdefault(model, [-math.inf] * len(BANDS))[band] = self.clock()
         queue = self.queues.get(model)
-        if (queue is None or not queue.depth) and self._room(model):
+        if (queue is None or not queue.depth) and self._room(model, band):
             self._take(model, band)
             return Admitted(band, opened)
         ticket = Ticket(key, band, next(self._seq), self.clock())

@@ -90,6 +90,10 @@ class Forwarder:
             sock_read=settings.first_byte_timeout_s,
         )
         self.upstream_headers = {"Content-Type": "application/json"}
+        # Replicas' concurrency targets bound the choice (flow control on).
+        self.targets = settings.flow_control
+        self.alone = True  # the only router process sending to these replicas (flow control)
+        self.default_target = settings.max_concurrency
         self._engine_key = engine_key
         self.refresh_engine_key()
 
@@ -179,6 +183,14 @@ class Forwarder:
             left = [c for c in ejected if c.placement_id not in tried]
         if not left:
             return None
+        if self.targets and len(left) > 1:
+            # Flow control let the request through because some replica has a free
+            # slot: never send it to one that is full while another is not.
+            # Alone, its own count is exact; the engines' sampled reports would add
+            # requests that ended since (phantoms) and mark a free replica full.
+            loads = self.inflight if self.alone else self.loads
+            free = [c for c in left if loads.get(c.placement_id, 0) < self._target(c)]
+            left = free or left
         if prefix is not None and self.prefix is not None:
             choice = self.prefix.choose(left, self.loads, prefix)
             index = "precise" if choice.endpoint.kv_events else "approximate"
@@ -187,6 +199,9 @@ class Forwarder:
             return choice.endpoint
         self.labels.decision(model, "least_outstanding").inc()
         return self.policy.choose(left, self.loads)
+
+    def _target(self, endpoint: Endpoint) -> int:
+        return endpoint.max_concurrency or self.default_target
 
     async def _send(self, send: Send, failures: Failures) -> web.StreamResponse | None:
         """One attempt: the answer to give, or None to try another replica."""

@@ -99,6 +99,8 @@ class Proxy:
                 queue_limit=settings.queue_limit,
                 queue_timeout_s=settings.queue_timeout_s,
                 keepalive_s=settings.hold_keepalive_s,
+                reserve=settings.priority_reserve,
+                reserve_s=settings.priority_reserve_s,
             )
             if settings.flow_control
             else None
