@@ -48,7 +48,7 @@ from aiohttp import web
 
 from nebula.router import router_metrics
 from nebula.router.flow_share import share
-from nebula.router.ondemand import Refused
+from nebula.router.ondemand import Refused, keep_alive
 from nebula.router.openai_errors import stream_error_event
 from nebula.router.table import RoutingTable
 from nebula.store.demand import Demand
@@ -339,8 +339,10 @@ class FlowControl:
             return
         retry = self.retry_after_s(model)
         victim = queue.newest_below(ticket.band)
-        text = (f"{queue.depth} requests already wait for a free replica of model {model!r} "
-                "here; retry later, or spread the load over time")  # fmt: skip
+        text = (
+            f"{queue.depth} requests already wait for a free replica of model {model!r} here; "
+            "retry later, or spread the load over time"
+        )
         if victim is None:
             router_metrics.QUEUE_REFUSALS.labels(model, "queue_full").inc()
             raise Refused(429, text, "queue_full", retry)
@@ -367,18 +369,14 @@ class FlowControl:
                 if left <= 0:
                     self._give_up(model, ticket)
                     router_metrics.QUEUE_REFUSALS.labels(model, "queue_timeout").inc()
-                    raise Refused(503, f"no replica of model {model!r} was free for "
-                                  f"{self.queue_timeout_s:g}s; retry later",
-                                  "queue_timeout", self.retry_after_s(model))  # fmt: skip
+                    text = f"no replica of model {model!r} was free for {self.queue_timeout_s:g}s"
+                    retry = self.retry_after_s(model)
+                    raise Refused(503, text + "; retry later", "queue_timeout", retry)
                 step = min(left, self.keepalive_s) if stream else left
                 await asyncio.wait((ticket.granted,), timeout=step)
                 if stream and not ticket.granted.done() and self.clock() < deadline:
-                    if response is None:
-                        response = web.StreamResponse(
-                            status=200, headers={"Content-Type": "text/event-stream"}
-                        )
-                        await response.prepare(request)
-                    await response.write(f": waiting for a free replica of {model}\n\n".encode())
+                    text = f"waiting for a free replica of {model}"
+                    response = await keep_alive(request, response, text)
             if ticket.refusal is not None:
                 raise ticket.refusal
         except Refused as refused:

@@ -152,12 +152,9 @@ class OnDemand:
                 step = min(left, self.settings.hold_keepalive_s) if stream else left
                 await wait_event(waiter.done, step)
                 if stream and not waiter.done.is_set() and time.monotonic() < deadline:
-                    if response is None:
-                        response = web.StreamResponse(
-                            status=200, headers={"Content-Type": "text/event-stream"}
-                        )
-                        await response.prepare(request)
-                    await response.write(f": waiting for model {model} to load\n\n".encode())
+                    response = await keep_alive(
+                        request, response, f"waiting for model {model} to load"
+                    )
             self._check_served(waiter)
             router_metrics.HOLD_SECONDS.labels(model).observe(time.monotonic() - started)
             return Held(self.table.endpoints(model), response)
@@ -284,6 +281,18 @@ class UsageRecorder:
                 log.warning("recording last use failed (%s); retrying", exc)
                 for model, at in batch.items():  # keep them for the next try
                     self.ended[model] = max(at, self.ended.get(model, 0.0))
+
+
+async def keep_alive(
+    request: web.Request, response: web.StreamResponse | None, text: str
+) -> web.StreamResponse:
+    """One SSE comment line to a waiting stream (opened with the first), so that
+    proxies and clients do not give up on it."""
+    if response is None:
+        response = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+    await response.write(f": {text}\n\n".encode())
+    return response
 
 
 async def into_stream(stream: web.StreamResponse, answer: web.StreamResponse) -> web.StreamResponse:
