@@ -285,3 +285,15 @@ class ApiKey:
 def digest(secret: str) -> str:
     """How API keys are stored and compared: never the key itself."""
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """One router process's demand for one model."""
+
+    bands: tuple[int, int, int]  # high, normal, low: in flight + waiting
+    queued: int  # of those, waiting in the router
+
+    @property
+    def total(self) -> int:
+        return sum(self.bands)

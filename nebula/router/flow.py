@@ -40,94 +40,23 @@ import asyncio
 import itertools
 import math
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 
+from nebula.models import Demand
 from nebula.router import router_metrics
+from nebula.router.flow_queue import BAND_OF, BANDS, ModelQueue, Ticket
 from nebula.router.flow_share import share
 from nebula.router.ondemand import Refused, keep_alive
 from nebula.router.openai_errors import stream_error_event
 from nebula.router.table import RoutingTable
-from nebula.store.demand import Demand
 
-BANDS = ("high", "normal", "low")  # precedence: first served first
-BAND_OF = {name: i for i, name in enumerate(BANDS)}
 # The mean time per request is an exponentially weighted average with this weight.
 SERVICE_WEIGHT = 0.1
 RETRY_AFTER_MAX_S = 60
 IDLE = Demand((0, 0, 0), 0)
-
-
-@dataclass(eq=False, slots=True)
-class Ticket:
-    """One waiting request."""
-
-    key: str
-    band: int
-    seq: int
-    queued_at: float
-    granted: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-    refusal: Refused | None = None  # pushed out of a full queue by a higher band
-
-
-class ModelQueue:
-    """One model's waiting requests: bands, and within each a FIFO per key served
-    round-robin."""
-
-    def __init__(self) -> None:
-        self.bands: list[OrderedDict[str, deque[Ticket]]] = [OrderedDict() for _ in BANDS]
-        self.depth = 0
-
-    def push(self, ticket: Ticket) -> None:
-        band = self.bands[ticket.band]
-        band.setdefault(ticket.key, deque()).append(ticket)
-        self.depth += 1
-
-    def pop(self) -> Ticket | None:
-        """The next request to send: the highest band's next key in turn."""
-        for band in self.bands:
-            if not band:
-                continue
-            key, fifo = next(iter(band.items()))
-            ticket = fifo.popleft()
-            if fifo:
-                band.move_to_end(key)  # its turn is over: the other keys go first
-            else:
-                del band[key]
-            self.depth -= 1
-            return ticket
-        return None
-
-    def remove(self, ticket: Ticket) -> bool:
-        band = self.bands[ticket.band]
-        fifo = band.get(ticket.key)
-        if fifo is None or ticket not in fifo:
-            return False
-        fifo.remove(ticket)
-        if not fifo:
-            del band[ticket.key]
-        self.depth -= 1
-        return True
-
-    def newest_below(self, band: int) -> Ticket | None:
-        """The newest request in the lowest non-empty band below `band`, if any."""
-        for lower in range(len(BANDS) - 1, band, -1):
-            fifos = self.bands[lower]
-            if fifos:
-                return max((fifo[-1] for fifo in fifos.values()), key=lambda t: t.seq)
-        return None
-
-    def next_band(self) -> int | None:
-        """The band `pop` takes from next (None: empty)."""
-        return next((i for i, band in enumerate(self.bands) if band), None)
-
-    def waiting(self, band: int) -> int:
-        return sum(len(fifo) for fifo in self.bands[band].values())
 
 
 @dataclass(slots=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from nebula.store.demand import Demand
+from nebula.models import Demand
 
 
 def share(capacity: int, demand: Mapping[str, Demand], me: str) -> int:

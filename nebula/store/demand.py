@@ -17,25 +17,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from nebula import keys
+from nebula.models import Demand
 from nebula.store.core import Core
 
 # A report older than this is a router that stopped or lost Redis: not counted.
 STALE_S = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class Demand:
-    """One router process's demand for one model."""
-
-    bands: tuple[int, int, int]  # high, normal, low: in flight + waiting
-    queued: int  # of those, waiting in the router
-
-    @property
-    def total(self) -> int:
-        return sum(self.bands)
 
 
 class RouterDemand:
