@@ -53,7 +53,7 @@ def test_the_queue_serves_bands_in_order_and_keys_in_turn() -> None:
         queue = ModelQueue()
         seq = iter(range(100))
         for key, band, n in (("heavy", 1, 5), ("light", 1, 2), ("batch", 2, 2), ("vip", 0, 1)):
-            for i in range(n):
+            for _ in range(n):
                 queue.push(Ticket(key, band, next(seq), 0.0))
         assert queue.next_band() == 0 and queue.depth == 10
         assert queue.newest_below(0) is not None and queue.newest_below(0).key == "batch"
