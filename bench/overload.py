@@ -125,7 +125,9 @@ async def phase(
     until = time.monotonic() + seconds
     errors: list[int] = []
     clients = [batch_client(session, url, keys[1], until, errors) for _ in range(batch)]
-    ttft, *_ = await asyncio.gather(interactive(session, url, keys[0], until, 0.25), *clients)
+    batch_done = asyncio.gather(*clients)
+    ttft = await interactive(session, url, keys[0], until, 0.25)
+    await batch_done
     ok = [t for t in ttft if t is not None]
     return ok, len(ttft) - len(ok), errors
 

@@ -83,11 +83,12 @@ async def agent_node(state: State, node: Node, stop_at: float, done: list[int]) 
 async def publish(state: State, endpoint: Endpoint, *, announce: bool) -> None:
     """The agent's endpoint write, whichever protocol this checkout speaks."""
     await register_address(state, endpoint.node, endpoint.url)
+    publish: Any = state.endpoints.publish  # its signature differs between protocols
     try:
-        await state.endpoints.publish(endpoint, NODE_TTL_S, announce=announce)
+        await publish(endpoint, NODE_TTL_S, announce=announce)
     except TypeError:  # the change-feed protocol: written once, not refreshed
         if announce:
-            await state.endpoints.publish(endpoint)  # type: ignore[call-arg]
+            await publish(endpoint)
 
 
 def agents_main(url: str, nodes: list[str], stop_at: float, out: Any) -> None:
@@ -164,7 +165,7 @@ def routers_main(url: str, tables: int, stop_at: float, window: float, out: Any)
 
 
 def info(client: redis.Redis, section: str) -> dict[str, Any]:
-    return client.info(section)  # type: ignore[no-any-return]
+    return dict(client.info(section))
 
 
 def command_costs(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[int, float]]:
@@ -209,7 +210,7 @@ async def markers(url: str, trials: int) -> list[tuple[str, float, float]]:
         await asyncio.sleep(1.5)
         down = time.time()
         try:
-            await state.endpoints.withdraw(pid, "node-00000")  # type: ignore[call-arg]
+            await state.endpoints.withdraw(pid, "node-00000")
         except TypeError:  # the protocol before the change feed
             await state.endpoints.withdraw(pid)  # type: ignore[call-arg]
         out.append((pid, up, down))
@@ -289,7 +290,8 @@ def run_step(redis_server: RedisServer, folder: Path, nodes: int, routers: int,
     costs = [c for r in routed for c in r["costs"]]
     lost = sum(1 for kind, _ in results if kind == "lost")
     extra_full = sum(r.get("extra_full_reads", 0) for r in routed)
-    appear, vanish = [], []
+    appear: list[float] = []
+    vanish: list[float] = []
     for pid, up, down in trials:
         seen = [t for r in routed for t in r["seen"].get(pid, [])]
         gone = [t for r in routed for t in r["gone"].get(pid, [])]

@@ -63,7 +63,7 @@ def vllm_env(**more: str) -> dict[str, str]:
 
 
 async def wait_for(
-    check: Callable[[], Awaitable[T]], timeout: float = 20.0, what: str = "condition"
+    check: Callable[[], Awaitable[T | None]], timeout: float = 20.0, what: str = "condition"
 ) -> T:
     deadline = time.monotonic() + timeout
     while True:
@@ -134,7 +134,7 @@ class Cluster:
 
     def start_router(self, **env: str) -> RouterProcess:
         self.router = RouterProcess(
-            self.env["NEBULA_REDIS_URL"], self.folder, **{**self.env, **env}
+            self.env["NEBULA_REDIS_URL"], self.folder, 1, **{**self.env, **env}
         )
         return self.router
 

@@ -17,6 +17,6 @@ async def register_address(state: State, node: str, url: str) -> None:
     await state.redis.hset(keys.node(node), "address", host)
 
 
-async def announce(state: State, endpoint: Endpoint, **options: object) -> None:
+async def announce(state: State, endpoint: Endpoint) -> None:
     await register_address(state, endpoint.node, endpoint.url)
-    await state.endpoints.publish(endpoint, **options)  # type: ignore[arg-type]
+    await state.endpoints.publish(endpoint)

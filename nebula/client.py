@@ -11,7 +11,7 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,8 +156,8 @@ class AdminClient:
 
     def chat_stream(
         self, model: str, messages: list[dict[str, str]], max_tokens: int | None = None
-    ) -> Iterator[str]:
-        """The answer's text as it streams from the router (SSE)."""
+    ) -> Generator[str, None, None]:
+        """The answer's text as it streams from the router (SSE); `close()` it to hang up."""
         body: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
         if max_tokens:
             body["max_tokens"] = max_tokens

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from nebula.errors import NebulaError
 from nebula.process import STOP_STEP_S, bounded, stop_signal, wait_event
@@ -28,11 +28,13 @@ def jittered(seconds: float, spread: float = 0.1) -> float:
     return seconds * (1 + random.uniform(-spread, spread))
 
 
-async def run_loops(loops: dict[str, Callable[[], Awaitable[None]]]) -> None:
+async def run_loops(loops: dict[str, Callable[[], Coroutine[Any, Any, None]]]) -> None:
     """Run named loops until a signal or until one of them ends, then stop the rest."""
     async with stop_signal() as stop:
-        tasks = {asyncio.create_task(fn(), name=name): name for name, fn in loops.items()}
-        stopper = asyncio.create_task(stop.wait(), name="signal")
+        tasks: dict[asyncio.Task[Any], str] = {
+            asyncio.create_task(fn(), name=name): name for name, fn in loops.items()
+        }
+        stopper: asyncio.Task[Any] = asyncio.create_task(stop.wait(), name="signal")
         try:
             done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
         finally:

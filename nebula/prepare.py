@@ -114,7 +114,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     )
     # The weights are dequantized now: drop the GGUF quantizer, or the saved config
     # claims a quantization vLLM cannot load.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it narrowly
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)

@@ -118,9 +118,7 @@ async def test_prometheus_scrapes_everything_and_every_query_runs(
     # replica that is unreachable (retries and upstream errors).
     pending = await stack.load(state, "gpu_chat")
     await stack.status(state, pending.id, Status.PENDING)
-    await announce(state,
-        Endpoint("p-dead", chat.id, "tiny_chat", "node-a", "http://127.0.0.1:9")
-    )
+    await announce(state, Endpoint("p-dead", chat.id, "tiny_chat", "node-a", "http://127.0.0.1:9"))
 
     # Prometheus, scraping every second through the router's discovery endpoint.
     key_file = tmp_path / "admin-read.key"

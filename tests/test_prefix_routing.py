@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from harness.endpoints import announce
 from harness.cluster import wait_for
+from harness.endpoints import announce
 from harness.processes import EngineProcess, RouterProcess, StartEngines
 from nebula.models import Endpoint
 from nebula.router.prefix import Choice, PrefixAffinity

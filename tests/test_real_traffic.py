@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from harness.endpoints import announce
 from harness import clients
 from harness.cluster import wait_for
+from harness.endpoints import announce
 from harness.processes import EngineProcess, RedisServer, RouterProcess, free_port, http_bytes, stop
 from nebula import keys
 from nebula.agent.engine import running_requests
@@ -75,8 +75,8 @@ def routers(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., RouterProc
 
 
 async def publish(state: State, url: str, placement_id: str, model: str = CHAT) -> None:
-    await announce(state, 
-        Endpoint(placement_id, f"req-{model}", model, "test-node", url, task="chat")
+    await announce(
+        state, Endpoint(placement_id, f"req-{model}", model, "test-node", url, task="chat")
     )
 
 

@@ -41,14 +41,15 @@ def http(
 
 
 async def publish(state: State, engine: EngineProcess, placement_id: str) -> None:
-    await announce(state, 
+    await announce(
+        state,
         Endpoint(
             placement_id=placement_id,
             request_id=f"req-{engine.model}",
             model=engine.model,
             node="test-node",
             url=engine.url,
-        )
+        ),
     )
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio
 
-from harness.endpoints import announce
 from harness.cluster import Cluster, wait_for
+from harness.endpoints import announce
 from nebula import keys
 from nebula.models import Endpoint
 from nebula.router.table import RoutingTable

@@ -13,9 +13,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from harness.endpoints import announce
 from harness import workloads
 from harness.cluster import wait_for
+from harness.endpoints import announce
 from harness.processes import EngineProcess, RouterProcess, StartEngines
 from nebula.agent import load_report
 from nebula.models import Endpoint

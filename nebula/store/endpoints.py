@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import cast
 
 from redis.asyncio.client import Pipeline
 
@@ -102,13 +102,19 @@ class Endpoints:
 
     async def publish(self, endpoint: Endpoint) -> None:
         """A healthy engine: routers may send it requests until it is withdrawn."""
-        args = ["up", endpoint.placement_id, encode(endpoint), FEED_LENGTH, keys.EVENTS_CHANNEL]
+        args: list[str | int] = [
+            "up",
+            endpoint.placement_id,
+            encode(endpoint),
+            FEED_LENGTH,
+            keys.EVENTS_CHANNEL,
+        ]
         async with self.core.reachable():
             await self._change(keys=_change_keys(endpoint.node, endpoint.placement_id), args=args)
 
     async def withdraw(self, placement_id: str, node: str) -> None:
         """Gone from routers (and from those not yet upgraded, see `publish_legacy`)."""
-        args = ["down", placement_id, "", FEED_LENGTH, keys.EVENTS_CHANNEL]
+        args: list[str | int] = ["down", placement_id, "", FEED_LENGTH, keys.EVENTS_CHANNEL]
         async with self.core.reachable():
             await self._change(keys=_change_keys(node, placement_id), args=args)
 
@@ -128,7 +134,7 @@ class Endpoints:
     async def retain(self, node: str, placement_ids: set[str]) -> int:
         """Withdraw every endpoint of `node` but these (an agent's resync after a
         restart or an outage: a withdrawal it could not write is written now)."""
-        args = [FEED_LENGTH, keys.EVENTS_CHANNEL, *sorted(placement_ids)]
+        args: list[str | int] = [FEED_LENGTH, keys.EVENTS_CHANNEL, *sorted(placement_ids)]
         async with self.core.reachable():
             return int(await self.core.redis.eval(_RETAIN, 4, *_keys(node), *args))
 
@@ -159,8 +165,10 @@ class Endpoints:
             entries = await self.core.redis.xrange(
                 keys.ENDPOINT_FEED, min=f"{seq + 1}-0", count=count
             )
-        return [_entry(entry_id, fields) for entry_id, fields in entries]
+        # Read with decode_responses: ids and fields are str (redis-py types them wider).
+        read = cast(list[tuple[str, dict[str, str]]], entries)
+        return [_entry(entry_id, fields) for entry_id, fields in read]
 
 
-def _entry(entry_id: Any, fields: dict[str, str]) -> tuple[int, str, str, str]:
+def _entry(entry_id: str, fields: dict[str, str]) -> tuple[int, str, str, str]:
     return (int(str(entry_id).split("-", 1)[0]), fields["op"], fields["id"], fields["endpoint"])

@@ -21,6 +21,7 @@ import time
 from collections.abc import Mapping
 
 from nebula import keys
+from nebula.store import wire
 from nebula.store.core import Core
 
 STALE_MEMBER_S = 3600.0
@@ -38,7 +39,7 @@ class RouterInFlight:
         async with self.core.reachable(), redis.pipeline(transaction=True) as pipe:
             pipe.delete(key)
             if busy:
-                pipe.hset(key, mapping=busy)
+                pipe.hset(key, mapping=wire.for_hset(busy))
                 pipe.pexpire(key, int(ttl_s * 1000))
                 pipe.zadd(keys.ROUTER_IN_FLIGHT, {instance: time.time()})
             else:
@@ -52,7 +53,7 @@ class RouterInFlight:
             await redis.zremrangebyscore(
                 keys.ROUTER_IN_FLIGHT, "-inf", time.time() - STALE_MEMBER_S
             )
-            instances = await redis.zrange(keys.ROUTER_IN_FLIGHT, 0, -1)
+            instances = wire.texts(await redis.zrange(keys.ROUTER_IN_FLIGHT, 0, -1))
             if not instances:
                 return 0
             async with redis.pipeline(transaction=False) as pipe:

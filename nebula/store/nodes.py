@@ -96,7 +96,7 @@ class Nodes:
         async with self.core.reachable(), redis.pipeline(transaction=True) as pipe:
             pipe.sadd(keys.NODES, node.id)
             pipe.delete(keys.node(node.id))
-            pipe.hset(keys.node(node.id), mapping=encode(node))
+            pipe.hset(keys.node(node.id), mapping=wire.for_hset(encode(node)))
             pipe.pexpire(keys.node(node.id), int(ttl_s * 1000))
             await pipe.execute()
 
@@ -121,14 +121,14 @@ class Nodes:
     async def ids(self) -> list[str]:
         """Every registered node, alive or not yet reaped."""
         async with self.core.reachable():
-            return sorted(await self.core.redis.smembers(keys.NODES))
+            return sorted(wire.texts(await self.core.redis.smembers(keys.NODES)))
 
     async def set_cordon(self, node_id: str, *, cordoned: bool, drain: bool = False) -> None:
         """Cordon (no new placements), drain (also move placements off), or undo both."""
         redis = self.core.redis
         async with self.core.reachable():
             if not await redis.sismember(keys.NODES, node_id):
-                nodes = ", ".join(sorted(await redis.smembers(keys.NODES))) or "none"
+                nodes = ", ".join(sorted(wire.texts(await redis.smembers(keys.NODES)))) or "none"
                 raise NotFound(f"no node {node_id!r}; known nodes: {nodes}")
             async with redis.pipeline(transaction=True) as pipe:
                 if cordoned:

@@ -96,13 +96,13 @@ class Placements:
         """The node's placements, and the ids of those that cannot be read (an agent
         leaves their engines as they are rather than take them for unwanted)."""
         async with self.core.reachable():
-            raw = await self.core.redis.hgetall(keys.placements(node_id))
+            raw = wire.text_hash(await self.core.redis.hgetall(keys.placements(node_id)))
         readable, bad = wire.readable_items(decode, raw, "placement")
         return NodePlacements(list(readable.values()), bad)
 
     async def states(self, node_id: str) -> dict[str, PlacementState]:
         async with self.core.reachable():
-            raw = await self.core.redis.hgetall(keys.placement_state(node_id))
+            raw = wire.text_hash(await self.core.redis.hgetall(keys.placement_state(node_id)))
         return decode_states(raw)
 
     async def report(

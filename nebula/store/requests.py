@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
@@ -163,7 +163,7 @@ class Requests:
             while True:
                 try:
                     await pipe.watch(keys.MODELS)
-                    existing = await pipe.hget(keys.MODELS, spec.name)
+                    existing = str(await pipe.hget(keys.MODELS, spec.name) or "")
                     if existing:
                         raise Conflict(
                             f"model {spec.name!r} is already loaded as request {existing}; "
@@ -172,7 +172,7 @@ class Requests:
                     pipe.multi()
                     pipe.hset(keys.MODELS, spec.name, request.id)
                     pipe.incr(keys.ROUTING_VERSION)
-                    pipe.hset(keys.request(request.id), mapping=encode(request))
+                    pipe.hset(keys.request(request.id), mapping=wire.for_hset(encode(request)))
                     pipe.sadd(keys.REQUESTS, request.id)
                     pipe.sadd(keys.REQUESTS_DIRTY, request.id)
                     how = "on demand (a client's request)" if on_demand else "load asked"
@@ -209,7 +209,7 @@ class Requests:
                         else repr(float(drain_timeout_s)),
                     }
                     pipe.multi()
-                    pipe.hset(keys.request(request_id), mapping=fields)
+                    pipe.hset(keys.request(request_id), mapping=wire.for_hset(fields))
                     pipe.sadd(keys.REQUESTS_DIRTY, request_id)
                     pipe.sadd(keys.UNLOADING, request.model)
                     pipe.incr(keys.ROUTING_VERSION)
@@ -255,13 +255,14 @@ class Requests:
 
     async def last_used(self) -> dict[str, float]:
         async with self.core.reachable():
-            return dict(await self.core.redis.zrange(keys.LAST_USED, 0, -1, withscores=True))
+            read = await self.core.redis.zrange(keys.LAST_USED, 0, -1, withscores=True)
+        return dict(cast(list[tuple[str, float]], read))
 
     async def _watch(self, pipe: Pipeline, ref: str) -> tuple[str, dict[str, str]]:
         """Resolve `ref` and WATCH its request (before MULTI): its id and fields."""
         request_id = await self._resolve(ref)
         await pipe.watch(keys.request(request_id))
-        raw = await pipe.hgetall(keys.request(request_id))
+        raw = wire.text_hash(await pipe.hgetall(keys.request(request_id)))
         if not raw:
             raise NotFound(f"no model request {ref!r}")
         return request_id, raw
@@ -276,21 +277,21 @@ class Requests:
         request_id = await redis.hget(keys.MODELS, ref)
         if request_id:
             return str(request_id)
-        loaded = await redis.hkeys(keys.MODELS)
+        loaded = wire.texts(await redis.hkeys(keys.MODELS))
         known = ", ".join(sorted(loaded)) or "none"
         raise NotFound(f"no model request {ref!r}; loaded models: {known}")
 
     async def get(self, ref: str) -> ModelRequest:
         async with self.core.reachable():
             request_id = await self._resolve(ref)
-            raw = await self.core.redis.hgetall(keys.request(request_id))
+            raw = wire.text_hash(await self.core.redis.hgetall(keys.request(request_id)))
         if not raw:
             raise NotFound(f"no model request {ref!r}")
         return _readable(raw, ref)
 
     async def all(self) -> list[ModelRequest]:
         async with self.core.reachable():
-            ids = sorted(await self.core.redis.smembers(keys.REQUESTS))
+            ids = sorted(wire.texts(await self.core.redis.smembers(keys.REQUESTS)))
             async with self.core.redis.pipeline(transaction=False) as pipe:
                 for request_id in ids:
                     pipe.hgetall(keys.request(request_id))
@@ -301,7 +302,8 @@ class Requests:
     async def events(self, request_id: str, count: int | None = None) -> list[dict[str, Any]]:
         """The request's event history, oldest first."""
         async with self.core.reachable():
-            entries = await self.core.redis.xrange(keys.request_events(request_id))
+            read = await self.core.redis.xrange(keys.request_events(request_id))
+        entries = cast(list[tuple[str, dict[str, str]]], read)
         out = [
             {"at": float(fields["at"]), "status": fields["status"], "message": fields["message"]}
             for _, fields in entries

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields
 from functools import cache
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from nebula.models import ModelSpec, Task
 
@@ -97,3 +97,22 @@ def spec_from_dict(data: dict[str, Any]) -> ModelSpec:
     given["task"] = Task(given.get("task", Task.CHAT))
     given["engine_args"] = tuple(given.get("engine_args", ()))
     return ModelSpec(**given)
+
+
+# Every connection reads with `decode_responses`: keys, fields and values come
+# back as str, which redis-py's types widen to `bytes | str`. These say so once.
+
+
+def text_hash(raw: object) -> dict[str, str]:
+    """A hash as read (HGETALL)."""
+    return cast(dict[str, str], raw)
+
+
+def texts(raw: Iterable[object]) -> list[str]:
+    """Members or keys as read (SMEMBERS, HKEYS, ZRANGE)."""
+    return cast(list[str], list(raw))
+
+
+def for_hset(fields: Mapping[str, str | int | float]) -> Mapping[Any, Any]:
+    """A str-keyed mapping for `HSET ... mapping=` (typed there with an invariant key)."""
+    return fields

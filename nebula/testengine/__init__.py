@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from nebula import kv_events
 from nebula.testengine import prompts, vllm_metrics
@@ -80,7 +81,7 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> we
 
 
 @web.middleware
-async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     app = request.app
     if not request.path.startswith("/v1/"):
         return await handler(request)

@@ -14,8 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from harness.endpoints import announce
 from harness.cluster import wait_for
+from harness.endpoints import announce
 from harness.processes import EngineProcess, RouterProcess, free_port, stop, wait_for_port
 from nebula.models import Endpoint, Status
 from nebula.store import State
@@ -310,9 +310,7 @@ async def test_a_replica_that_died_unannounced_is_left_out_after_a_refused_conne
     replacement = None
     try:
         for i, engine in enumerate(engines):
-            await announce(state, 
-                Endpoint(f"p{i}", "r", "tiny_chat", "n", engine.url, "chat")
-            )
+            await announce(state, Endpoint(f"p{i}", "r", "tiny_chat", "n", engine.url, "chat"))
 
         async def routed() -> bool:
             async with aiohttp.ClientSession() as s, s.get(router.url + "/health") as r:
@@ -330,9 +328,7 @@ async def test_a_replica_that_died_unannounced_is_left_out_after_a_refused_conne
 
         # The placement comes back at another address: no ejection carries over.
         replacement = EngineProcess("tiny_chat", tmp_path, ENGINE_KEY)
-        await announce(state, 
-            Endpoint("p0", "r", "tiny_chat", "n", replacement.url, "chat")
-        )
+        await announce(state, Endpoint("p0", "r", "tiny_chat", "n", replacement.url, "chat"))
 
         async def replacement_serves() -> bool:
             await post(router.url + "/v1/chat/completions", CHAT)
