@@ -51,10 +51,15 @@ ANSWER = json.dumps(
         "object": "chat.completion",
         "created": 0,
         "model": "bench-chat",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!"},
-                     "finish_reason": "stop"}],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hi!"},
+                "finish_reason": "stop",
+            }
+        ],
     }
-)  # fmt: skip
+)
 BODY = json.dumps({"model": "bench-chat", "messages": [{"role": "user", "content": "Hello"}]})
 
 NGINX_CONF = """
@@ -92,8 +97,10 @@ def wrk(url: str, connections: int, duration: int, script: Path) -> tuple[float,
     """Requests per second and p50 latency in ms."""
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
     assert p50 is not None, out

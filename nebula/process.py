@@ -120,8 +120,9 @@ async def bounded(what: str, step: Awaitable[object], seconds: float) -> None:
     if done:
         task.result()  # its error, if it failed
         return
-    log.error("%s took over %gs; stopping anyway. Still running:\n%s",
-              what, seconds, running_tasks())  # fmt: skip
+    log.error(
+        "%s took over %gs; stopping anyway. Still running:\n%s", what, seconds, running_tasks()
+    )
     task.cancel()
     await asyncio.wait({task}, timeout=1.0)
     if not task.done():

@@ -68,7 +68,8 @@ async def watch(state: State, interval_s: float) -> None:
         since = state.unavailable_since
         UNAVAILABLE.set(0.0 if since is None else now - since)
         if since is not None and now - since > WARN_EVERY_S and now - warned_at > WARN_EVERY_S:
-            log.warning("no writable Redis master for %.0fs; engines keep serving, waiting",
-                        now - since)  # fmt: skip
+            log.warning(
+                "no writable Redis master for %.0fs; engines keep serving, waiting", now - since
+            )
             warned_at = now
         await asyncio.sleep(interval_s)

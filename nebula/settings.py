@@ -174,9 +174,10 @@ class Settings(RoutingSettings, SecuritySettings, LoadSettings):
         "", description="Python that runs engines (with vLLM installed); this one when empty."
     )
     legacy_endpoints: bool = Field(
-        False, description="Agents also write endpoints as before the change feed, for "
+        False,
+        description="Agents also write endpoints as before the change feed, for "
         "routers not yet upgraded (docs/operations.md, Upgrades).",
-    )  # fmt: skip
+    )
     allow_test_engine: bool = Field(
         False,
         description='Accept catalog entries with engine = "test" (Nebula\'s own fake engine, '

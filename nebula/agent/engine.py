@@ -146,8 +146,12 @@ async def drain(
     witness = Drain(session, url, engine.placement.id, gone, state.in_flight.to)
     timeout = drain_timeout(engine.placement, settings)
     if not await witness.wait(timeout):
-        log.warning("engine %s: drain timeout (%gs) reached, stopping with requests left "
-                    "(%s)", name, timeout, witness.why)  # fmt: skip
+        log.warning(
+            "engine %s: drain timeout (%gs) reached, stopping with requests left (%s)",
+            name,
+            timeout,
+            witness.why,
+        )
 
 
 async def watch_start(

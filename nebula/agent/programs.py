@@ -85,29 +85,46 @@ def engine_program(placement: Placement, settings: Settings) -> Program:
                 "set NEBULA_ALLOW_TEST_ENGINE=true only on a test cluster"
             )
         command = [
-            *launcher(), python, "-m", "nebula.testengine",
-            "--host", settings.node_address, "--port", str(placement.port),
-            "--model", spec.name, *spec.engine_args,
-        ]  # fmt: skip
+            *launcher(),
+            python,
+            "-m",
+            "nebula.testengine",
+            "--host",
+            settings.node_address,
+            "--port",
+            str(placement.port),
+            "--model",
+            spec.name,
+            *spec.engine_args,
+        ]
         if publishes_kv_events(placement, settings):
             command += ["--kv-events-config", kv_events.engine_config(placement.id)]
         inherited = {"NEBULA_TEST_ENGINE_API_KEY": KEY_VARIABLE} if settings.engine_api_key else {}
         return Program(program_name(placement.id), tuple(command), env, inherited)
 
     command = [
-        *launcher(), python, "-m", VLLM_SERVER,
-        "--model", model_source(placement, settings),
-        "--served-model-name", spec.name,
-        "--host", settings.node_address,
-        "--port", str(placement.port),
-    ]  # fmt: skip
+        *launcher(),
+        python,
+        "-m",
+        VLLM_SERVER,
+        "--model",
+        model_source(placement, settings),
+        "--served-model-name",
+        spec.name,
+        "--host",
+        settings.node_address,
+        "--port",
+        str(placement.port),
+    ]
     if spec.task is Task.EMBEDDING:
         command += ["--runner", "pooling", "--convert", "embed"]
     if placement.devices:
         command += [
-            "--gpu-memory-utilization", f"{placement.gpu_fraction:g}",
-            "--tensor-parallel-size", str(spec.tensor_parallel_size),
-        ]  # fmt: skip
+            "--gpu-memory-utilization",
+            f"{placement.gpu_fraction:g}",
+            "--tensor-parallel-size",
+            str(spec.tensor_parallel_size),
+        ]
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in placement.devices)
     else:
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.cpu_kvcache_gib:g}"

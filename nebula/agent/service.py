@@ -22,7 +22,8 @@ import aiohttp
 
 from nebula import keys, kv_events, redis_health
 from nebula.agent import agent_metrics, kv_watch, load_report
-from nebula.agent.engine import Engine, drain, probe_interval, watch_start
+from nebula.agent.engine import Engine, drain, probe_interval
+from nebula.agent.lifecycle import Lifecycle
 from nebula.agent.programs import engine_program, program_name, publishes_kv_events
 from nebula.agent.supervisor import Supervisor, SupervisorUnavailable
 from nebula.agent.telemetry import Telemetry
@@ -31,14 +32,11 @@ from nebula.catalog import Catalog
 from nebula.errors import InvalidRequest, NebulaError, StateUnavailable
 from nebula.exporter import advertise, serve_metrics
 from nebula.loops import jittered, reconcile_forever, run_loops
-from nebula.models import Desired, Endpoint, Phase, Placement, PlacementState
+from nebula.models import Desired, Phase, PlacementState
 from nebula.settings import Settings
 from nebula.store import State
 
 log = logging.getLogger(__name__)
-
-LOG_TAIL_LINES = 12
-LOG_TAIL_CHARS = 1500
 
 
 class Agent:
@@ -64,6 +62,7 @@ class Agent:
         self._redis_lost = False  # set by a failed Redis call, cleared by a heartbeat
         self._epoch = 0  # the state store's master epoch last announced to
         self._resync = True  # withdraw endpoints no engine here serves (see converge)
+        self.life = Lifecycle(state, settings, supervisor, self._wake)
 
     async def run(self) -> None:
         log.info("agent for node %s starting", self.node_id)
@@ -71,23 +70,33 @@ class Agent:
         self._session = session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=probe_timeout)
         )
+        self.life.session = session
         kv_events.socket_dir().mkdir(mode=0o700, exist_ok=True)  # before any engine binds
         try:
             await self._restore()
-            address = serve_metrics(self.settings.metrics_address,
-                                    self.settings.agent_metrics_port,
-                                    "NEBULA_AGENT_METRICS_PORT", "agent")  # fmt: skip
+            address = serve_metrics(
+                self.settings.metrics_address,
+                self.settings.agent_metrics_port,
+                "NEBULA_AGENT_METRICS_PORT",
+                "agent",
+            )
             probe = self.settings.probe_interval_s
             await run_loops(
                 {
                     "heartbeat": self._heartbeat_loop,
                     "converge": lambda: reconcile_forever(
-                        "converge", self.converge, wake=self._wake, on_error=self._converge_failed,
+                        "converge",
+                        self.converge,
+                        wake=self._wake,
+                        on_error=self._converge_failed,
                         interval=lambda: probe_interval(self.engines.values(), probe),
                         listen=(self.state, keys.node_channel(self.node_id)),
                     ),
                     "advertise": lambda: advertise(
-                        self.state, "agent", self.node_id, address,
+                        self.state,
+                        "agent",
+                        self.node_id,
+                        address,
                         self.settings.heartbeat_interval_s,
                     ),
                     "redis-health": lambda: redis_health.watch(
@@ -98,7 +107,7 @@ class Agent:
                     ),
                     "kv-events": lambda: kv_watch.watch_engines(self.state, self._kv_publishers),
                 }
-            )  # fmt: skip
+            )
         finally:
             for engine in self.engines.values():
                 for task in (engine.retiring, engine.watch):
@@ -200,7 +209,7 @@ class Agent:
                 program = engine_program(engine.placement, self.settings)
                 changed |= self.sup.write(program, self.settings.max_restarts)
             except InvalidRequest as exc:
-                await self._fail(engine, exc.message)
+                await self.life.fail(engine, exc.message)
                 continue
             ours.add(program.name)
         strangers = await self.sup.apply(ours) if changed else []
@@ -214,7 +223,7 @@ class Agent:
             if engine.name not in processes and not engine.failed:
                 await self.sup.add(engine.name)  # a file supervisord has not loaded yet
         await asyncio.gather(
-            *(self._observe(e, processes.get(e.name), now) for e in wanted if not e.failed)
+            *(self.life.observe(e, processes.get(e.name), now) for e in wanted if not e.failed)
         )
         if self._resync:
             # After a start or an outage: withdrawals this agent (or its predecessor)
@@ -225,113 +234,12 @@ class Agent:
             self._resync = False
         await self._report()
 
-    async def _observe(self, engine: Engine, info: dict[str, object] | None, now: float) -> None:
-        if info is None:
-            engine.phase, engine.message = Phase.STARTING, "waiting for supervisord"
-            return
-        statename = str(info.get("statename"))
-        pid = int(info.get("pid") or 0) or None  # type: ignore[call-overload]
-        if pid is not None and engine.pid is not None and pid != engine.pid:
-            engine.restarts += 1
-            engine.healthy_since = None
-            log.warning("engine %s restarted (pid %s -> %s)", engine.name, engine.pid, pid)
-        if pid is not None:
-            engine.pid = pid
-        if (
-            engine.restarts
-            and engine.healthy_since is not None
-            and now - engine.healthy_since > self.settings.restart_decay_s
-        ):
-            # Healthy for a good while: old crashes no longer count towards Failed.
-            log.info("engine %s healthy for %.0fs: restart count reset", engine.name,
-                     now - engine.healthy_since)  # fmt: skip
-            engine.restarts = 0
-        if statename == "FATAL":
-            await self._fail(engine, f"could not start: {await self._tail(engine)}")
-            return
-        if engine.restarts > self.settings.max_restarts:
-            await self._fail(
-                engine, f"crashed {engine.restarts} times; last log: {await self._tail(engine)}"
-            )
-            return
-        # STARTING too: supervisord says RUNNING only after startsecs, and an engine
-        # that answers its health probe before that is up.
-        healthy = statename in ("RUNNING", "STARTING") and await self._probe(engine)
-        if healthy:
-            engine.phase, engine.message = Phase.HEALTHY, "serving"
-            engine.healthy_once = True
-            if engine.healthy_since is None:
-                engine.healthy_since = now
-            await self._publish(engine)
-            return
-        engine.healthy_since = None
-        if engine.published:
-            await self.state.endpoints.withdraw(engine.placement.id, self.node_id)
-            engine.published = False
-            log.warning("engine %s failed its health probe; endpoint withdrawn", engine.name)
-        waited = now - engine.first_seen
-        if not engine.healthy_once and waited > self.settings.engine_start_timeout_s:
-            await self._fail(
-                engine, f"not healthy after {waited:.0f}s; last log: {await self._tail(engine)}"
-            )
-            return
-        engine.phase = Phase.STARTING
-        engine.message = f"{statename.lower()}, waiting for its health probe"
-        if engine.watch is None and self._session is not None:
-            url = self._url(engine.placement)
-            engine.watch = asyncio.create_task(watch_start(engine, self._session, url, self._wake))
-
     def _published(self) -> dict[str, str]:
-        return {pid: self._url(e.placement) for pid, e in self.engines.items() if e.published}
+        return {pid: self.life.url(e.placement) for pid, e in self.engines.items() if e.published}
 
     def _kv_publishers(self) -> set[str]:
         engines = [e for e in self.engines.values() if e.published]
         return {e.placement.id for e in engines if publishes_kv_events(e.placement, self.settings)}
-
-    def _url(self, placement: Placement) -> str:
-        return f"http://{self.settings.node_address}:{placement.port}"
-
-    async def _probe(self, engine: Engine) -> bool:
-        assert self._session is not None
-        started = time.perf_counter()
-        try:
-            async with self._session.get(self._url(engine.placement) + "/health") as r:
-                return r.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
-        finally:
-            agent_metrics.PROBE_SECONDS.labels(self.node_id).observe(time.perf_counter() - started)
-
-    async def _publish(self, engine: Engine) -> None:
-        """Once per healthy stretch (a dead node's are withdrawn by the scheduler)."""
-        legacy = self.settings.legacy_endpoints
-        if engine.published and not legacy:
-            return
-        p = engine.placement
-        kv = publishes_kv_events(p, self.settings)
-        url, task, target = self._url(p), p.spec.task.value, p.spec.concurrency_target(0)
-        endpoint = Endpoint(p.id, p.request_id, p.model, self.node_id, url, task, kv, target)
-        if legacy:  # every probe, for routers not yet upgraded
-            await self.state.endpoints.publish_legacy(endpoint, self.settings.node_ttl_s)
-        if engine.published:
-            return
-        await self.state.endpoints.publish(endpoint)
-        log.info("engine %s healthy: endpoint %s published", engine.name, endpoint.url)
-        engine.published = True
-
-    async def _tail(self, engine: Engine) -> str:
-        tail = (await self.sup.tail(engine.name, LOG_TAIL_LINES)).strip() or "(the log is empty)"
-        return tail[-LOG_TAIL_CHARS:]
-
-    async def _fail(self, engine: Engine, message: str) -> None:
-        log.error("engine %s failed: %s", engine.name, message)
-        engine.failed, engine.phase, engine.message = True, Phase.FAILED, message
-        if engine.published:
-            await self.state.endpoints.withdraw(engine.placement.id, self.node_id)
-            engine.published = False
-        # Stopped, and left stopped: a failed engine needs an operator (unload, fix, load).
-        with contextlib.suppress(Exception):
-            await self.sup.stop(engine.name)
 
     async def _report(self) -> None:
         agent_metrics.record_engines(
@@ -371,7 +279,7 @@ class Agent:
                 # that polls instead.
                 await asyncio.sleep(self.settings.routing_refresh_s)
                 assert self._session is not None
-                url = self._url(engine.placement)
+                url = self.life.url(engine.placement)
                 await drain(engine, self._session, url, self.sup, self.state, self.settings)
             await self.sup.remove(name)
             self.sup.delete(name)

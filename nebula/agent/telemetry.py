@@ -70,8 +70,12 @@ class Telemetry:
     def _failed(self, index: int | None, exc: Exception) -> None:
         if index not in self.failing:
             what = "NVML" if index is None else f"GPU {index}"
-            log.warning("%s: telemetry failed (%s: %s); reporting its last good sample",
-                        what, type(exc).__name__, exc)  # fmt: skip
+            log.warning(
+                "%s: telemetry failed (%s: %s); reporting its last good sample",
+                what,
+                type(exc).__name__,
+                exc,
+            )
             self.failing.add(index)
 
     def _cleared(self, index: int | None) -> None:

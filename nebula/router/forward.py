@@ -221,8 +221,9 @@ class Forwarder:
             # this clause must come first).
             router_metrics.UPSTREAM_ERRORS.labels(model, "timeout").inc()
             timeout = self.settings.first_byte_timeout_s
-            return error(504, f"replica on {endpoint.node} sent nothing for {timeout:g}s",
-                         "upstream_timeout")  # fmt: skip
+            return error(
+                504, f"replica on {endpoint.node} sent nothing for {timeout:g}s", "upstream_timeout"
+            )
         except (aiohttp.ClientConnectionError, aiohttp.ClientOSError, TimeoutError) as exc:
             # Not connected (refused, reset before an answer, connect timeout): retry.
             router_metrics.UPSTREAM_ERRORS.labels(model, "connect").inc()
@@ -280,8 +281,11 @@ class Forwarder:
         except aiohttp.SocketTimeoutError:
             router_metrics.UPSTREAM_ERRORS.labels(model, "timeout").inc()
             timeout = self.settings.first_byte_timeout_s
-            return error(504, f"replica on {endpoint.node} stopped sending for {timeout:g}s",
-                         "upstream_timeout")  # fmt: skip
+            return error(
+                504,
+                f"replica on {endpoint.node} stopped sending for {timeout:g}s",
+                "upstream_timeout",
+            )
         except (aiohttp.ClientError, TimeoutError) as exc:
             router_metrics.UPSTREAM_ERRORS.labels(model, "broken_stream").inc()
             failures.failed(f"replica on {endpoint.node} broke off ({type(exc).__name__})")

@@ -146,9 +146,13 @@ class OnDemand:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     router_metrics.HOLD_TIMEOUTS.labels(model).inc()
-                    raise Refused(503, f"model {model!r} is still loading after "
-                                  f"{self.settings.hold_timeout_s:g}s; retry shortly (the load "
-                                  "goes on)", "model_loading")  # fmt: skip
+                    raise Refused(
+                        503,
+                        f"model {model!r} is still loading after "
+                        f"{self.settings.hold_timeout_s:g}s; retry shortly (the load "
+                        "goes on)",
+                        "model_loading",
+                    )
                 step = min(left, self.settings.hold_keepalive_s) if stream else left
                 await wait_event(waiter.done, step)
                 if stream and not waiter.done.is_set() and time.monotonic() < deadline:
@@ -172,19 +176,33 @@ class OnDemand:
         """After the wait: raise `Refused` unless a replica is there to serve."""
         model = waiter.model
         if self.stopped:
-            raise Refused(503, "the router stopped (router_drain_s ran out) while this "
-                          f"request waited for model {model!r} to load; send it again",
-                          "router_stopped")  # fmt: skip
+            raise Refused(
+                503,
+                "the router stopped (router_drain_s ran out) while this "
+                f"request waited for model {model!r} to load; send it again",
+                "router_stopped",
+            )
         if waiter.failure:
-            again = (f"; a request in {show_duration(waiter.retry_in_s)} tries again"
-                     if waiter.retry_in_s else "")  # fmt: skip
-            raise Refused(503, f"model {model!r} could not be loaded: {waiter.failure}"
-                          f"{again}", "model_load_failed", waiter.retry_in_s)  # fmt: skip
+            again = (
+                f"; a request in {show_duration(waiter.retry_in_s)} tries again"
+                if waiter.retry_in_s
+                else ""
+            )
+            raise Refused(
+                503,
+                f"model {model!r} could not be loaded: {waiter.failure}{again}",
+                "model_load_failed",
+                waiter.retry_in_s,
+            )
         if not self.table.endpoints(model):
             # Loaded, then gone again before this request woke (an unload, an engine
             # that died): never an empty answer.
-            raise Refused(503, f"model {model!r} has no healthy replica right now; retry "
-                          "shortly", "no_healthy_replica", 5)  # fmt: skip
+            raise Refused(
+                503,
+                f"model {model!r} has no healthy replica right now; retry shortly",
+                "no_healthy_replica",
+                5,
+            )
 
     async def _drive(self, waiter: Waiter) -> None:
         """Ask for the load once, watch it, wake the holders; end when it is served,

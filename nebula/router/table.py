@@ -220,14 +220,16 @@ class RoutingTable:
                     self.seq = changes[-1][0]
                     await self.learn_addresses(state)
                     return
-            log.info("endpoint feed: a gap after %d (now %d); reading the whole table",
-                     self.seq, seq)  # fmt: skip
+            log.info(
+                "endpoint feed: a gap after %d (now %d); reading the whole table", self.seq, seq
+            )
         full = await routing_read.read_full(state)
         self.full_reads += 1
         if self._merge_until == float("inf"):
             self._merge_until = time.time() + self.merge_after_outage_s
-            log.info("state store back; merging the routing table for %.1fs",
-                     self.merge_after_outage_s)  # fmt: skip
+            log.info(
+                "state store back; merging the routing table for %.1fs", self.merge_after_outage_s
+            )
         self.version = full.config.version
         c = full.config
         self.load(full.endpoints, c.models, c.api_keys, c.unloading)

@@ -160,8 +160,12 @@ async def _supervise(
                     # A worker died: the others keep serving; start another after a
                     # back-off that grows if it keeps dying.
                     delay = RESTART_BACKOFF_S[min(crashes[i], len(RESTART_BACKOFF_S) - 1)]
-                    log.error("router worker %s died (exit %s); restarting in %gs",
-                              proc.name, proc.exitcode, delay)  # fmt: skip
+                    log.error(
+                        "router worker %s died (exit %s); restarting in %gs",
+                        proc.name,
+                        proc.exitcode,
+                        delay,
+                    )
                     crashes[i] += 1
                     restart_at[i] = now + delay
                 elif now >= restart_at[i]:

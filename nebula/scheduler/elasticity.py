@@ -41,16 +41,26 @@ def idle_unloads(
         removed_at = r.removed_after_failure_at
         if removed_at is not None:
             if now > removed_at:
-                out.append((r, f"the load on demand failed {show_duration(now - r.updated_at)} "
-                               f"ago (keep-alive {show_duration(r.keep_alive_s)}): removing it, "
-                               "so that the next request tries again"))  # fmt: skip
+                out.append(
+                    (
+                        r,
+                        f"the load on demand failed {show_duration(now - r.updated_at)} "
+                        f"ago (keep-alive {show_duration(r.keep_alive_s)}): removing it, "
+                        "so that the next request tries again",
+                    )
+                )
             continue
         if r.keep_alive_s is None or r.status not in IDLE_STATUSES:
             continue
         idle = now - idle_since(r, last_used)
         if idle > r.keep_alive_s + grace_s:
-            out.append((r, f"idle for {show_duration(idle)} (keep-alive "
-                           f"{show_duration(r.keep_alive_s)}): unloading"))  # fmt: skip
+            out.append(
+                (
+                    r,
+                    f"idle for {show_duration(idle)} (keep-alive "
+                    f"{show_duration(r.keep_alive_s)}): unloading",
+                )
+            )
     return out
 
 
@@ -70,8 +80,9 @@ def victims_for(
     for `pending`: [] when the models already unloading will free enough, None when
     even evicting every candidate would not."""
     every = list(requests)
-    freeing = {pid for r in every if r.status is Status.UNLOADING
-               for pid in usage.by_request.get(r.id, ())}  # fmt: skip
+    freeing = {
+        pid for r in every if r.status is Status.UNLOADING for pid in usage.by_request.get(r.id, ())
+    }
     candidates = sorted(
         (
             r

@@ -195,8 +195,9 @@ def reconcile(
             if request_id in result.pending:
                 result.pending[request_id] = (note,)
     elif result.pending:
-        evicted = _evict(snap, requests, result.pending, live, usage, ch, now, ceiling,
-                         idle_grace_s, spared)  # fmt: skip
+        evicted = _evict(
+            snap, requests, result.pending, live, usage, ch, now, ceiling, idle_grace_s, spared
+        )
         unloads.update(evicted)
         requests = {**requests, **evicted}
         focus.update(evicted)
@@ -256,13 +257,25 @@ def _evict(
     """Make room for the oldest request that fits nowhere by unloading idle models;
     the ones moved to Unloading, by id. Their engines stop here; the request is
     placed on a later pass, once their memory is free."""
-    first = min((requests[rid] for rid in pending if rid in requests),
-                key=lambda r: (r.created_at, r.id), default=None)  # fmt: skip
+    first = min(
+        (requests[rid] for rid in pending if rid in requests),
+        key=lambda r: (r.created_at, r.id),
+        default=None,
+    )
     snap.making_room = {}
     if first is None:
         return {}
-    victims = victims_for(first, requests.values(), list(live.values()), usage, snap.last_used,
-                          now=now, ceiling=ceiling, grace_s=grace_s, spared=spared)  # fmt: skip
+    victims = victims_for(
+        first,
+        requests.values(),
+        list(live.values()),
+        usage,
+        snap.last_used,
+        now=now,
+        ceiling=ceiling,
+        grace_s=grace_s,
+        spared=spared,
+    )
     if victims is None:
         return {}  # no eviction would do: Pending with the reasons, as always
     if not victims:

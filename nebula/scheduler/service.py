@@ -172,8 +172,11 @@ class Scheduler:
             await self.cluster.read_telemetry(snap, snap.alive - snap.nodes.keys())
         spared = frozenset(snap.node_ids - snap.alive) if now < self._grace_until else frozenset()
         if spared:
-            log.info("not declaring %s dead yet: %.1fs of grace left after an outage or a "
-                     "new leader", ", ".join(sorted(spared)), self._grace_until - now)  # fmt: skip
+            log.info(
+                "not declaring %s dead yet: %.1fs of grace left after an outage or a new leader",
+                ", ".join(sorted(spared)),
+                self._grace_until - now,
+            )
         scalings = await self._autoscale(snap, now, record=used)
         changes = reconcile(
             snap,

@@ -237,9 +237,11 @@ class Requests:
                     pipe.multi()
                     pipe.hset(keys.request(request_id), "keep_alive_s", value)
                     pipe.sadd(keys.REQUESTS_DIRTY, request_id)
-                    text = "pinned: never unloaded when idle" if keep_alive_s is None else (
-                        f"keep-alive set to {show_duration(keep_alive_s)}"
-                    )  # fmt: skip
+                    text = (
+                        "pinned: never unloaded when idle"
+                        if keep_alive_s is None
+                        else (f"keep-alive set to {show_duration(keep_alive_s)}")
+                    )
                     self.stage_event(pipe, request_id, text, request.status)
                     pipe.publish(keys.EVENTS_CHANNEL, "request")
                     await pipe.execute()

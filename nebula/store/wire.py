@@ -46,9 +46,14 @@ def skipped(what: str, key: object, exc: BaseException) -> None:
     level = logging.DEBUG if seen in _logged else logging.WARNING
     if len(_logged) < _LOGGED_LIMIT:
         _logged.add(seen)
-    log.log(level, "skipping a stored %s that cannot be read (%s: %s): %s; a newer "
-            "Nebula may have written it", what, type(exc).__name__, str(exc)[:200],
-            str(key)[:200])  # fmt: skip
+    log.log(
+        level,
+        "skipping a stored %s that cannot be read (%s: %s): %s; a newer Nebula may have written it",
+        what,
+        type(exc).__name__,
+        str(exc)[:200],
+        str(key)[:200],
+    )
 
 
 def readable(decode: Callable[[R], T], raws: Iterable[R], what: str) -> list[T]:

@@ -332,9 +332,13 @@ async def metrics(request: web.Request) -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     hit, queried = request.app[PREFIX_STATS]
     return web.json_response(
-        {"served": request.app[SERVED][0], "pid": os.getpid(), "prefix_hit_chars": hit,
-         "prefix_query_chars": queried}
-    )  # fmt: skip
+        {
+            "served": request.app[SERVED][0],
+            "pid": os.getpid(),
+            "prefix_hit_chars": hit,
+            "prefix_query_chars": queried,
+        }
+    )
 
 
 async def set_behaviour(request: web.Request) -> web.Response:
