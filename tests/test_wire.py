@@ -9,7 +9,7 @@ import redis.asyncio
 from nebula import keys
 from nebula.catalog import load_catalog
 from nebula.models import Endpoint, Phase, Placement, PlacementState
-from nebula.store import State, endpoints, placements, requests, wire
+from nebula.store import State, endpoints, placements, request_format, wire
 
 SPEC = load_catalog().get_spec("minilm_l6_embedding")
 
@@ -63,7 +63,7 @@ def test_an_older_writers_missing_fields_take_their_defaults() -> None:
         "created_at": "1.0",
         "updated_at": "2.0",
     }
-    request = requests.decode(old)
+    request = request_format.decode(old)
     assert request.replicas == 2 and request.failures == 0 and not request.ever_ready
     assert request.spec.engine_args == () and request.spec.engine == "vllm"
     state = placements.decode_state(json.dumps({"phase": "Healthy"}))

@@ -32,7 +32,7 @@ from nebula.catalog import Catalog
 from nebula.errors import InvalidRequest, NebulaError, StateUnavailable
 from nebula.exporter import advertise, serve_metrics
 from nebula.loops import jittered, reconcile_forever, run_loops
-from nebula.models import Desired, Phase, PlacementState
+from nebula.models import Desired, Phase, Placement, PlacementState
 from nebula.settings import Settings
 from nebula.store import State
 
@@ -166,6 +166,29 @@ class Agent:
         read = await self.state.placements.read_node(self.node_id)
         placements = {p.id: p for p in read.placements}
         unreadable = read.unreadable  # left as they are: neither started nor stopped
+        self._adopt(placements, unreadable, now)
+        await self._retire_unwanted(placements, unreadable)
+        wanted = [
+            e
+            for e in self.engines.values()
+            if e.retiring is None and e.placement.desired is Desired.RUN and not e.failed
+        ]
+        processes = await self._write_programs(wanted)
+        await asyncio.gather(
+            *(self.life.observe(e, processes.get(e.name), now) for e in wanted if not e.failed)
+        )
+        if self._resync:
+            # After a start or an outage: withdrawals this agent (or its predecessor)
+            # could not write are written now; what serves is published again above.
+            live = {pid for pid, e in self.engines.items() if e.published}
+            if await self.state.endpoints.retain(self.node_id, live):
+                log.info("withdrew this node's stale endpoints")
+            self._resync = False
+        await self._report()
+
+    def _adopt(self, placements: dict[str, Placement], unreadable: set[str], now: float) -> None:
+        """An engine for every placement (carrying restarts and failures over an agent
+        restart), each with its placement as it is now."""
         self.stopped &= placements.keys() | unreadable
         for pid, p in placements.items():
             if pid in self.stopped:
@@ -181,7 +204,11 @@ class Agent:
                         engine.message = previous.message
             engine.placement = p
 
-        # Engines nobody wants any more: drain and stop, one task each.
+    async def _retire_unwanted(
+        self, placements: dict[str, Placement], unreadable: set[str]
+    ) -> None:
+        """Engines nobody wants any more: drain and stop, one task each; and programs
+        that no engine here owns (left by an agent before a crash): removed."""
         for pid, engine in self.engines.items():
             if pid in unreadable:
                 continue
@@ -191,16 +218,14 @@ class Agent:
                     self._retire(engine, report=pid in placements), name=f"retire-{pid}"
                 )
         known = {program_name(pid) for pid in self.engines.keys() | unreadable}
-        for name in self.sup.files() - known:  # left by an agent before a crash
+        for name in self.sup.files() - known:
             log.info("removing orphan engine program %s", name)
             await self.sup.remove(name)
             self.sup.delete(name)
 
-        wanted = [
-            e
-            for e in self.engines.values()
-            if e.retiring is None and e.placement.desired is Desired.RUN and not e.failed
-        ]
+    async def _write_programs(self, wanted: list[Engine]) -> dict[str, dict[str, object]]:
+        """Each wanted engine's program, vetted against this node's catalog, written
+        and added to supervisord; its processes as supervisord reports them."""
         changed = False
         ours: set[str] = set()  # the programs this pass wrote: the only ones it adds
         for engine in wanted:
@@ -222,17 +247,7 @@ class Agent:
         for engine in wanted:
             if engine.name not in processes and not engine.failed:
                 await self.sup.add(engine.name)  # a file supervisord has not loaded yet
-        await asyncio.gather(
-            *(self.life.observe(e, processes.get(e.name), now) for e in wanted if not e.failed)
-        )
-        if self._resync:
-            # After a start or an outage: withdrawals this agent (or its predecessor)
-            # could not write are written now; what serves is published again above.
-            live = {pid for pid, e in self.engines.items() if e.published}
-            if await self.state.endpoints.retain(self.node_id, live):
-                log.info("withdrew this node's stale endpoints")
-            self._resync = False
-        await self._report()
+        return processes
 
     def _published(self) -> dict[str, str]:
         return {pid: self.life.url(e.placement) for pid, e in self.engines.items() if e.published}

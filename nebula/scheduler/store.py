@@ -16,7 +16,7 @@ from redis.exceptions import WatchError
 
 from nebula import keys
 from nebula.scheduler.snapshot import Changes, Snapshot
-from nebula.store import State, nodes, placements, requests, wire
+from nebula.store import State, nodes, placements, request_format, wire
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class ClusterStore:
             snapshot.unreadable_requests.discard(request_id)
             try:
                 if row:
-                    snapshot.requests[request_id] = requests.decode(row)
+                    snapshot.requests[request_id] = request_format.decode(row)
                 else:
                     snapshot.requests.pop(request_id, None)
             except wire.UNREADABLE as exc:

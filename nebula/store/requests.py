@@ -8,7 +8,6 @@ last pass) and `nebula:unloading` (models being unloaded, for the routers).
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -19,11 +18,13 @@ from redis.exceptions import WatchError
 
 from nebula import keys
 from nebula.durations import show_duration
-from nebula.errors import Conflict, InvalidRequest, NebulaError, NotFound
+from nebula.errors import Conflict, InvalidRequest, NotFound
 from nebula.models import ModelRequest, ModelSpec, Status
 from nebula.replicas import MAX_REPLICAS
 from nebula.store import wire
 from nebula.store.core import Core
+from nebula.store.request_format import decode, encode, seconds
+from nebula.store.request_format import readable as _readable
 
 # The scheduler writes only the fields it owns, and never over an unload that
 # landed after its pass read the request.
@@ -47,68 +48,20 @@ return 1
 """
 
 
-def encode(request: ModelRequest) -> dict[str, str]:
-    return {
-        wire.VERSION_FIELD: str(wire.VERSION),
-        "id": request.id,
-        "model": request.spec.name,
-        "spec": json.dumps(request.spec.to_dict()),
-        "replicas": str(request.replicas),
-        "status": request.status.value,
-        "message": request.message,
-        "created_at": repr(request.created_at),
-        "updated_at": repr(request.updated_at),
-        "ever_ready": "1" if request.ever_ready else "0",
-        "drain_timeout_s": "" if request.drain_timeout_s is None else repr(request.drain_timeout_s),
-        "failures": str(request.failures),
-        "retry_at": repr(request.retry_at),
-        "last_failure": request.last_failure,
-        "on_demand": "1" if request.on_demand else "0",
-        "keep_alive_s": _seconds(request.keep_alive_s),
-        "ready_at": repr(request.ready_at),
-        "min_replicas": str(request.min_replicas),
-        "max_replicas": str(request.max_replicas),
-    }
-
-
-def _seconds(value: float | None) -> str:
-    return "" if value is None else repr(float(value))
-
-
-def decode(data: dict[str, str]) -> ModelRequest:
-    return ModelRequest(
-        id=data["id"],
-        spec=wire.spec_from_dict(json.loads(data["spec"])),
-        replicas=int(data["replicas"]),
-        status=Status(data["status"]),
-        message=data.get("message", ""),
-        created_at=float(data.get("created_at") or 0.0),
-        updated_at=float(data.get("updated_at") or 0.0),
-        ever_ready=data.get("ever_ready") == "1",
-        drain_timeout_s=float(data["drain_timeout_s"]) if data.get("drain_timeout_s") else None,
-        failures=int(data.get("failures") or 0),
-        retry_at=float(data.get("retry_at") or 0.0),
-        last_failure=data.get("last_failure", ""),
-        on_demand=data.get("on_demand") == "1",
-        keep_alive_s=float(data["keep_alive_s"]) if data.get("keep_alive_s") else None,
-        ready_at=float(data.get("ready_at") or 0.0),
-        # Absent (written before autoscaling): a fixed count, min = max = replicas.
-        min_replicas=int(data.get("min_replicas") or 0),
-        max_replicas=int(data.get("max_replicas") or 0),
-    )
-
-
-def _readable(raw: dict[str, str], ref: str) -> ModelRequest:
-    """One request an operator named: decoded, or a clear error if this Nebula cannot
-    read it (a newer version's status, or damage); never a crash in the admin API."""
-    try:
-        return decode(raw)
-    except wire.UNREADABLE as exc:
-        wire.skipped("model request", ref, exc)
-        raise NebulaError(
-            f"model request {ref!r} is stored in a form this Nebula cannot read "
-            f"({type(exc).__name__}: {exc}); a newer version may have written it"
-        ) from None
+def _check_replicas(replicas: object, max_replicas: object) -> None:
+    """A count of replicas (and the top of its range, when given) an operator may ask."""
+    for name, value in (("replicas", replicas), ("max_replicas", max_replicas)):
+        if value is None and name == "max_replicas":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidRequest(f"{name} must be a whole number, not {value!r}")
+        if not 1 <= value <= MAX_REPLICAS:
+            raise InvalidRequest(f"{name} must be between 1 and {MAX_REPLICAS}, not {value}")
+    if isinstance(max_replicas, int) and isinstance(replicas, int) and max_replicas < replicas:
+        raise InvalidRequest(
+            f"max_replicas ({max_replicas}) is below replicas ({replicas}); give a range "
+            "as MIN..MAX with MIN <= MAX"
+        )
 
 
 class Requests:
@@ -132,18 +85,7 @@ class Requests:
         `max_replicas`: the scheduler adds replicas up to this many while the load
         calls for them, and drains them down to `replicas` when it no longer does.
         """
-        for name, value in (("replicas", replicas), ("max_replicas", max_replicas)):
-            if value is None and name == "max_replicas":
-                continue
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise InvalidRequest(f"{name} must be a whole number, not {value!r}")
-            if not 1 <= value <= MAX_REPLICAS:
-                raise InvalidRequest(f"{name} must be between 1 and {MAX_REPLICAS}, not {value}")
-        if max_replicas is not None and max_replicas < replicas:
-            raise InvalidRequest(
-                f"max_replicas ({max_replicas}) is below replicas ({replicas}); give a range "
-                "as MIN..MAX with MIN <= MAX"
-            )
+        _check_replicas(replicas, max_replicas)
         now = time.time()
         request = ModelRequest(
             id=f"{spec.name}-{uuid.uuid4().hex[:6]}",
@@ -170,24 +112,27 @@ class Requests:
                             "unload it first, or change its replicas"
                         )
                     pipe.multi()
-                    pipe.hset(keys.MODELS, spec.name, request.id)
-                    pipe.incr(keys.ROUTING_VERSION)
-                    pipe.hset(keys.request(request.id), mapping=wire.for_hset(encode(request)))
-                    pipe.sadd(keys.REQUESTS, request.id)
-                    pipe.sadd(keys.REQUESTS_DIRTY, request.id)
-                    how = "on demand (a client's request)" if on_demand else "load asked"
-                    text = f"{how}: {replicas} replica(s)"
-                    if request.autoscaled:
-                        top = request.max_replicas
-                        text = f"{how}: {replicas}..{top} replicas, following the load"
-                    if on_demand or keep_alive_s is not None:
-                        text += f", keep-alive {show_duration(keep_alive_s)}"
-                    self.stage_event(pipe, request.id, text, request.status)
-                    pipe.publish(keys.EVENTS_CHANNEL, "request")
+                    self._stage_create(pipe, request)
                     await pipe.execute()
                     return request
                 except WatchError:
                     continue
+
+    def _stage_create(self, pipe: Pipeline, request: ModelRequest) -> None:
+        pipe.hset(keys.MODELS, request.model, request.id)
+        pipe.incr(keys.ROUTING_VERSION)
+        pipe.hset(keys.request(request.id), mapping=wire.for_hset(encode(request)))
+        pipe.sadd(keys.REQUESTS, request.id)
+        pipe.sadd(keys.REQUESTS_DIRTY, request.id)
+        how = "on demand (a client's request)" if request.on_demand else "load asked"
+        text = f"{how}: {request.replicas} replica(s)"
+        if request.autoscaled:
+            top = f"{request.min_replicas}..{request.max_replicas}"
+            text = f"{how}: {top} replicas, following the load"
+        if request.on_demand or request.keep_alive_s is not None:
+            text += f", keep-alive {show_duration(request.keep_alive_s)}"
+        self.stage_event(pipe, request.id, text, request.status)
+        pipe.publish(keys.EVENTS_CHANNEL, "request")
 
     async def delete(self, ref: str, drain_timeout_s: float | None = None) -> ModelRequest:
         """Unload: mark the request `Unloading`; its engines are drained (for at most
@@ -233,7 +178,7 @@ class Requests:
                     request = _readable(raw, ref)
                     if request.status is Status.UNLOADING:
                         raise Conflict(f"model {request.model!r} is being unloaded")
-                    value = _seconds(keep_alive_s)
+                    value = seconds(keep_alive_s)
                     pipe.multi()
                     pipe.hset(keys.request(request_id), "keep_alive_s", value)
                     pipe.sadd(keys.REQUESTS_DIRTY, request_id)
