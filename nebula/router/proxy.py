@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from nebula.models import ApiKey, Endpoint, Task
+from nebula.models import ApiKey, Endpoint, ModelSpec, Task
 from nebula.names import shown
 from nebula.router import router_metrics
 from nebula.router.accounting import Account, BudgetExhausted, Ledger
@@ -150,31 +150,11 @@ class Proxy:
         refused = await self._refused(key, model, route)
         if refused is not None:
             return refused
-        candidates = self.table.endpoints(model)
-        spec = None
-        if not candidates:
-            spec = self.ondemand.loadable(model) if self.ondemand is not None else None
-            if spec is None:
-                return self._not_served(model, route)
-            if isinstance(key, ApiKey) and not key.on_demand:
-                self._done(model, route, 403)
-                return error(
-                    403,
-                    f"model {model!r} is not loaded, and this key may not load "
-                    "models on demand; ask an operator to load it (nebula-cli model "
-                    f"load {model})",
-                    "on_demand_not_allowed",
-                )
+        servable = self._servable(key, model, route)
+        if isinstance(servable, web.Response):
+            return servable
+        candidates, spec = servable
         wanted = FORWARDED[route]
-        task = candidates[0].task if candidates else spec.task.value  # type: ignore[union-attr]
-        if wanted is not None and task and task != wanted:
-            self._done(model, route, 400)
-            return error(
-                400,
-                f"model {model!r} is a {task} model; {route} needs a {wanted.value} model "
-                f"(send {task} requests to {TASK_ROUTES.get(Task(task), 'its own route')})",
-                "wrong_model_task",
-            )
         prefix = (
             self.forwarder.prefix.keys(payload)
             if self.forwarder.prefix is not None and wanted is Task.CHAT
@@ -207,6 +187,38 @@ class Proxy:
                 self.usage.end(model)
         self._done(model, route, response.status)
         return response
+
+    def _servable(
+        self, key: ApiKey | bool, model: str, route: str
+    ) -> tuple[list[Endpoint], ModelSpec | None] | web.Response:
+        """Where the request can go: the model's replicas, or the catalog entry that a
+        load on demand starts from (no replica yet); or why it cannot go anywhere."""
+        candidates = self.table.endpoints(model)
+        spec = None
+        if not candidates:
+            spec = self.ondemand.loadable(model) if self.ondemand is not None else None
+            if spec is None:
+                return self._not_served(model, route)
+            if isinstance(key, ApiKey) and not key.on_demand:
+                self._done(model, route, 403)
+                return error(
+                    403,
+                    f"model {model!r} is not loaded, and this key may not load "
+                    "models on demand; ask an operator to load it (nebula-cli model "
+                    f"load {model})",
+                    "on_demand_not_allowed",
+                )
+        wanted = FORWARDED[route]
+        task = candidates[0].task if candidates else spec.task.value if spec else ""
+        if wanted is not None and task and task != wanted:
+            self._done(model, route, 400)
+            return error(
+                400,
+                f"model {model!r} is a {task} model; {route} needs a {wanted.value} model "
+                f"(send {task} requests to {TASK_ROUTES.get(Task(task), 'its own route')})",
+                "wrong_model_task",
+            )
+        return candidates, spec
 
     async def _caller(self, request: web.Request, route: str) -> ApiKey | bool | web.Response:
         """Who is asking: their key (True on an open router), or the refusal."""

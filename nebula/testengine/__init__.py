@@ -19,8 +19,6 @@ import hashlib
 import json
 import math
 import os
-import time
-import uuid
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -29,13 +27,11 @@ from aiohttp.typedefs import Handler
 
 from nebula import kv_events
 from nebula.testengine import prompts, vllm_metrics
+from nebula.testengine.answers import Answer
 from nebula.testengine.kv_publisher import EventPublisher
 from nebula.testengine.prompts import CACHE_BLOCKS, CHARS_PER_TOKEN, cached_prefix, prompt_text
 
 WAIT_POLL_S = 0.005
-# OpenAI's field for "which backend answered": here the engine's process, so that a
-# test behind the router can tell which replica served each request.
-FINGERPRINT = f"testengine-{os.getpid()}"
 
 
 @dataclass
@@ -180,10 +176,6 @@ async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
     else:
         prompt = str(body.get("prompt", ""))
     words = _words(prompt, limit)
-    finish = "length" if len(("echo: " + prompt).split()) > limit else "stop"
-    created = int(time.time())
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:16]
-    kind = "chat.completion" if chat else "text_completion"
     app[TOKENS][0] += prompt_tokens
     app[TOKENS][1] += len(words)
     usage = {
@@ -192,31 +184,20 @@ async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
         "total_tokens": prompt_tokens + len(words),
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+    finish = "length" if len(("echo: " + prompt).split()) > limit else "stop"
+    answer = Answer(chat, app[MODEL], words, finish, usage)
     if not body.get("stream"):
         await asyncio.sleep(behaviour.token_ms * len(words) / 1000)
-        if chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": "".join(words)},
-                "finish_reason": finish,
-            }
-        else:
-            choice = {"index": 0, "text": "".join(words), "finish_reason": finish}
-        return web.json_response(
-            {
-                "id": rid,
-                "object": kind,
-                "created": created,
-                "model": app[MODEL],
-                "system_fingerprint": FINGERPRINT,
-                "choices": [choice],
-                "usage": usage,
-            }
-        )
+        return web.json_response(answer.whole())
+    with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    return await _stream(request, answer, behaviour, with_usage)
 
+
+async def _stream(
+    request: web.Request, answer: Answer, behaviour: Behaviour, with_usage: bool
+) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
-
     sent_events = 0
 
     async def send(payload: dict[str, Any] | str) -> None:
@@ -227,34 +208,19 @@ async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
         data = payload if isinstance(payload, str) else json.dumps(payload)
         await response.write(f"data: {data}\n\n".encode())
 
-    def chunk(delta: str | None, finish_reason: str | None = None) -> dict[str, Any]:
-        if chat:
-            d: dict[str, Any] = {} if delta is None else {"content": delta}
-            choice = {"index": 0, "delta": d, "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": delta or "", "finish_reason": finish_reason}
-        return {
-            "id": rid,
-            "object": kind + ".chunk" if chat else kind,
-            "created": created,
-            "model": app[MODEL],
-            "system_fingerprint": FINGERPRINT,
-            "choices": [choice],
-        }
-
-    if chat:
-        first = chunk(None)
+    if answer.chat:
+        first = answer.chunk(None)
         first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
         await send(first)
-    for sent, word in enumerate(words):
+    for sent, word in enumerate(answer.words):
         if behaviour.die_after_chunks is not None and sent >= behaviour.die_after_chunks:
             os._exit(17)  # a crash mid-stream, without goodbye
         if behaviour.chunk_delay_ms and sent:
             await asyncio.sleep(behaviour.chunk_delay_ms / 1000)
-        await send(chunk(word))
-    await send(chunk(None, finish))
-    if (body.get("stream_options") or {}).get("include_usage"):
-        await send({**chunk(None), "choices": [], "usage": usage})
+        await send(answer.chunk(word))
+    await send(answer.chunk(None, answer.finish))
+    if with_usage:
+        await send({**answer.chunk(None), "choices": [], "usage": answer.usage})
     await send("[DONE]")
     await response.write_eof()
     return response

@@ -15,7 +15,7 @@ from nebula.testengine import __doc__ as DOC
 from nebula.testengine.prompts import BLOCK_CHARS, CACHE_BLOCKS
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nebula-testengine", description=(DOC or "").split("\n")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
         else:
             p.add_argument(flag, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     print(f"test engine for {args.model} starting on {args.host}:{args.port}", flush=True)
     if args.fail_start:
         print(args.fail_start, file=sys.stderr, flush=True)
