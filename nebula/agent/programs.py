@@ -75,36 +75,46 @@ def publishes_kv_events(placement: Placement, settings: Settings) -> bool:
 
 
 def engine_program(placement: Placement, settings: Settings) -> Program:
-    spec = placement.spec
-    python = settings.engine_python or sys.executable
-    env = {"PYTHONUNBUFFERED": "1"}
-    if spec.engine == TEST_ENGINE:
-        if not settings.allow_test_engine:
-            raise InvalidRequest(
-                f"model {spec.name} asks for the test engine, which this node refuses; "
-                "set NEBULA_ALLOW_TEST_ENGINE=true only on a test cluster"
-            )
-        command = [
-            *launcher(),
-            python,
-            "-m",
-            "nebula.testengine",
-            "--host",
-            settings.node_address,
-            "--port",
-            str(placement.port),
-            "--model",
-            spec.name,
-            *spec.engine_args,
-        ]
-        if publishes_kv_events(placement, settings):
-            command += ["--kv-events-config", kv_events.engine_config(placement.id)]
-        inherited = {"NEBULA_TEST_ENGINE_API_KEY": KEY_VARIABLE} if settings.engine_api_key else {}
-        return Program(program_name(placement.id), tuple(command), env, inherited)
+    """The supervisord program of `placement`'s engine: vLLM, or where allowed the
+    test engine."""
+    if placement.spec.engine == TEST_ENGINE:
+        return _test_engine_program(placement, settings)
+    return _vllm_program(placement, settings)
 
+
+def _test_engine_program(placement: Placement, settings: Settings) -> Program:
+    spec = placement.spec
+    if not settings.allow_test_engine:
+        raise InvalidRequest(
+            f"model {spec.name} asks for the test engine, which this node refuses; "
+            "set NEBULA_ALLOW_TEST_ENGINE=true only on a test cluster"
+        )
     command = [
         *launcher(),
-        python,
+        settings.engine_python or sys.executable,
+        "-m",
+        "nebula.testengine",
+        "--host",
+        settings.node_address,
+        "--port",
+        str(placement.port),
+        "--model",
+        spec.name,
+        *spec.engine_args,
+    ]
+    if publishes_kv_events(placement, settings):
+        command += ["--kv-events-config", kv_events.engine_config(placement.id)]
+    inherited = {"NEBULA_TEST_ENGINE_API_KEY": KEY_VARIABLE} if settings.engine_api_key else {}
+    env = {"PYTHONUNBUFFERED": "1"}
+    return Program(program_name(placement.id), tuple(command), env, inherited)
+
+
+def _vllm_program(placement: Placement, settings: Settings) -> Program:
+    spec = placement.spec
+    env = {"PYTHONUNBUFFERED": "1"}
+    command = [
+        *launcher(),
+        settings.engine_python or sys.executable,
         "-m",
         VLLM_SERVER,
         "--model",
