@@ -124,59 +124,19 @@ class Scheduler:
 
     async def step(self) -> Changes | None:
         """One pass: renew or take the lease, then, as leader, read, reconcile and write."""
-        held = await self.state.lease.acquire_or_renew(
-            self.me, self.settings.leader_ttl_s, held=self.is_leader
-        )
-        if held != self.is_leader:
-            log.info("scheduler %s %s leader", self.me, "became" if held else "is no longer")
-        became_leader = held and not self.is_leader
-        self.is_leader = held
-        scheduler_metrics.LEADER.set(1 if held else 0)
         now = time.time()
-        if self._outage or self._epoch != self.state.master_epoch:
-            # Back from an outage, or on a new master (a failover may lose the last
-            # heartbeats written to the old one): grace before any node is dead.
-            log.info("state store reachable again" if self._outage else "new Redis master")
-            self._outage = False
-            self._epoch = self.state.master_epoch
-            self._grace_until = now + self.settings.node_ttl_s
-            # Our own last writes may be gone with the old master (AOF everysec,
-            # asynchronous replicas): re-read everything rather than trust the cache.
-            self._last_full = 0.0
-        if not held:
+        became_leader = await self._lease(now)
+        if not self.is_leader:
             if self._was_exporting:
                 scheduler_metrics.clear()  # a standby exports no stale picture of the cluster
                 self._was_exporting = False
             return None
-        if became_leader:
-            self._grace_until = max(self._grace_until, now + self.settings.node_ttl_s)
         started = time.perf_counter()
         full = became_leader or now - self._last_full > FULL_RESYNC_S
         # Models' last use: about once per router flush (idle unloads, evictions).
         used = full or now - self._used_at >= self.settings.usage_flush_s
-        snap = await self.cluster.read(self.snapshot, full=full, last_used=used)
-        if used:
-            self._used_at = now
-        if full:
-            self._last_full = now
-            self.usage = usage_of(snap)
-            snap.placements = {}  # from here on the usage holds them, kept current
-        # Telemetry matters only to placement, and is at most one heartbeat fresh:
-        # read it all when something may be placed and the copy is a heartbeat
-        # old, else only for nodes not seen before.
-        stale = now - self._telemetry_at >= self.settings.heartbeat_interval_s
-        if full or (stale and needs_placement(snap, self.usage)):
-            await self.cluster.read_telemetry(snap, snap.alive)
-            self._telemetry_at = now
-        else:
-            await self.cluster.read_telemetry(snap, snap.alive - snap.nodes.keys())
-        spared = frozenset(snap.node_ids - snap.alive) if now < self._grace_until else frozenset()
-        if spared:
-            log.info(
-                "not declaring %s dead yet: %.1fs of grace left after an outage or a new leader",
-                ", ".join(sorted(spared)),
-                self._grace_until - now,
-            )
+        snap = await self._read(now, full=full, used=used)
+        spared = self._spared(snap, now)
         scalings = await self._autoscale(snap, now, record=used)
         changes = reconcile(
             snap,
@@ -196,15 +156,74 @@ class Scheduler:
         self._was_exporting = True
         if full:
             refreeze()
-        if not changes:
-            scheduler_metrics.PASS_SECONDS.observe(time.perf_counter() - started)
-            return changes
+        written = await self._write(changes, scalings) if changes else True
+        scheduler_metrics.PASS_SECONDS.observe(time.perf_counter() - started)
+        return changes if written else None
+
+    async def _lease(self, now: float) -> bool:
+        """Renew or take the leader lease; True when this pass took it."""
+        held = await self.state.lease.acquire_or_renew(
+            self.me, self.settings.leader_ttl_s, held=self.is_leader
+        )
+        if held != self.is_leader:
+            log.info("scheduler %s %s leader", self.me, "became" if held else "is no longer")
+        became_leader = held and not self.is_leader
+        self.is_leader = held
+        scheduler_metrics.LEADER.set(1 if held else 0)
+        if self._outage or self._epoch != self.state.master_epoch:
+            # Back from an outage, or on a new master (a failover may lose the last
+            # heartbeats written to the old one): grace before any node is dead.
+            log.info("state store reachable again" if self._outage else "new Redis master")
+            self._outage = False
+            self._epoch = self.state.master_epoch
+            self._grace_until = now + self.settings.node_ttl_s
+            # Our own last writes may be gone with the old master (AOF everysec,
+            # asynchronous replicas): re-read everything rather than trust the cache.
+            self._last_full = 0.0
+        if became_leader:
+            self._grace_until = max(self._grace_until, now + self.settings.node_ttl_s)
+        return became_leader
+
+    async def _read(self, now: float, *, full: bool, used: bool) -> Snapshot:
+        """What changed since the last pass (everything on a full one), and telemetry
+        where placement may need it."""
+        snap = await self.cluster.read(self.snapshot, full=full, last_used=used)
+        if used:
+            self._used_at = now
+        if full:
+            self._last_full = now
+            self.usage = usage_of(snap)
+            snap.placements = {}  # from here on the usage holds them, kept current
+        # Telemetry matters only to placement, and is at most one heartbeat fresh:
+        # read it all when something may be placed and the copy is a heartbeat
+        # old, else only for nodes not seen before.
+        stale = now - self._telemetry_at >= self.settings.heartbeat_interval_s
+        if full or (stale and needs_placement(snap, self.usage)):
+            await self.cluster.read_telemetry(snap, snap.alive)
+            self._telemetry_at = now
+        else:
+            await self.cluster.read_telemetry(snap, snap.alive - snap.nodes.keys())
+        return snap
+
+    def _spared(self, snap: Snapshot, now: float) -> frozenset[str]:
+        """Silent nodes not declared dead yet: the grace after an outage or a new leader."""
+        spared = frozenset(snap.node_ids - snap.alive) if now < self._grace_until else frozenset()
+        if spared:
+            log.info(
+                "not declaring %s dead yet: %.1fs of grace left after an outage or a new leader",
+                ", ".join(sorted(spared)),
+                self._grace_until - now,
+            )
+        return spared
+
+    async def _write(self, changes: Changes, scalings: list[Scaling]) -> bool:
+        """Write the pass's changes under the lease; False when the lease was lost."""
         if not await self.cluster.apply(changes, leader=self.me):
             log.warning("scheduler %s lost the leader lease before writing", self.me)
             self.is_leader = False
             # `usage` already holds the unwritten changes: start over from Redis.
             self.snapshot, self.usage = Snapshot(), Usage()
-            return None
+            return False
         self._remember(changes)
         for model in changes.idle_unloaded:
             scheduler_metrics.IDLE_UNLOADS.labels(model).inc()
@@ -217,8 +236,7 @@ class Scheduler:
         if changes.dead_nodes:
             scheduler_metrics.NODES_LOST.inc(len(changes.dead_nodes))
             log.warning("node(s) %s declared dead", ", ".join(changes.dead_nodes))
-        scheduler_metrics.PASS_SECONDS.observe(time.perf_counter() - started)
-        return changes
+        return True
 
     async def _autoscale(self, snap: Snapshot, now: float, *, record: bool) -> list[Scaling]:
         """Move autoscaled requests' replicas with the routers' demand, before the pass

@@ -9,8 +9,9 @@ successor started.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from dataclasses import replace
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
 
 from redis.exceptions import WatchError
 
@@ -41,87 +42,53 @@ class ClusterStore:
         last_used = full if last_used is None else last_used
         st = self.state
         async with st.reachable():
-            async with st.redis.pipeline(transaction=True) as pipe:
-                st.nodes.stage_read_ids(pipe)
-                st.nodes.stage_read_marks(pipe)
-                st.requests.stage_read_ids(pipe, dirty_only=not full)
-                if full:
-                    st.nodes.stage_read_ids(pipe)
-                else:
-                    st.placements.stage_read_dirty_nodes(pipe)
-                st.requests.stage_clear_dirty(pipe)
-                st.placements.stage_clear_dirty(pipe)
-                st.nodes.stage_read_alive(pipe)
-                if last_used:
-                    st.requests.stage_read_last_used(pipe)
-                (
-                    node_ids,
-                    cordoned,
-                    draining,
-                    request_ids,
-                    state_nodes,
-                    _,
-                    _,
-                    alive,
-                    *used,
-                ) = await pipe.execute()
-            ids = sorted(node_ids)
-            request_ids = sorted(request_ids)
-            state_nodes = sorted(state_nodes)
+            heads = await self._read_heads(full=full, last_used=last_used)
             async with st.redis.pipeline(transaction=False) as pipe:
-                for node_id in state_nodes:
+                for node_id in heads.state_nodes:
                     st.placements.stage_read_states(pipe, node_id)
                 if full:
-                    for node_id in ids:
+                    for node_id in heads.node_ids:
                         st.placements.stage_read(pipe, node_id)
-                st.requests.stage_read(pipe, request_ids)
+                st.requests.stage_read(pipe, heads.request_ids)
                 rows = iter(await pipe.execute() if len(pipe) else [])
-        snapshot.last_used_fresh = bool(used)
-        if used:
-            snapshot.last_used = dict(used[0])
-        snapshot.node_ids = set(ids)
-        snapshot.alive = set(alive)
-        marks = (frozenset(cordoned), frozenset(draining))
-        snapshot.nodes = {
-            n: node
-            if marks == snapshot.marks
-            else replace(node, cordoned=n in cordoned or n in draining, draining=n in draining)
-            for n, node in snapshot.nodes.items()
-            if n in snapshot.alive
-        }
-        snapshot.marks = marks
-        snapshot.dirty_nodes = set(state_nodes)
-        if full:
-            snapshot.states = {}
-            snapshot.state_ids = {}
-            snapshot.unreadable_requests = set()
-        for node_id in state_nodes:
-            fresh = placements.decode_states(next(rows))
-            for pid in snapshot.state_ids.get(node_id, set()) - fresh.keys():
-                snapshot.states.pop(pid, None)
-            snapshot.state_ids[node_id] = set(fresh)
-            snapshot.states.update(fresh)
+        _take_nodes(snapshot, heads)
+        _take_states(snapshot, heads, rows, full=full)
         if full:
             snapshot.placements = {}
-            for _ in ids:
+            for _ in heads.node_ids:
                 for p in wire.readable(placements.decode, next(rows).values(), "placement"):
                     snapshot.placements[p.id] = p
             snapshot.requests = {}
-        snapshot.dirty_requests = set(request_ids)
-        for request_id in request_ids:
-            row = next(rows)
-            snapshot.unreadable_requests.discard(request_id)
-            try:
-                if row:
-                    snapshot.requests[request_id] = request_format.decode(row)
-                else:
-                    snapshot.requests.pop(request_id, None)
-            except wire.UNREADABLE as exc:
-                # Left alone (its replicas too) until it can be read: never taken for gone.
-                wire.skipped("model request", request_id, exc)
-                snapshot.requests.pop(request_id, None)
-                snapshot.unreadable_requests.add(request_id)
+        _take_requests(snapshot, heads.request_ids, rows)
         return snapshot
+
+    async def _read_heads(self, *, full: bool, last_used: bool) -> Heads:
+        """Liveness, marks, what changed (and clear the dirty marks), in one MULTI."""
+        st = self.state
+        async with st.redis.pipeline(transaction=True) as pipe:
+            st.nodes.stage_read_ids(pipe)
+            st.nodes.stage_read_marks(pipe)
+            st.requests.stage_read_ids(pipe, dirty_only=not full)
+            if full:
+                st.nodes.stage_read_ids(pipe)
+            else:
+                st.placements.stage_read_dirty_nodes(pipe)
+            st.requests.stage_clear_dirty(pipe)
+            st.placements.stage_clear_dirty(pipe)
+            st.nodes.stage_read_alive(pipe)
+            if last_used:
+                st.requests.stage_read_last_used(pipe)
+            answers = await pipe.execute()
+        node_ids, cordoned, draining, request_ids, state_nodes, _, _, alive, *used = answers
+        return Heads(
+            node_ids=sorted(node_ids),
+            cordoned=frozenset(cordoned),
+            draining=frozenset(draining),
+            request_ids=sorted(request_ids),
+            state_nodes=sorted(state_nodes),
+            alive=set(alive),
+            last_used=dict(used[0]) if used else None,
+        )
 
     async def snapshot(self) -> Snapshot:
         """Everything, read afresh: a full pass's input."""
@@ -189,3 +156,65 @@ class ClusterStore:
         for request_id, text, status in changes.events:
             log.info("%s (%s): %s", request_id, status.value, text)
         return True
+
+
+@dataclass(frozen=True, slots=True)
+class Heads:
+    """The first read of a pass, by name."""
+
+    node_ids: list[str]
+    cordoned: frozenset[str]
+    draining: frozenset[str]
+    request_ids: list[str]
+    state_nodes: list[str]  # nodes whose placement states are read
+    alive: set[str]
+    last_used: dict[str, float] | None  # None: not read this pass
+
+
+def _take_nodes(snapshot: Snapshot, heads: Heads) -> None:
+    snapshot.last_used_fresh = heads.last_used is not None
+    if heads.last_used is not None:
+        snapshot.last_used = heads.last_used
+    snapshot.node_ids = set(heads.node_ids)
+    snapshot.alive = heads.alive
+    cordoned, draining = heads.cordoned, heads.draining
+    marks = (cordoned, draining)
+    snapshot.nodes = {
+        n: node
+        if marks == snapshot.marks
+        else replace(node, cordoned=n in cordoned or n in draining, draining=n in draining)
+        for n, node in snapshot.nodes.items()
+        if n in snapshot.alive
+    }
+    snapshot.marks = marks
+    snapshot.dirty_nodes = set(heads.state_nodes)
+
+
+def _take_states(snapshot: Snapshot, heads: Heads, rows: Iterator[Any], *, full: bool) -> None:
+    if full:
+        snapshot.states = {}
+        snapshot.state_ids = {}
+        snapshot.unreadable_requests = set()
+    for node_id in heads.state_nodes:
+        fresh = placements.decode_states(next(rows))
+        for pid in snapshot.state_ids.get(node_id, set()) - fresh.keys():
+            snapshot.states.pop(pid, None)
+        snapshot.state_ids[node_id] = set(fresh)
+        snapshot.states.update(fresh)
+
+
+def _take_requests(snapshot: Snapshot, request_ids: list[str], rows: Iterator[Any]) -> None:
+    snapshot.dirty_requests = set(request_ids)
+    for request_id in request_ids:
+        row = next(rows)
+        snapshot.unreadable_requests.discard(request_id)
+        try:
+            if row:
+                snapshot.requests[request_id] = request_format.decode(row)
+            else:
+                snapshot.requests.pop(request_id, None)
+        except wire.UNREADABLE as exc:
+            # Left alone (its replicas too) until it can be read: never taken for gone.
+            wire.skipped("model request", request_id, exc)
+            snapshot.requests.pop(request_id, None)
+            snapshot.unreadable_requests.add(request_id)
