@@ -327,40 +327,9 @@ def plan(
     new: list[Placement] = []
     pending: dict[str, tuple[str, ...]] = {}
     for request, missing in todo:
-        spec = request.spec
         reasons: list[str] = []
         for k in range(missing):
-            placement: Placement | None = None
-            if spec.gpu_memory_utilization is not None:
-                hit = cluster.place_gpu(
-                    request.id, spec.gpu_memory_utilization, spec.tensor_parallel_size
-                )
-                if hit is not None:
-                    room, devices = hit
-                    placement = Placement(
-                        id=new_id(),
-                        request_id=request.id,
-                        node=room.node.id,
-                        port=room.take_port(),
-                        spec=spec,
-                        devices=devices,
-                        created_at=now,
-                    )
-            if (
-                placement is None
-                and spec.cpu_memory_gib is not None
-                and spec.tensor_parallel_size == 1
-            ):
-                cpu_room = cluster.place_cpu(request.id, spec.cpu_memory_gib)
-                if cpu_room is not None:
-                    placement = Placement(
-                        id=new_id(),
-                        request_id=request.id,
-                        node=cpu_room.node.id,
-                        port=cpu_room.take_port(),
-                        spec=spec,
-                        created_at=now,
-                    )
+            placement = _place_one(cluster, request, new_id, now)
             if placement is None:
                 # Every later replica of this request fails the same way.
                 reason = _why_unplaced(request, cluster.cordoned, len(nodes))
@@ -374,3 +343,36 @@ def plan(
         if reasons:
             pending[request.id] = tuple(reasons)
     return Plan(new=tuple(new), pending=pending)
+
+
+def _place_one(
+    cluster: _Cluster, request: ModelRequest, new_id: Callable[[], str], now: float
+) -> Placement | None:
+    """One replica of `request`: on GPUs if it may run there and they have room,
+    else in a CPU node's RAM; None if it fits nowhere."""
+    spec = request.spec
+    if spec.gpu_memory_utilization is not None:
+        hit = cluster.place_gpu(request.id, spec.gpu_memory_utilization, spec.tensor_parallel_size)
+        if hit is not None:
+            room, devices = hit
+            return Placement(
+                id=new_id(),
+                request_id=request.id,
+                node=room.node.id,
+                port=room.take_port(),
+                spec=spec,
+                devices=devices,
+                created_at=now,
+            )
+    if spec.cpu_memory_gib is not None and spec.tensor_parallel_size == 1:
+        cpu_room = cluster.place_cpu(request.id, spec.cpu_memory_gib)
+        if cpu_room is not None:
+            return Placement(
+                id=new_id(),
+                request_id=request.id,
+                node=cpu_room.node.id,
+                port=cpu_room.take_port(),
+                spec=spec,
+                created_at=now,
+            )
+    return None
