@@ -81,68 +81,7 @@ def parser(prog: str = "nebula-cli") -> argparse.ArgumentParser:
         run=cluster_status
     )
 
-    model = groups.add_parser("model", help="load, unload, list, show models")
-    model_sub = model.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    model_sub.add_parser("list", parents=[common], help="loaded models").set_defaults(
-        run=model_list
-    )
-    load = model_sub.add_parser("load", parents=[common], help="load a catalog model")
-    load.add_argument("name", help="catalog name (see `catalog list`)")
-    load.add_argument(
-        "--replicas",
-        metavar="N|MIN..MAX",
-        help="engines to run, or a range to follow the load (1..4: start at 1, add up to 3 "
-        "more while requests queue); default: the catalog's, else 1",
-    )
-    load.add_argument(
-        "--gpu-memory-utilization", type=float, help="fraction of each GPU, overriding the catalog"
-    )
-    load.add_argument(
-        "--keep-alive",
-        metavar="DURATION",
-        help='unload after this long without requests ("10m", "1h", 0); default: pinned',
-    )
-    load.add_argument("--wait", action="store_true", help="show progress until Ready")
-    load.add_argument("--timeout", type=float, default=900, help="--wait limit in seconds")
-    load.set_defaults(run=model_load)
-    wait = model_sub.add_parser("wait", parents=[common], help="wait until models are Ready")
-    wait.add_argument("refs", nargs="+", metavar="NAME|ID")
-    wait.add_argument("--timeout", type=float, default=900, help="limit in seconds")
-    wait.set_defaults(run=model_wait)
-    unload = model_sub.add_parser("unload", parents=[common], help="drain, stop and free a model")
-    unload.add_argument("ref", metavar="NAME|ID")
-    unload.add_argument("--wait", action="store_true", help="show progress until gone")
-    drain = unload.add_mutually_exclusive_group()
-    drain.add_argument(
-        "--drain-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="longest wait for in-flight requests before stopping (default: the catalog's "
-        "drain_timeout_s for the model, else the node's, 600 s)",
-    )
-    drain.add_argument(
-        "--now", action="store_true", help="stop at once: in-flight answers are cut off"
-    )
-    unload.add_argument("--timeout", type=float, default=300, help="--wait limit in seconds")
-    unload.set_defaults(run=model_unload)
-    pin = model_sub.add_parser(
-        "pin", parents=[common], help="never unload REF when idle, never evict it"
-    )
-    pin.add_argument("ref", metavar="NAME|ID")
-    pin.set_defaults(run=model_pin)
-    unpin = model_sub.add_parser(
-        "unpin", parents=[common], help="let REF unload after a keep-alive without requests"
-    )
-    unpin.add_argument("ref", metavar="NAME|ID")
-    unpin.add_argument(
-        "--keep-alive",
-        metavar="DURATION",
-        help="idle time before it unloads (default: the catalog's, else NEBULA_KEEP_ALIVE)",
-    )
-    unpin.set_defaults(run=model_pin)
-    show = model_sub.add_parser("show", parents=[common], help="placements, states, events")
-    show.add_argument("ref", metavar="NAME|ID")
-    show.set_defaults(run=model_show)
+    _model_commands(groups, common)
 
     node = groups.add_parser("node", help="list nodes, cordon, drain")
     node_sub = node.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -164,6 +103,80 @@ def parser(prog: str = "nebula-cli") -> argparse.ArgumentParser:
         run=catalog_list
     )
     return p
+
+
+def _model_commands(groups: Any, common: argparse.ArgumentParser) -> None:
+    """`nebula-cli model ...`."""
+    model = groups.add_parser("model", help="load, unload, list, show models")
+    model_sub = model.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model_sub.add_parser("list", parents=[common], help="loaded models").set_defaults(
+        run=model_list
+    )
+    _load_command(model_sub, common)
+    wait = model_sub.add_parser("wait", parents=[common], help="wait until models are Ready")
+    wait.add_argument("refs", nargs="+", metavar="NAME|ID")
+    wait.add_argument("--timeout", type=float, default=900, help="limit in seconds")
+    wait.set_defaults(run=model_wait)
+    _unload_command(model_sub, common)
+    pin = model_sub.add_parser(
+        "pin", parents=[common], help="never unload REF when idle, never evict it"
+    )
+    pin.add_argument("ref", metavar="NAME|ID")
+    pin.set_defaults(run=model_pin)
+    unpin = model_sub.add_parser(
+        "unpin", parents=[common], help="let REF unload after a keep-alive without requests"
+    )
+    unpin.add_argument("ref", metavar="NAME|ID")
+    unpin.add_argument(
+        "--keep-alive",
+        metavar="DURATION",
+        help="idle time before it unloads (default: the catalog's, else NEBULA_KEEP_ALIVE)",
+    )
+    unpin.set_defaults(run=model_pin)
+    show = model_sub.add_parser("show", parents=[common], help="placements, states, events")
+    show.add_argument("ref", metavar="NAME|ID")
+    show.set_defaults(run=model_show)
+
+
+def _load_command(model_sub: Any, common: argparse.ArgumentParser) -> None:
+    load = model_sub.add_parser("load", parents=[common], help="load a catalog model")
+    load.add_argument("name", help="catalog name (see `catalog list`)")
+    load.add_argument(
+        "--replicas",
+        metavar="N|MIN..MAX",
+        help="engines to run, or a range to follow the load (1..4: start at 1, add up to 3 "
+        "more while requests queue); default: the catalog's, else 1",
+    )
+    load.add_argument(
+        "--gpu-memory-utilization", type=float, help="fraction of each GPU, overriding the catalog"
+    )
+    load.add_argument(
+        "--keep-alive",
+        metavar="DURATION",
+        help='unload after this long without requests ("10m", "1h", 0); default: pinned',
+    )
+    load.add_argument("--wait", action="store_true", help="show progress until Ready")
+    load.add_argument("--timeout", type=float, default=900, help="--wait limit in seconds")
+    load.set_defaults(run=model_load)
+
+
+def _unload_command(model_sub: Any, common: argparse.ArgumentParser) -> None:
+    unload = model_sub.add_parser("unload", parents=[common], help="drain, stop and free a model")
+    unload.add_argument("ref", metavar="NAME|ID")
+    unload.add_argument("--wait", action="store_true", help="show progress until gone")
+    drain = unload.add_mutually_exclusive_group()
+    drain.add_argument(
+        "--drain-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="longest wait for in-flight requests before stopping (default: the catalog's "
+        "drain_timeout_s for the model, else the node's, 600 s)",
+    )
+    drain.add_argument(
+        "--now", action="store_true", help="stop at once: in-flight answers are cut off"
+    )
+    unload.add_argument("--timeout", type=float, default=300, help="--wait limit in seconds")
+    unload.set_defaults(run=model_unload)
 
 
 def run(argv: Sequence[str], out: TextIO, err: TextIO, client: AdminClient | None = None) -> int:
