@@ -1,8 +1,9 @@
-"""The shape of the code, checked like behaviour: the import layering, module size, and
-the formatter as the one judge of layout."""
+"""The shape of the code, checked like behaviour: the import layering, module and
+function size, and the formatter as the one judge of layout."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +47,19 @@ def test_the_formatter_is_skipped_only_for_data_tables() -> None:
         if "fmt: skip" in line or "fmt: off" in line
     }
     assert not skipped, f"layout by hand outside a data table: {sorted(skipped)}"
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_every_function_reads_at_a_glance() -> None:
+    """A function (its nested ones included) longer than this does several things:
+    cut it into named phases that read top-down."""
+    long = []
+    for path in (ROOT / "nebula").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines})")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {sorted(long)}"
