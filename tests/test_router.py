@@ -16,6 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from harness.cluster import wait_for
 from harness.endpoints import announce
 from harness.processes import EngineProcess, RedisServer, RouterProcess, http_bytes, stop
 from nebula.catalog import load_catalog
@@ -150,9 +151,11 @@ async def test_streaming_is_passed_through_as_it_arrives(
             finish = chunk.choices[0].finish_reason or finish
     assert "".join(words) == "echo: a b c d e "
     assert finish == "stop"
-    # Six words, sent 100 ms apart: the client saw them apart, not in one buffered lump.
-    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    assert len(gaps) == 5 and min(gaps) > 0.07, gaps
+    # Six words, sent 100 ms apart over half a second: the client saw them spread
+    # over most of it, not in one buffered lump (a busy machine may bunch a few, so
+    # the spread, not each gap, is what is asked).
+    assert len(arrivals) == 6
+    assert arrivals[-1] - arrivals[0] > 0.25, [b - a for a, b in itertools.pairwise(arrivals)]
 
 
 async def test_error_classes_through_the_openai_client(
@@ -172,7 +175,17 @@ async def test_error_classes_through_the_openai_client(
 
     # A loaded model with no healthy replica: 503 with Retry-After.
     await state.requests.create(load_catalog().get_spec(EMBED), 1)
-    time.sleep(0.5)
+
+    async def known() -> bool:  # the router has read the new model (not 404 any more)
+        try:
+            client(router).embeddings.create(model=EMBED, input="x")
+        except openai.NotFoundError:
+            return False
+        except openai.InternalServerError:
+            return True
+        return True
+
+    await wait_for(known, 15, "the router to know the loaded model")
     with pytest.raises(openai.InternalServerError) as err:
         client(router).embeddings.create(model=EMBED, input="x")
     assert err.value.status_code == 503
@@ -283,7 +296,9 @@ async def test_a_replica_killed_mid_run_fails_no_unstreamed_request(
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(one, i) for i in range(200)]
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while a.served() < 5 and time.monotonic() < deadline:  # `a` is busy now
+            time.sleep(0.02)
         a.kill()
         answers = [f.result() for f in futures]  # any failure raises here
     assert answers == [f"echo: n{i} " for i in range(200)]

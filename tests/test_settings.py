@@ -1,13 +1,36 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from nebula import settings
 from nebula.errors import ConfigError
 from nebula.settings import load_settings
+
+
+@pytest.fixture(autouse=True)
+def no_config_of_this_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The places a config file is looked for, under the test's own folder: a
+    nebula.toml in the working directory, ~/.config or /etc of the machine running
+    the tests must not decide what a test sees."""
+    home = tmp_path / "home"
+    monkeypatch.setattr(
+        settings,
+        "CONFIG_CANDIDATES",
+        (
+            tmp_path / "cwd" / "nebula.toml",
+            home / ".config/nebula/nebula.toml",
+            tmp_path / "etc.toml",
+        ),
+    )
+    monkeypatch.delenv("NEBULA_CONFIG", raising=False)
+    for name in [n for n in os.environ if n.startswith("NEBULA_")]:
+        monkeypatch.delenv(name)
+    return home
 
 
 def test_environment_and_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,9 +71,17 @@ def test_missing_config_file_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 
 def test_daemon_with_bad_redis_url_exits_with_one_line(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.toml"  # not /etc's or ~/.config's, whatever they hold
+    empty.write_text("")
+    env = {
+        "NEBULA_REDIS_URL": "http://127.0.0.1:6379",
+        "NEBULA_CONFIG": str(empty),
+        "HOME": str(tmp_path),
+        "PATH": "/usr/bin:/bin",
+    }
     result = subprocess.run(
         [sys.executable, "-m", "nebula.daemons", "scheduler"],
-        env={"NEBULA_REDIS_URL": "http://127.0.0.1:6379", "PATH": "/usr/bin:/bin"},
+        env=env,
         capture_output=True,
         text=True,
         timeout=30,
