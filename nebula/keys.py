@@ -90,8 +90,9 @@ def legacy_endpoint(placement_id: str) -> str:
 ROUTING_VERSION = PREFIX + "routing-version"
 
 
-# API keys for /v1, stored hashed: hash key name -> JSON {name, digest (sha256 hex of
-# the key), rate_per_s, created_at, and its scope} (store/api_keys.py).
+# API keys for /v1, stored hashed: hash key name -> JSON {v, name, digest (sha256
+# hex of the key), rate_per_s, created_at, models, on_demand, priority,
+# token_budget, budget_period} (store/api_keys.py; never the key itself).
 API_KEYS = PREFIX + "api-keys"
 
 

@@ -2,8 +2,10 @@
 failovers it has seen, and how long it has been without a writable master.
 
 A loop in every daemon (scheduler, agent, router) keeps these metrics and says
-in its log what it is waiting for; nothing here changes how the process works,
-which is the job of the grace rules (docs/architecture.md).
+in its log what it is waiting for. It acts in one case: when Sentinel names a new
+master, it resets the process's Redis connections (no command may go on to the
+old master over a pooled connection) and bumps `State.master_epoch`, which the
+grace rules read (docs/architecture.md); everything else they decide.
 """
 
 from __future__ import annotations

@@ -90,8 +90,9 @@ class Settings(RoutingSettings, SecuritySettings, LoadSettings):
     node_ttl_s: float = Field(
         8.0,
         gt=0,
-        description="Heartbeat TTL: a node silent this long is dead (3-5 heartbeats). Also "
-        "the TTL of its endpoints, and the scheduler's grace after an outage or a new leader.",
+        description="Heartbeat TTL: a node silent this long is dead (3-5 heartbeats), and "
+        "its endpoints are withdrawn with it. Also the scheduler's grace after an outage or "
+        "a new leader, and how long a router merges (never blanks) its table after one.",
     )
     agent_restart_allowance_s: float = Field(
         3.0,

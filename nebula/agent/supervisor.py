@@ -146,7 +146,8 @@ class Supervisor:
             return False
         self.programs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_suffix(".tmp")
-        # 0600: the file holds the engine's internal key.
+        # 0600: command lines and environments are nobody else's business (the engine
+        # key is not in it: `render` writes a reference to supervisord's environment).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(text)

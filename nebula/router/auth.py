@@ -1,9 +1,10 @@
 """Client keys for /v1; the admin key and read-only keys for /admin.
 
 Keys are compared by their SHA-256 digest (configured keys are hashed at
-start, stored keys are stored hashed), and never logged. A client's key stays in
-memory only as the key of a bounded cache of digests, so that each is hashed
-once, not per request.
+start, stored keys are stored hashed), and never logged or stored in Redis. A
+client's key does stay in this process's memory, in plain text, as the key of a
+bounded cache of digests (so that each is hashed once, not per request): a
+memory dump of a router shows recent keys, as it would show the requests.
 
 Fail closed: with no key at all, /v1 and /admin are open only on a router
 that listens on loopback (or is told its network is trusted). The check is
