@@ -78,7 +78,7 @@ async def rounds(url: str, folder: Path, n: int) -> tuple[list[float], list[floa
             await cluster.status(state, request.id, Status.READY)
             loads.append(time.monotonic() - start)
             start = time.monotonic()
-            await state.requests.delete(request.id)
+            await state.requests.unload(request.id)
             await cluster.gone(state, request.id)
             unloads.append(time.monotonic() - start)
         return loads, unloads
@@ -105,7 +105,7 @@ async def on_demand_rounds(url: str, folder: Path, n: int) -> dict[str, list[flo
                 for name, value in times.items():
                     out[name].append(value)
                 [request] = await state.requests.all()
-                await state.requests.delete(request.id)
+                await state.requests.unload(request.id)
                 await cluster.gone(state, request.id)
         return out
     finally:

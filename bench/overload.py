@@ -191,7 +191,7 @@ async def compare(cluster: Cluster, state: State, args: argparse.Namespace) -> N
             p99 = statistics.quantiles(step, n=100, method="inclusive")[98]
             base = statistics.quantiles(alone, n=100, method="inclusive")[98]
             print(f"  p99 under 5x / unloaded p99: {p99 / base:.2f}x (target: within 2x)")
-    await state.requests.delete(request.id)
+    await state.requests.unload(request.id)
     await cluster.gone(state, request.id, 60)
 
 
@@ -237,7 +237,7 @@ async def autoscale(cluster: Cluster, state: State, args: argparse.Namespace) ->
 
 async def replicas(state: State, request: ModelRequest) -> tuple[int, int]:
     current = await state.requests.get(request.id)
-    endpoints = await state.endpoints.live()
+    endpoints = await state.endpoints.all()
     return current.replicas, sum(1 for e in endpoints if e.model == MODEL)
 
 

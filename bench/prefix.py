@@ -266,7 +266,7 @@ async def with_vllm(args: argparse.Namespace, folder: Path, redis: RedisServer) 
             started = time.monotonic()
             await cluster.status(state, request.id, Status.READY, timeout=900)
             print(f"{args.replicas} replicas of {MODEL} Ready in {time.monotonic() - started:.0f}s")
-            engines = sorted(e.url for e in (await state.endpoints.live()))
+            engines = sorted(e.url for e in (await state.endpoints.all()))
         for policy in POLICIES:
             routers[policy] = cluster.start_router(NEBULA_ROUTING_POLICY=policy)
         await _routed(routers, args.replicas)

@@ -45,7 +45,7 @@ def alive(pid: int) -> bool:
 
 
 async def endpoints(state: State) -> list:  # type: ignore[type-arg]
-    return await state.endpoints.live()
+    return await state.endpoints.all()
 
 
 async def engine_pid(state: State, node: str = "node-a") -> int:
@@ -74,7 +74,7 @@ async def test_load_ready_unload_gone(state: State, cluster: Cluster) -> None:
     assert [p.name for p in cluster.paths.programs.glob("*.conf")]
 
     started = time.monotonic()
-    await state.requests.delete(request.id)
+    await state.requests.unload(request.id)
     await cluster.gone(state, request.id)
     unload_to_gone = time.monotonic() - started
     assert not alive(pid)
@@ -128,7 +128,7 @@ async def test_engine_that_cannot_start_fails_with_its_log(state: State, cluster
     await asyncio.sleep(1.5)  # and no more tries after Failed
     after = [log.read_text().count("test engine for broken_chat starting") for log in logs]
     assert after == starts and len(list(cluster.paths.logs.glob("engine-*.log"))) == 2
-    await state.requests.delete(request.id)
+    await state.requests.unload(request.id)
     await cluster.gone(state, request.id)
 
 
@@ -177,7 +177,7 @@ async def test_unload_drains_a_request_in_flight(state: State, cluster: Cluster)
 
     in_flight = asyncio.create_task(asyncio.to_thread(slow_stream))
     await asyncio.sleep(0.5)  # the answer is streaming: 7 words, 300 ms apart
-    await state.requests.delete(request.id)
+    await state.requests.unload(request.id)
     answer = await in_flight
     assert answer.rstrip().endswith(b"data: [DONE]"), answer[-200:]
     assert b'"finish_reason": "stop"' in answer

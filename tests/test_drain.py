@@ -73,7 +73,7 @@ async def unload_under_streams(
     request = await cluster.load(state, MODEL)
     await cluster.status(state, request.id, Status.READY)
     if behaviour:
-        [endpoint] = await state.endpoints.live()
+        [endpoint] = await state.endpoints.all()
         url = endpoint.url + "/test/behaviour"
         status, _, body = await asyncio.to_thread(http_bytes, "POST", url, behaviour)
         assert status == 200, body
@@ -81,7 +81,7 @@ async def unload_under_streams(
     firsts = [asyncio.Event() for _ in range(3)]
     streams = [asyncio.create_task(stream(router.url, first)) for first in firsts]
     await asyncio.wait_for(asyncio.gather(*(e.wait() for e in firsts)), 30)
-    await state.requests.delete(request.id)
+    await state.requests.unload(request.id)
     for chunks, done, last in await asyncio.gather(*streams):
         assert done, f"a stream was cut after {chunks} chunks: {last!r}"
         assert chunks >= 40

@@ -193,7 +193,7 @@ async def test_both_default_models_on_vllm_cpu(
             ready_at[request_id] = time.monotonic() - started
 
         await asyncio.gather(ready(chat_request.id), ready(embed_request.id))
-        endpoints = {e.model: e for e in (await state.endpoints.live())}
+        endpoints = {e.model: e for e in (await state.endpoints.all())}
         assert set(endpoints) == {CHAT, EMBED}
 
         # At the endpoints the agent published.
@@ -253,8 +253,8 @@ async def test_both_default_models_on_vllm_cpu(
             streams = [asyncio.create_task(long_stream(router.url, first)) for first in started]
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
             unload_started = time.monotonic()
-            await state.requests.delete(chat_request.id)
-            await state.requests.delete(embed_request.id)
+            await state.requests.unload(chat_request.id)
+            await state.requests.unload(embed_request.id)
             answers = await asyncio.gather(*streams)
             streamed_s = time.monotonic() - unload_started
         finally:
@@ -320,7 +320,7 @@ async def test_a_model_nobody_loaded_answers_its_first_request_on_vllm_cpu(
         assert (answer.choices[0].message.content or "").strip()
         [request] = await state.requests.all()
         assert request.model == CHAT and request.on_demand and not request.pinned
-        await state.requests.delete(request.id)
+        await state.requests.unload(request.id)
         await cluster.gone(state, request.id, timeout=300)
         print(f"\nvLLM CPU on demand: first answer {first_answer_s:.0f}s after the request")
     finally:
@@ -350,7 +350,7 @@ async def test_vllm_reports_what_it_evicted_and_the_router_forgets_it(
     try:
         request = await cluster.load(state, CHAT)
         await cluster.status(state, request.id, Status.READY, timeout=900)
-        [endpoint] = await state.endpoints.live()
+        [endpoint] = await state.endpoints.all()
         assert endpoint.kv_events
         await wait_for(lambda: _following(cluster), 30, "the agent to follow the engine")
         router = cluster.start_router()

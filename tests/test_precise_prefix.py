@@ -144,7 +144,7 @@ async def test_a_conversation_an_engine_evicted_goes_elsewhere_and_one_it_kept_s
     try:
         request = await cluster.load(state, "cached_chat", 2)
         await cluster.status(state, request.id, Status.READY)
-        endpoints = await state.endpoints.live()
+        endpoints = await state.endpoints.all()
         assert len(endpoints) == 2 and all(e.kv_events for e in endpoints)
         await wait_for(lambda: _following(cluster, 2), 20, "the agent to follow both engines")
         router = cluster.start_router()

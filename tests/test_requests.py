@@ -42,11 +42,11 @@ async def test_load_show_list_unload(state: State) -> None:
     events = await state.requests.events(request.id)
     assert [e["message"] for e in events] == ["load asked: 2 replica(s)"]
 
-    unloading = await state.requests.delete("smollm2_135m_chat")
+    unloading = await state.requests.unload("smollm2_135m_chat")
     assert unloading.status is Status.UNLOADING
     assert (await state.requests.get(request.id)).status is Status.UNLOADING
     # Unload is never straight to gone, and asking twice is harmless.
-    again = await state.requests.delete(request.id)
+    again = await state.requests.unload(request.id)
     assert again.status is Status.UNLOADING
     assert [e["status"] for e in await state.requests.events(request.id)] == [
         "Pending",
@@ -83,7 +83,7 @@ async def test_unknown_model_and_bad_overrides_change_nothing(state: State, redi
     with pytest.raises(
         NotFound, match="no model request 'nope'; loaded models: minilm_l6_embedding"
     ):
-        await state.requests.delete("nope")
+        await state.requests.unload("nope")
     with pytest.raises(NotFound):
         await state.requests.get("nope")
     assert dump(redis_url) == before

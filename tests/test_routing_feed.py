@@ -31,7 +31,7 @@ def endpoint(i: int, node: str = "node-x", model: str = "m") -> Endpoint:
 
 
 async def index(state: State) -> dict[str, Endpoint]:
-    return {e.placement_id: e for e in await state.endpoints.live()}
+    return {e.placement_id: e for e in await state.endpoints.all()}
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ async def test_request_lifecycle_from_load_to_gone(
     assert await status_of(state, request.id) == (Status.READY, "1/1 replicas healthy")
     assert not await scheduler.step()  # level-triggered: nothing left to do
 
-    await state.requests.delete(request.id)
+    await state.requests.unload(request.id)
     await scheduler.step()
     [stopping] = await node.placements()
     assert stopping.desired is Desired.STOP
@@ -112,7 +112,7 @@ async def test_unload_while_pending_goes_straight_through_unloading(
     request = await state.requests.create(QWEN, 1)
     await scheduler.step()
     assert (await status_of(state, request.id))[0] is Status.PENDING
-    assert (await state.requests.delete(request.id)).status is Status.UNLOADING
+    assert (await state.requests.unload(request.id)).status is Status.UNLOADING
     await scheduler.step()
     assert await state.requests.all() == []
 
@@ -241,7 +241,7 @@ async def test_unload_racing_a_pass_is_never_overwritten(state: State, settings:
     assert await state.lease.acquire_or_renew(scheduler.me, 5, held=False)
     snap = await ClusterStore(state).snapshot()
     changes = reconcile(snap, ceiling=0.9, now=time.time())  # would write Scheduled
-    await state.requests.delete(request.id)  # lands between the read and the write
+    await state.requests.unload(request.id)  # lands between the read and the write
     assert await ClusterStore(state).apply(changes, leader=scheduler.me)
     assert (await status_of(state, request.id))[0] is Status.UNLOADING
 

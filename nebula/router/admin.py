@@ -237,7 +237,7 @@ async def unload_model(request: web.Request) -> web.Response:
             drain = -1.0
         if not 0 <= drain <= 86400:
             raise InvalidRequest("drain_timeout_s must be seconds from 0 (stop now) to 86400")
-    unloading = await request.app[STATE].requests.delete(request.match_info["ref"], drain)
+    unloading = await request.app[STATE].requests.unload(request.match_info["ref"], drain)
     return web.json_response(request_view(unloading), status=202)
 
 

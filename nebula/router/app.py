@@ -64,7 +64,7 @@ def build_app(settings: Settings, *, catalog: Catalog | None = None) -> web.Appl
     app.on_shutdown.append(_draining(settings, proxy, ondemand))
     public.add_routes(app)
     for path in FORWARDED:
-        app.router.add_post(path, proxy.handler(path))
+        app.router.add_post(path, proxy.route_handler(path))
     admin.add_routes(app, keys)
     admin_keys.add_routes(app, keys)
     public.add_catch_all(app)

@@ -130,7 +130,7 @@ class Proxy:
     def _done(self, model: str, route: str, status: int) -> None:
         self.labels.requests(model, route, status).inc()
 
-    def handler(self, route: str) -> Any:
+    def route_handler(self, route: str) -> Any:
         """The request handler for one of the `FORWARDED` routes."""
 
         async def handle(request: web.Request) -> web.StreamResponse:

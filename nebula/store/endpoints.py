@@ -138,8 +138,9 @@ class Endpoints:
         async with self.core.reachable():
             return int(await self.core.redis.eval(_RETAIN, 4, *_keys(node), *args))
 
-    async def live(self) -> list[Endpoint]:
-        """Every endpoint now."""
+    async def all(self) -> list[Endpoint]:
+        """Every published endpoint now (published while its engine answered its last
+        probe; a liveness check of its own is not made here)."""
         async with self.core.reachable():
             raw = await self.core.redis.hvals(keys.ENDPOINT_INDEX)
         return sorted(wire.readable(decode, raw, "endpoint"), key=lambda e: e.placement_id)

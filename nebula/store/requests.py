@@ -134,7 +134,7 @@ class Requests:
         self.stage_event(pipe, request.id, text, request.status)
         pipe.publish(keys.EVENTS_CHANNEL, "request")
 
-    async def delete(self, ref: str, drain_timeout_s: float | None = None) -> ModelRequest:
+    async def unload(self, ref: str, drain_timeout_s: float | None = None) -> ModelRequest:
         """Unload: mark the request `Unloading`; its engines are drained (for at most
         `drain_timeout_s`, when given) and stopped, then it is gone."""
         redis = self.core.redis

@@ -49,7 +49,7 @@ async def served_through(node: Node, fault: str) -> None:
     assert not any("lost" in e for e in events), events
     # Still a node with both replicas published once the grace is over: a scheduler
     # that took the silent node for dead would have withdrawn them.
-    assert len(await node.state.endpoints.live()) == 2
+    assert len(await node.state.endpoints.all()) == 2
 
 
 @pytest.mark.timeout(180)

@@ -133,7 +133,7 @@ async def test_engines_are_closed_by_default_and_no_key_is_written_or_shown(
         key_file = cluster.settings.state_dir / "engine.key"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         engine_key = key_file.read_text().strip()
-        [endpoint] = await state.endpoints.live()
+        [endpoint] = await state.endpoints.all()
         body = {"model": "tiny_chat", "messages": [{"role": "user", "content": "hi"}]}
         status, _ = post(endpoint.url + "/v1/chat/completions", body, key="")
         assert status == 401, "an engine answered without the internal key"
