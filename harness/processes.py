@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import signal
 import socket
@@ -17,6 +18,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+_ENGINES = itertools.count()
+
+
+def _reported_port(
+    path: Path, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0
+) -> int:
+    """The port a process wrote to `path` once it listened there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return int(path.read_text())
+        if proc.poll() is not None:
+            raise RuntimeError(f"{log.name} exited ({proc.returncode}):\n{tail(log, 20)}")
+        time.sleep(0.02)
+    raise RuntimeError(f"{log.name} reported no port within {timeout:g}s:\n{tail(log, 20)}")
 
 
 def wait_for_port(port: int, timeout: float = 10.0) -> None:
@@ -179,19 +197,23 @@ def tail(path: Path, lines: int) -> str:
 
 
 class EngineProcess:
-    """Nebula's test engine in its own process, on a free port."""
+    """Nebula's test engine in its own process, on a port it binds itself (port 0:
+    no other process can take it between the choice and the bind) and reports."""
 
     def __init__(self, model: str, folder: Path, api_key: str = "", *extra: str) -> None:
         self.model = model
-        self.port = free_port()
-        self.log = folder / f"engine-{model}-{self.port}.log"
+        name = f"engine-{model}-{next(_ENGINES)}"
+        self.log = folder / f"{name}.log"
+        port_file = folder / f"{name}.port"
         self.proc = spawn(
             [
                 sys.executable,
                 "-m",
                 "nebula.testengine",
                 "--port",
-                str(self.port),
+                "0",
+                "--port-file",
+                str(port_file),
                 "--model",
                 model,
                 "--api-key",
@@ -200,7 +222,7 @@ class EngineProcess:
             ],
             self.log,
         )
-        wait_for_port(self.port)
+        self.port = _reported_port(port_file, self.proc, self.log)
 
     @property
     def url(self) -> str:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import time
+from pathlib import Path
 
 from aiohttp import web
 
@@ -18,7 +20,8 @@ from nebula.testengine.prompts import BLOCK_CHARS, CACHE_BLOCKS
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nebula-testengine", description=(DOC or "").split("\n")[0])
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int, required=True, help="0: any free port (see --port-file)")
+    p.add_argument("--port-file", default="", help="write the port listened on here, once bound")
     p.add_argument("--model", required=True, help="the served model name")
     p.add_argument("--api-key", default=os.environ.get("NEBULA_TEST_ENGINE_API_KEY", ""))
     p.add_argument("--dimensions", type=int, default=384, help="embedding size")
@@ -77,13 +80,26 @@ def main(argv: list[str] | None = None) -> None:
     # Like vLLM too, a request whose client leaves is aborted (handler cancellation).
     web.run_app(
         app,
-        host=args.host,
-        port=args.port,
+        sock=bound(args.host, args.port, args.port_file),
         print=None,
         access_log=None,
         shutdown_timeout=0.5,
         handler_cancellation=True,
     )
+
+
+def bound(host: str, port: int, port_file: str) -> socket.socket:
+    """The listening socket, bound here so that port 0 works and no other process can
+    take the port between its choice and its use; its port written to `port_file`."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    if port_file:
+        tmp = Path(port_file + ".tmp")
+        tmp.write_text(str(sock.getsockname()[1]))
+        tmp.replace(port_file)  # whole or absent: a reader never sees half a number
+    return sock
 
 
 if __name__ == "__main__":
