@@ -351,28 +351,17 @@ def _place_one(
     """One replica of `request`: on GPUs if it may run there and they have room,
     else in a CPU node's RAM; None if it fits nowhere."""
     spec = request.spec
+
+    def placed(node: str, port: int, devices: tuple[int, ...] = ()) -> Placement:
+        return Placement(new_id(), request.id, node, port, spec, devices, created_at=now)
+
     if spec.gpu_memory_utilization is not None:
         hit = cluster.place_gpu(request.id, spec.gpu_memory_utilization, spec.tensor_parallel_size)
         if hit is not None:
             room, devices = hit
-            return Placement(
-                id=new_id(),
-                request_id=request.id,
-                node=room.node.id,
-                port=room.take_port(),
-                spec=spec,
-                devices=devices,
-                created_at=now,
-            )
+            return placed(room.node.id, room.take_port(), devices)
     if spec.cpu_memory_gib is not None and spec.tensor_parallel_size == 1:
         cpu_room = cluster.place_cpu(request.id, spec.cpu_memory_gib)
         if cpu_room is not None:
-            return Placement(
-                id=new_id(),
-                request_id=request.id,
-                node=cpu_room.node.id,
-                port=cpu_room.take_port(),
-                spec=spec,
-                created_at=now,
-            )
+            return placed(cpu_room.node.id, cpu_room.take_port())
     return None
