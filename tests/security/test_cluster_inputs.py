@@ -1,5 +1,8 @@
 """Admin input against a whole node (real scheduler, supervisord, agent, router):
-generated load requests never add a program to supervisord or a file anywhere;
+generated load requests never add a program to supervisord or a file anywhere
+(the API's allowlist refuses most of them first; the same injections written
+straight into Redis, where only the agent's own check stands, are in
+test_redis_trust.py);
 engines are closed by default; no key is written to any log or config or shown
 in `ps`; a Redis URL's password is never echoed."""
 

@@ -19,6 +19,7 @@ from nebula.agent.programs import program_name
 from nebula.models import Endpoint, ModelSpec, Status
 from nebula.store import State
 from tests.security.conftest import CHAT
+from tests.security.test_cluster_inputs import INJECTIONS
 from tests.security.test_router_edges import http, served
 
 
@@ -49,7 +50,7 @@ async def test_an_endpoint_at_a_host_its_node_did_not_register_is_ignored(
     assert json.loads(health)["endpoints"] == 1
 
 
-FORGED = ("code", "reserved", "spelled", "model", "fine")
+FORGED = ("code", "reserved", "spelled", "model", "section", "include", "percent", "fine")
 CATALOG = "".join(
     f"""
 [models.chat_{what}]
@@ -79,6 +80,12 @@ async def test_a_placement_redis_alone_asked_for_never_starts(state: State, node
         "reserved": spec("reserved", engine_args=(*own, "--api-key", "stolen")),
         "spelled": spec("spelled", engine_args=("--api_key=stolen", *own)),
         "model": spec("model", model="/tmp/not-the-catalogs"),
+        # What tests/security/test_cluster_inputs.py sends through the API (which
+        # refuses it first), here where only the agent stands between it and a
+        # program file: a new section, an include, supervisord's own expansion.
+        "section": spec("section", engine_args=(*own, INJECTIONS[0])),
+        "include": spec("include", engine_args=(*own, INJECTIONS[2])),
+        "percent": spec("percent", engine_args=(*own, "%(ENV_HOME)s")),
         "name": spec("fine", name="not_in_the_catalog"),
     }
     made = {what: await state.requests.create(spec, 1) for what, spec in forged.items()}
@@ -88,9 +95,12 @@ async def test_a_placement_redis_alone_asked_for_never_starts(state: State, node
         return all(r.status is Status.FAILED for r in found)
 
     await wait_for(all_failed, 90, "every forged request failed")
+    # Why each failed: the agent's vetting ("refused: ..."), or for a line break its
+    # check that an argument is plain text.
+    why = {"section": "control character", "include": "control character"}
     for what, request in made.items():
         message = (await state.requests.get(request.id)).message
-        assert "refused:" in message, (what, message)
+        assert why.get(what, "refused:") in message, (what, message)
     # None was ever written as a program, so none ran.
     programs = {p.name for p in node.paths.programs.glob("*.conf")}
     for placement, _ in await state.placements.all(["node-a"]):
