@@ -25,13 +25,13 @@ model's queue, and is sent the moment a slot frees:
   measured time per request. A waiting stream gets SSE comments, as a held
   one does (`ondemand`).
 
-Free slots are counted against the replicas' load as this process sees it
-(`balance.Loads`): its own requests, exact, plus what the engines last reported
-beyond them (other routers and workers, sampled about once a second). So every
-router process shares one rule without a Redis round trip per request; the cost
-is that two processes may both fill the same free slots within one sample, and
-the engine's own queue absorbs that overshoot (at most what the other processes
-admitted in one sample interval).
+Several router processes (workers and routers) share each model's slots: each
+reports its demand per band once a second and takes its share by one pure rule
+(`flow_share`), recomputing its own share at once when a band it did not ask in
+gets a request. No Redis round trip on the request path; the cost is that a
+share is up to a report old, so an engine may briefly get more than its target
+(its own queue holds the excess, and the `num_requests_waiting` it reports lowers
+the slots until that drains).
 """
 
 from __future__ import annotations
