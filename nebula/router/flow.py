@@ -67,7 +67,6 @@ class Admitted:
     band: int
     stream: web.StreamResponse | None = None
     answered: bool = False
-    waited_s: float = 0.0
 
 
 class FlowControl:
@@ -320,7 +319,7 @@ class FlowControl:
             raise
         waited = self.clock() - ticket.queued_at
         router_metrics.QUEUE_WAIT.labels(model, BANDS[ticket.band]).observe(waited)
-        return Admitted(ticket.band, response, waited_s=waited)
+        return Admitted(ticket.band, response)
 
     def _give_up(self, model: str, ticket: Ticket) -> None:
         """A waiting request leaves: out of the queue, or, if its slot was granted
