@@ -6,7 +6,6 @@ Redis unreachable 503; every error in OpenAI's error shape.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,7 +17,7 @@ from nebula.durations import parse_keep_alive
 from nebula.errors import InvalidRequest, NebulaError
 from nebula.names import check_name, check_ref
 from nebula.replicas import parse_replicas
-from nebula.router import origin
+from nebula.router import json_body, origin
 from nebula.router.auth import KeyRing, bearer
 from nebula.router.balance import Loads
 from nebula.router.openai_errors import error
@@ -97,16 +96,11 @@ def _refused(keys: KeyRing, request: web.Request, *, write: bool) -> web.Respons
     return None
 
 
-async def json_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+async def read_json(request: web.Request) -> dict[str, Any]:
     try:
-        body = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"the body is not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidRequest("the body's JSON is nested too deeply") from None
+        body = json_body.parse(await request.read())
+    except json_body.BadBody as exc:
+        raise InvalidRequest(str(exc)) from None
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
     return body
@@ -156,7 +150,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def load_model(request: web.Request) -> web.Response:
-    body = await json_body(request)
+    body = await read_json(request)
     unknown = set(body) - LOAD_FIELDS
     if unknown:
         raise InvalidRequest(
@@ -195,7 +189,7 @@ async def pin_model(request: web.Request) -> web.Response:
 async def unpin_model(request: web.Request) -> web.Response:
     """`POST /admin/models/{ref}/unpin` `{"keep_alive": "10m"}` (default: the catalog's
     keep-alive for the model, else NEBULA_KEEP_ALIVE)."""
-    body = await json_body(request) if request.can_read_body else {}
+    body = await read_json(request) if request.can_read_body else {}
     unknown = set(body) - {"keep_alive"}
     if unknown:
         raise InvalidRequest(f"unknown field(s) {', '.join(sorted(unknown))}; allowed: keep_alive")

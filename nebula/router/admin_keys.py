@@ -19,7 +19,7 @@ from aiohttp import web
 from nebula.errors import InvalidRequest
 from nebula.models import ApiKey
 from nebula.names import check_name
-from nebula.router.admin import STATE, Handler, guarded, json_body
+from nebula.router.admin import STATE, Handler, guarded, read_json
 from nebula.router.auth import KeyRing
 from nebula.tenancy import check_budget, check_models, check_priority, day_of, period_of
 
@@ -82,7 +82,7 @@ async def list_keys(request: web.Request) -> web.Response:
 
 
 async def create_key(request: web.Request) -> web.Response:
-    body = await json_body(request)
+    body = await read_json(request)
     name = check_name(body.get("name"), "`name`")
     scope = scope_of(body)
     secret = await request.app[STATE].api_keys.create(name, **scope)

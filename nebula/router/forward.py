@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from nebula.models import Endpoint
 from nebula.router import router_metrics
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 PASSED_HEADERS = ("Content-Type", "X-Request-Id", "Content-Encoding")
 # Seconds a client is told to wait when a known model has no replica to answer.
 NO_REPLICA_RETRY_AFTER = "5"
+URL_CACHE = 4096  # upstream URLs kept parsed
 
 
 def answer_headers(upstream: Any) -> dict[str, str]:
@@ -90,6 +92,7 @@ class Forwarder:
             sock_read=settings.first_byte_timeout_s,
         )
         self.upstream_headers = {"Content-Type": "application/json"}
+        self._urls: dict[tuple[str, str], URL] = {}  # (replica URL, route) -> parsed
         # Replicas' concurrency targets bound the choice (flow control on).
         self.targets = settings.flow_control
         self.alone = True  # the only router process sending to these replicas (flow control)
@@ -195,10 +198,19 @@ class Forwarder:
             choice = self.prefix.choose(left, self.loads, prefix)
             index = "precise" if choice.endpoint.kv_events else "approximate"
             self.labels.decision(model, choice.reason, index).inc()
-            router_metrics.PREFIX_MATCHED.observe(choice.matched_chars)
+            router_metrics.prefix_matched(choice.matched_chars)
             return choice.endpoint
         self.labels.decision(model, "least_outstanding").inc()
         return self.policy.choose(left, self.loads)
+
+    def _url(self, base: str, path: str) -> URL:
+        """The upstream URL, parsed once per replica and route, not per request."""
+        url = self._urls.get((base, path))
+        if url is None:
+            if len(self._urls) >= URL_CACHE:
+                self._urls.clear()  # replicas come and go: bounded
+            url = self._urls[(base, path)] = URL(base + path)
+        return url
 
     def _target(self, endpoint: Endpoint) -> int:
         return endpoint.max_concurrency or self.default_target
@@ -210,7 +222,7 @@ class Forwarder:
         send.account.sent = True
         try:
             upstream = await self.session.post(
-                endpoint.url + send.path,
+                self._url(endpoint.url, send.path),
                 data=send.body,
                 headers=self.upstream_headers,
                 timeout=self.timeout,

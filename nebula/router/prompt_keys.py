@@ -61,34 +61,83 @@ def chain(payload: dict[str, Any], chunk_chars: int, max_chars: int) -> Prompt:
     turn) has all of its keys, in the same places. The hash is CRC-32 and
     Adler-32 of the text so far, side by side: both run on from one cut to the
     next in C at about 1 GB/s, where a cryptographic hash costs 2 us a cut here;
-    a collision (about one in 2^64 pairs) costs a cache miss, never an answer."""
+    a collision (about one in 2^64 pairs) costs a cache miss, never an answer.
+    A leading system prompt is cut once and remembered (`_preamble`): every
+    user of an app sends the same one."""
     keys: list[int] = []
     ends: list[int] = []
     anchor = -1
-    crc, adler = 0, 1
-    offset = 0  # of the message in the prompt
-    crc32, adler32 = zlib.crc32, zlib.adler32
+    cut = Cut(0, 0, 1)
     for text, opens in _segments(payload):
-        data = memoryview(text.encode())
-        end = min(offset + len(data), max_chars)
-        done = 0  # of the message, hashed
-        for cut in range((offset // chunk_chars + 1) * chunk_chars, end + 1, chunk_chars):
-            piece = data[done : cut - offset]
-            crc, adler = crc32(piece, crc), adler32(piece, adler)
-            done = cut - offset
-            keys.append(crc << 32 | adler)
-            ends.append(cut)
-        if offset + done < end:  # the message's end (or max_chars), between two cuts
-            piece = data[done : end - offset]
-            crc, adler = crc32(piece, crc), adler32(piece, adler)
-            keys.append(crc << 32 | adler)
-            ends.append(end)
-        if opens and anchor < 0 and end == offset + len(data):
+        if not keys and not opens and cut.offset == 0:
+            cut, first = _preamble(text, chunk_chars, max_chars)
+        else:
+            cut, first = _cut(text.encode(), cut, chunk_chars, max_chars)
+        keys += first.keys
+        ends += first.ends
+        if opens and anchor < 0 and first.whole:
             anchor = len(keys) - 1
-        offset = end
-        if offset >= max_chars:
+        if cut.offset >= max_chars:
             break
     return Prompt(keys, ends, anchor, "session_id" not in payload)
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """Where hashing stands after a segment: its offset and both hashes so far."""
+
+    offset: int
+    crc: int
+    adler: int
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """One segment's keys and cuts; `whole`: the segment ended before `max_chars`."""
+
+    keys: list[int]
+    ends: list[int]
+    whole: bool
+
+
+PREAMBLES = 256  # leading system prompts remembered (`_preamble`)
+_preambles: dict[tuple[str, int, int], tuple[Cut, Keys]] = {}
+
+
+def _preamble(text: str, chunk_chars: int, max_chars: int) -> tuple[Cut, Keys]:
+    """`_cut` of a prompt's first segment, remembered: a long system prompt shared by
+    every user is hashed once, not per request (a dict lookup by the text)."""
+    known = _preambles.get((text, chunk_chars, max_chars))
+    if known is None:
+        if len(_preambles) >= PREAMBLES:
+            _preambles.clear()  # bounded: many apps' prompts cost a re-hash, no growth
+        known = _preambles[(text, chunk_chars, max_chars)] = _cut(
+            text.encode(), Cut(0, 0, 1), chunk_chars, max_chars
+        )
+    return known
+
+
+def _cut(text: bytes, at: Cut, chunk_chars: int, max_chars: int) -> tuple[Cut, Keys]:
+    """A segment's keys, going on from `at`."""
+    keys: list[int] = []
+    ends: list[int] = []
+    crc, adler, offset = at.crc, at.adler, at.offset
+    crc32, adler32 = zlib.crc32, zlib.adler32
+    data = memoryview(text)
+    end = min(offset + len(data), max_chars)
+    done = 0  # of the segment, hashed
+    for cut in range((offset // chunk_chars + 1) * chunk_chars, end + 1, chunk_chars):
+        piece = data[done : cut - offset]
+        crc, adler = crc32(piece, crc), adler32(piece, adler)
+        done = cut - offset
+        keys.append(crc << 32 | adler)
+        ends.append(cut)
+    if offset + done < end:  # the segment's end (or max_chars), between two cuts
+        piece = data[done : end - offset]
+        crc, adler = crc32(piece, crc), adler32(piece, adler)
+        keys.append(crc << 32 | adler)
+        ends.append(end)
+    return Cut(end, crc, adler), Keys(keys, ends, end == offset + len(data))
 
 
 def with_session(body: bytes, session: str) -> bytes:

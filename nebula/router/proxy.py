@@ -10,7 +10,6 @@ module is the client's side (who asks, for what, held while the model loads);
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from aiohttp import web
 
 from nebula.models import ApiKey, Endpoint, ModelSpec, Task
 from nebula.names import shown
-from nebula.router import router_metrics
+from nebula.router import json_body, router_metrics
 from nebula.router.accounting import Account, BudgetExhausted, Ledger
 from nebula.router.auth import KeyRing, bearer
 from nebula.router.balance import Policy
@@ -260,13 +259,10 @@ class Proxy:
             self._done("", route, 413)
             return error(413, f"request body over the limit of {limit} bytes", "body_too_large")
         try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+            payload = json_body.parse(body)
+        except json_body.BadBody as exc:
             self._done("", route, 400)
-            return error(400, f"the body is not valid JSON: {exc}", "invalid_json")
-        except RecursionError:
-            self._done("", route, 400)
-            return error(400, "the body's JSON is nested too deeply", "invalid_json")
+            return error(400, str(exc), "invalid_json")
         model = payload.get("model") if isinstance(payload, dict) else None
         if not isinstance(model, str) or not model:
             self._done("", route, 400)

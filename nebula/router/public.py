@@ -154,5 +154,5 @@ async def unrouted(request: web.Request) -> web.Response:
             "/metrics (see docs/api.md)",
             "unknown_route",
         )
-    router_metrics.REQUESTS.labels("", OTHER, str(status)).inc()
+    router_metrics.TALLY.counter(router_metrics.REQUESTS, "", OTHER, str(status)).inc()
     return error(status, text, code)

@@ -1,7 +1,9 @@
 """The router's Prometheus metrics (`nebula_router_*`).
 
-With several worker processes, prometheus_client's multiprocess mode sums
-them; `nebula router` sets that up before this module is imported.
+The ones every request touches (requests, latency, time to first token, routing
+decisions, tokens) are counted by `tally`, without locks. The others are
+prometheus_client's; with several worker processes its multiprocess mode sums
+them, and `nebula router` sets that up before this module is imported.
 """
 
 from __future__ import annotations
@@ -9,23 +11,30 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+from nebula.router.tally import Tally
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
-REQUESTS = Counter(
+MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+TALLY = Tally(MULTIPROCESS_DIR)
+if MULTIPROCESS_DIR is None:
+    REGISTRY.register(TALLY.collector())
+
+REQUESTS = TALLY.family(
     "nebula_router_requests",
     "Requests answered, by model, route and HTTP status.",
     ["model", "route", "status"],
 )
-LATENCY = Histogram(
+LATENCY = TALLY.family(
     "nebula_router_request_duration_seconds",
     "Time from a request's arrival to the last byte of its answer.",
     ["model", "route"],
     buckets=LATENCY_BUCKETS,
 )
-TTFT = Histogram(
+TTFT = TALLY.family(
     "nebula_router_time_to_first_token_seconds",
     "Time from a streamed request's arrival to its first chunk.",
     ["model", "route"],
@@ -58,12 +67,12 @@ EJECTIONS = Counter(
     "Replicas left out of routing for a while after a connect to them failed.",
     ["model"],
 )
-TOKENS = Counter(
+TOKENS = TALLY.family(
     "nebula_router_tokens",
     "Tokens reported in answers' usage, by kind (prompt, completion).",
     ["model", "kind"],
 )
-KEY_TOKENS = Counter(
+KEY_TOKENS = TALLY.family(
     "nebula_router_key_tokens",
     "Tokens reported in answers' usage, by client key name (operator-defined; 'open' on "
     "a router without keys), model and kind (prompt, completion).",
@@ -74,7 +83,7 @@ BUDGET_REFUSALS = Counter(
     "Requests refused (429 budget_exhausted) because their key's token budget was spent.",
     ["key"],
 )
-ROUTING = Counter(
+ROUTING = TALLY.family(
     "nebula_router_routing_decisions",
     "How replicas were chosen: cached (a replica that holds the prompt's longest known "
     "prefix), spread (a new conversation on a shared prefix), new (no part of the prompt "
@@ -83,10 +92,11 @@ ROUTING = Counter(
     "replica's engine reports its evictions, else approximate (none: no prefix policy).",
     ["model", "decision", "index"],
 )
-PREFIX_MATCHED = Histogram(
+PREFIX_MATCHED = TALLY.family(
     "nebula_router_prefix_matched_chars",
     "Characters of the prompt that the chosen replica holds in its cache, as far as "
     "the prefix index knows (0: a new prompt or an overflow).",
+    (),
     buckets=(0, 256, 1024, 4096, 16384, 65536),
 )
 PREFIX_INDEX_KEYS = Gauge(
@@ -148,7 +158,7 @@ QUEUE_REFUSALS = Counter(
 
 
 class Labels:
-    """Prometheus children, made once each: `.labels()` costs a lock and a lookup."""
+    """The hot metrics' series, made once each (a lookup, then an addition per write)."""
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str, str], Any] = {}
@@ -159,38 +169,48 @@ class Labels:
         entry = self._cache.get((model, route))
         if entry is None:
             entry = self._cache[model, route] = (
-                LATENCY.labels(model, route),
-                TTFT.labels(model, route),
+                TALLY.histogram(LATENCY, model, route),
+                TALLY.histogram(TTFT, model, route),
             )
         return entry
 
     def requests(self, model: str, route: str, status: int) -> Any:
         child = self._requests.get((model, route, status))
         if child is None:
-            child = self._requests[model, route, status] = REQUESTS.labels(
-                model, route, str(status)
+            child = self._requests[model, route, status] = TALLY.counter(
+                REQUESTS, model, route, str(status)
             )
         return child
 
     def decision(self, model: str, decision: str, index: str = "none") -> Any:
         child = self._decisions.get((model, decision, index))
         if child is None:
-            child = self._decisions[model, decision, index] = ROUTING.labels(model, decision, index)
+            child = self._decisions[model, decision, index] = TALLY.counter(
+                ROUTING, model, decision, index
+            )
         return child
 
 
 def exposition() -> bytes:
     """The metrics page: this process's, or every worker's merged in multiprocess mode."""
-    from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
     registry: Any = REGISTRY
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if MULTIPROCESS_DIR is not None:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        registry.register(TALLY.collector())
     return bytes(generate_latest(registry))
 
 
 _token_children: dict[tuple[str, str, str], Any] = {}
+_prefix_matched: list[Any] = []
+
+
+def prefix_matched(chars: int) -> None:
+    if not _prefix_matched:
+        _prefix_matched.append(TALLY.histogram(PREFIX_MATCHED))
+    _prefix_matched[0].observe(chars)
 
 
 def count_tokens(key: str, model: str, prompt: int, completion: int) -> None:
@@ -201,8 +221,8 @@ def count_tokens(key: str, model: str, prompt: int, completion: int) -> None:
         children = _token_children.get((key, model, kind))
         if children is None:
             children = _token_children[key, model, kind] = (
-                TOKENS.labels(model, kind),
-                KEY_TOKENS.labels(key, model, kind),
+                TALLY.counter(TOKENS, model, kind),
+                TALLY.counter(KEY_TOKENS, key, model, kind),
             )
         children[0].inc(n)
         children[1].inc(n)

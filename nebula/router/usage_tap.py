@@ -15,8 +15,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 USAGE = b'"usage"'
 _decoder = json.JSONDecoder()
+_decode = msgspec.json.Decoder().decode
 # An SSE event held back while its end has not arrived, at most: past it the
 # stream is not the SSE the router knows, and is passed on as it comes.
 PARTIAL_LIMIT = 64 * 1024
@@ -49,6 +52,12 @@ def from_answer(data: bytes) -> Tokens | None:
     brace = data.find(b"{", at)
     if brace < 0 or data[at + len(USAGE) : brace].strip() != b":":
         return None
+    close = data.find(b"}", brace)
+    if close > 0 and data.find(b"{", brace + 1, close) < 0:  # flat, as vLLM writes it
+        try:
+            return tokens_of(_decode(data[brace : close + 1]))
+        except msgspec.DecodeError:
+            pass
     try:
         usage, _ = _decoder.raw_decode(data[brace:].decode("utf-8", "replace"))
     except (ValueError, RecursionError):
