@@ -81,7 +81,7 @@ def profile(pids: list[int], folder: Path, url: str, script: Path, seconds: int 
         for pid in pids
     ]
     time.sleep(1)
-    wrk(url, 64, seconds - 2, script)
+    _, _, requests = wrk(url, 64, seconds - 2, script)
     for spy_proc in spies:
         spy_proc.wait(timeout=seconds + 30)
     own: Counter[str] = Counter()
@@ -96,7 +96,10 @@ def profile(pids: list[int], folder: Path, url: str, script: Path, seconds: int 
             own[frames[-1]] += n
             for frame in set(frames):
                 inclusive[frame] += n
-    report = [f"{total} samples; own time (the frame itself):"]
+    report = [
+        f"{total} samples ({total / requests * 1000:.0f} per 1000 requests, at 250 a "
+        "second of CPU); own time (the frame itself):"
+    ]
     report += [f"  {n / total:6.1%}  {frame}" for frame, n in own.most_common(25)]
     report += ["inclusive (the frame and what it called):"]
     report += [f"  {n / total:6.1%}  {frame}" for frame, n in inclusive.most_common(40)]

@@ -18,9 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
-from yarl import URL
 
 from nebula.models import Endpoint
 from nebula.router import router_metrics
@@ -32,31 +30,35 @@ from nebula.router.prefix import PrefixAffinity
 from nebula.router.prompt_keys import Prompt, with_session
 from nebula.router.relay import Streams
 from nebula.router.table import RoutingTable
+from nebula.router.upstream import Broken, ReadTimeout, Response, Unreachable, Upstream
 from nebula.router.usage_tap import from_answer
 from nebula.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Engine response headers worth passing on; the rest describe the hop (connection,
-# length, server, date) and aiohttp sets its own.
-PASSED_HEADERS = ("Content-Type", "X-Request-Id", "Content-Encoding")
+# Engine response headers worth passing on (as read, in lower case, and as written);
+# the rest describe the hop (connection, length, server, date) and aiohttp sets its own.
+PASSED_HEADERS = (
+    ("content-type", "Content-Type"),
+    ("x-request-id", "X-Request-Id"),
+    ("content-encoding", "Content-Encoding"),
+)
 # Seconds a client is told to wait when a known model has no replica to answer.
 NO_REPLICA_RETRY_AFTER = "5"
-URL_CACHE = 4096  # upstream URLs kept parsed
 
 
-def answer_headers(upstream: Any) -> dict[str, str]:
+def answer_headers(upstream: dict[str, str]) -> dict[str, str]:
     headers = {}
-    for name in PASSED_HEADERS:
-        value = upstream.get(name)
+    for read, written in PASSED_HEADERS:
+        value = upstream.get(read)
         if value is not None:
-            headers[name] = value
+            headers[written] = value
     return headers
 
 
 class Forwarder:
-    """The replicas' side of the proxy: one client session, the in-flight counts, the
-    routing policy, outlier ejection and the stream relay."""
+    """The replicas' side of the proxy: the engines' connections, the in-flight counts,
+    the routing policy, outlier ejection and the stream relay."""
 
     def __init__(
         self,
@@ -81,18 +83,14 @@ class Forwarder:
         )
         self.inflight: dict[str, int] = defaultdict(int)  # placement id -> requests in flight
         self.loads = Loads(self.inflight)  # and what the engines report beyond it
-        self.session: aiohttp.ClientSession | None = None
+        self.upstream = Upstream(settings.connect_timeout_s)
         self.streams = Streams(table, settings.idle_read_timeout_s)
         self.outliers = Outliers()
         table.listeners.append(lambda: self.outliers.keep_only(e.url for e in table.by_id.values()))
         self.labels = router_metrics.Labels()
-        self.timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=settings.connect_timeout_s,
-            sock_read=settings.first_byte_timeout_s,
-        )
-        self.upstream_headers = {"Content-Type": "application/json"}
-        self._urls: dict[tuple[str, str], URL] = {}  # (replica URL, route) -> parsed
+        self.upstream_headers = {"Content-Type": "application/json", "User-Agent": "nebula-router"}
+        self._header_lines = b""
+        self._bad_key_logged = False
         # Replicas' concurrency targets bound the choice (flow control on).
         self.targets = settings.flow_control
         self.alone = True  # the only router process sending to these replicas (flow control)
@@ -106,19 +104,22 @@ class Forwarder:
         if "Authorization" in self.upstream_headers:
             return
         key = self._engine_key()
+        if key and not key.isprintable():
+            # Written into the request's head as it is: a line break would start a header.
+            if not self._bad_key_logged:
+                log.error("the engine key holds unprintable characters: not sent; set a plain one")
+                self._bad_key_logged = True
+            key = ""
         if key:
             self.upstream_headers["Authorization"] = f"Bearer {key}"
+        lines = (f"{name}: {value}\r\n" for name, value in self.upstream_headers.items())
+        self._header_lines = "".join(lines).encode()
 
     async def start(self) -> None:
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),  # engines set none; skip the jar's work
-        )
+        pass  # connections are opened as requests need them
 
     async def stop(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        await self.upstream.close()
 
     def _eject(self, endpoint: Endpoint, why: str) -> None:
         seconds = self.outliers.failed(endpoint)
@@ -203,43 +204,33 @@ class Forwarder:
         self.labels.decision(model, "least_outstanding").inc()
         return self.policy.choose(left, self.loads)
 
-    def _url(self, base: str, path: str) -> URL:
-        """The upstream URL, parsed once per replica and route, not per request."""
-        url = self._urls.get((base, path))
-        if url is None:
-            if len(self._urls) >= URL_CACHE:
-                self._urls.clear()  # replicas come and go: bounded
-            url = self._urls[(base, path)] = URL(base + path)
-        return url
-
     def _target(self, endpoint: Endpoint) -> int:
         return endpoint.max_concurrency or self.default_target
 
     async def _send(self, send: Send, failures: Failures) -> web.StreamResponse | None:
         """One attempt: the answer to give, or None to try another replica."""
-        assert self.session is not None
         endpoint, model = send.endpoint, send.model
         send.account.sent = True
         try:
-            upstream = await self.session.post(
-                self._url(endpoint.url, send.path),
-                data=send.body,
-                headers=self.upstream_headers,
-                timeout=self.timeout,
+            upstream = await self.upstream.post(
+                endpoint.url,
+                send.path,
+                self._header_lines,
+                send.body,
+                self.settings.first_byte_timeout_s,
             )
-        except aiohttp.SocketTimeoutError:
+        except ReadTimeout:
             # Sent, and no answer in time: the engine may be working on it, so it is
-            # never sent again (aiohttp's timeouts subclass its connection errors:
-            # this clause must come first).
+            # never sent again.
             router_metrics.UPSTREAM_ERRORS.labels(model, "timeout").inc()
             timeout = self.settings.first_byte_timeout_s
             return error(
                 504, f"replica on {endpoint.node} sent nothing for {timeout:g}s", "upstream_timeout"
             )
-        except (aiohttp.ClientConnectionError, aiohttp.ClientOSError, TimeoutError) as exc:
+        except Unreachable as exc:
             # Not connected (refused, reset before an answer, connect timeout): retry.
             router_metrics.UPSTREAM_ERRORS.labels(model, "connect").inc()
-            failures.unreachable(f"replica on {endpoint.node} unreachable ({type(exc).__name__})")
+            failures.unreachable(f"replica on {endpoint.node} unreachable ({exc})")
             self._eject(endpoint, failures.last)
             return None
         self.outliers.answered(endpoint)
@@ -255,7 +246,7 @@ class Forwarder:
         return answer
 
     async def _answer(
-        self, send: Send, upstream: aiohttp.ClientResponse, failures: Failures
+        self, send: Send, upstream: Response, failures: Failures
     ) -> web.StreamResponse | None:
         endpoint, model = send.endpoint, send.model
         if upstream.status in (401, 403):
@@ -289,8 +280,8 @@ class Forwarder:
         # Not streamed: read it whole (nothing has reached the client yet, so a replica
         # that dies now is retried like one that never answered).
         try:
-            data = await upstream.read()
-        except aiohttp.SocketTimeoutError:
+            data = await upstream.read(self.settings.first_byte_timeout_s)
+        except ReadTimeout:
             router_metrics.UPSTREAM_ERRORS.labels(model, "timeout").inc()
             timeout = self.settings.first_byte_timeout_s
             return error(
@@ -298,9 +289,9 @@ class Forwarder:
                 f"replica on {endpoint.node} stopped sending for {timeout:g}s",
                 "upstream_timeout",
             )
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except Broken as exc:
             router_metrics.UPSTREAM_ERRORS.labels(model, "broken_stream").inc()
-            failures.failed(f"replica on {endpoint.node} broke off ({type(exc).__name__})")
+            failures.failed(f"replica on {endpoint.node} broke off ({exc})")
             return None
         if upstream.status >= 400:
             return upstream_error(upstream.status, data, headers)

@@ -13,13 +13,13 @@ import logging
 import time
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from nebula.router import router_metrics
 from nebula.router.accounting import Account
 from nebula.router.openai_errors import stream_error_event
 from nebula.router.table import RoutingTable
+from nebula.router.upstream import Broken, ReadTimeout, Response
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Streams:
     def __init__(self, table: RoutingTable, idle_read_timeout_s: float) -> None:
         self.table = table
         self.idle_read_timeout_s = idle_read_timeout_s
-        self.active: set[aiohttp.ClientResponse] = set()
+        self.active: set[Response] = set()
         self.stopped = False
 
     def stop_all(self) -> None:
@@ -51,7 +51,7 @@ class Streams:
     async def relay(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: Response,
         headers: dict[str, str],
         model: str,
         *,
@@ -64,9 +64,6 @@ class Streams:
         the client (a held request), else one is opened here. The usage chunk is read
         (and removed when the client did not ask for it), and the answer's tokens
         counted before the stream's end reaches the client."""
-        # The idle timeout applies between chunks from here on.
-        if upstream.connection is not None and upstream.connection.protocol is not None:
-            upstream.connection.protocol.read_timeout = self.idle_read_timeout_s
         if response is None:
             response = web.StreamResponse(status=upstream.status, headers=headers)
             await response.prepare(request)
@@ -74,7 +71,8 @@ class Streams:
         tap = account.tap()
         self.active.add(upstream)
         try:
-            async for chunk in upstream.content.iter_any():
+            # The idle timeout applies between chunks.
+            async for chunk in upstream.chunks(self.idle_read_timeout_s):
                 if first:
                     ttft.observe(time.perf_counter() - started)
                     first = False
@@ -86,7 +84,7 @@ class Streams:
         except asyncio.CancelledError:  # the client left
             account.cut_short(tap.events)
             raise
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (Broken, ReadTimeout) as exc:
             account.cut_short(tap.events)
             if _client_gone(request):
                 # Nobody to tell: drop the engine's connection so that it stops too.
@@ -103,9 +101,7 @@ class Streams:
         await response.write_eof()
         return response
 
-    def _why_it_ended(
-        self, exc: BaseException, model: str, upstream: aiohttp.ClientResponse
-    ) -> bytes:
+    def _why_it_ended(self, exc: BaseException, model: str, upstream: Response) -> bytes:
         if self.stopped:
             return stream_error_event(
                 "the router stopped (router_drain_s ran out) before this answer was "
@@ -114,7 +110,7 @@ class Streams:
             )
         router_metrics.UPSTREAM_ERRORS.labels(model, "broken_stream").inc()
         reason = type(exc).__name__
-        log.warning("stream from %s broke: %s", upstream.url.host, reason)
+        log.warning("stream from %s broke: %s (%s)", upstream.origin.host, reason, exc)
         if model in self.table.unloading:  # as the table is now, not when the stream began
             # The unload's drain timeout stopped the engine under this stream.
             return stream_error_event(
