@@ -156,8 +156,12 @@ class Connection:
         pool = self.client.connection_pool
         # Idle connections now; those in use at this moment when they come back to the
         # pool (closing them under a command would break it).
-        for connection in list(getattr(pool, "_in_use_connections", ())):
-            connection.mark_for_reconnect()
+        mark_in_use = getattr(pool, "update_active_connections_for_reconnect", None)
+        if mark_in_use is not None:
+            await mark_in_use()
+        else:  # an older redis-py has no public way: its pool's own set
+            for connection in list(getattr(pool, "_in_use_connections", ())):
+                connection.mark_for_reconnect()
         await pool.disconnect(inuse_connections=False)
 
     async def close(self) -> None:
