@@ -14,7 +14,8 @@ request, at concurrency 1 and 64, to each path side by side:
 - bare aiohttp proxy: bench/bare_proxy.py, as many processes as the router has
   workers: what any Python proxy pays;
 - nebula router: `nebula router --workers N` with an API key and metrics on;
-- vllm-router: the Rust router from PyPI, when it is installed (it is looked for
+- vllm-router: the Rust router from PyPI, with its default policy (cache_aware, as
+  Nebula runs its default, prefix), when it is installed (it is looked for
   with --vllm-router, then on PATH, then in .venv-vllm-router/; install it with
   `python3 -m venv .venv-vllm-router && .venv-vllm-router/bin/pip install vllm-router`).
 
@@ -69,6 +70,8 @@ def find_vllm_router(given: str | None) -> str | None:
 def throughput(peers: Peers, scripts: dict[str, Path], args: argparse.Namespace) -> None:
     """wrk through every path, interleaved rounds, medians."""
     for scenario, (path, _) in SCENARIOS.items():
+        if args.only and scenario not in args.only:
+            continue
         for c in (1, 64):
             runs: dict[str, list[tuple[float, float, int]]] = {n: [] for n in peers.bases}
             cpu: dict[str, float] = dict.fromkeys(peers.bases, 0.0)
@@ -114,7 +117,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--vllm-router", help="path of vllm-router (default: looked for)")
     parser.add_argument("--profile", type=Path, help="py-spy the router into this folder")
-    parser.add_argument("--skip-streams", action="store_true")
+    parser.add_argument(
+        "--only", choices=["chat", "embeddings", "streams"], action="append", help="repeatable"
+    )
     args = parser.parse_args()
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -141,7 +146,7 @@ def main() -> None:
                 flush=True,
             )
             throughput(peers, scripts, args)
-            if not args.skip_streams:
+            if not args.only or "streams" in args.only:
                 streams(peers)
             rss = [rss_mib(pid) for pid in peers.pids("nebula router")]
             print(f"  router memory after the runs: {', '.join(f'{m:.0f} MiB' for m in rss)}")

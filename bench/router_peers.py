@@ -175,7 +175,8 @@ class Peers:
         args = [
             self.vllm_router,
             *("--host", "127.0.0.1", "--port", str(port), "--worker-urls", worker),
-            *("--policy", "round_robin", "--api-key", self.key, "--log-level", "warning"),
+            # Its default policy, cache_aware, as Nebula runs its default (prefix).
+            *("--api-key", self.key, "--log-level", "warning"),
             *("--prometheus-port", str(free_port())),
         ]
         self.procs.append(spawn(args, self.tmp / f"vllm-router-{name}.log"))
