@@ -1,8 +1,8 @@
 """The router's processes: one, or `--workers N` that share the port.
 
 N workers each bind the port with SO_REUSEPORT; the kernel spreads connections
-across them. Their Prometheus metrics are summed through prometheus_client's
-multiprocess mode. A worker that dies is restarted with a growing back-off
+across them. Their Prometheus metrics are summed over them (`tally` for the
+per-request ones, prometheus_client's multiprocess mode for the rest). A worker that dies is restarted with a growing back-off
 while the others keep serving.
 """
 
