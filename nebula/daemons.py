@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from nebula import __version__, redis_acl
+from nebula.cli.prepare import add_models_commands, run_models_command
 from nebula.errors import ConfigError, NebulaError, StateUnavailable
-from nebula.prepare import add_models_commands, run_models_command
 from nebula.process import die_with_parent, run_async, setup_logging
 from nebula.settings import Settings, load_settings
 from nebula.store import State

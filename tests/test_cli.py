@@ -258,7 +258,7 @@ def test_shell_in_a_terminal(stack: Cluster, tmp_path: Path) -> None:
         "TERM": "xterm",
         "PROMPT_TOOLKIT_NO_CPR": "1",
     }
-    term = Terminal([sys.executable, "-m", "nebula.shell"], env)
+    term = Terminal([sys.executable, "-m", "nebula.cli.shell"], env)
     try:
         term.wait("nebula>$")
         term.send("mod\t")  # Tab completes the command...

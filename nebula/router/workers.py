@@ -2,8 +2,8 @@
 
 N workers each bind the port with SO_REUSEPORT; the kernel spreads connections
 across them. Their Prometheus metrics are summed over them (`tally` for the
-per-request ones, prometheus_client's multiprocess mode for the rest). A worker that dies is restarted with a growing back-off
-while the others keep serving.
+per-request ones, prometheus_client's multiprocess mode for the rest). A worker
+that dies is restarted with a growing back-off while the others keep serving.
 """
 
 from __future__ import annotations

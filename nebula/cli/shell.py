@@ -30,8 +30,8 @@ from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory
 
-from nebula import cli
-from nebula.client import AdminClient, ClientError, Target, Unreachable
+from nebula.cli import main as cli
+from nebula.cli.client import AdminClient, ClientError, Target, Unreachable
 
 COMMANDS: dict[str, list[str]] = {
     "cluster": ["status"],

@@ -25,9 +25,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from nebula import __version__, key_commands
-from nebula.client import AdminClient, ClientError, Target, Unreachable
-from nebula.commands import (
+from nebula import __version__
+from nebula.cli import key_commands
+from nebula.cli.client import AdminClient, ClientError, Target, Unreachable
+from nebula.cli.commands import (
     WaitFailed,
     WaitTimeout,
     catalog_list,
@@ -41,7 +42,7 @@ from nebula.commands import (
     node_action,
     node_list,
 )
-from nebula.console import Output
+from nebula.cli.console import Output
 
 EXIT_API, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_FAILED, EXIT_TIMEOUT = 1, 2, 3, 4, 5
 

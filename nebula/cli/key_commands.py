@@ -12,8 +12,8 @@ import argparse
 import datetime as dt
 from typing import Any
 
-from nebula.client import AdminClient
-from nebula.console import Output
+from nebula.cli.client import AdminClient
+from nebula.cli.console import Output
 
 
 def add_commands(groups: Any, common: argparse.ArgumentParser) -> None:

@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from nebula.client import AdminClient, ClientError
-from nebula.console import Output, node_rows
+from nebula.cli.client import AdminClient, ClientError
+from nebula.cli.console import Output, node_rows
 from nebula.durations import show_duration
 from nebula.errors import NebulaError
 from nebula.replicas import show_replicas
