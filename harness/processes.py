@@ -255,11 +255,15 @@ class RouterProcess:
     """`nebula router` in its own process, on a free port."""
 
     def __init__(self, redis_url: str, folder: Path, workers: int = 1, **env: str) -> None:
-        self.port = free_port()
-        self.log = folder / f"router-{self.port}.log"
+        name = f"router-{next(_ROUTERS)}"
+        self.log = folder / f"{name}.log"
+        port_file = folder / f"{name}.port"
         self.env = {
             "NEBULA_REDIS_URL": redis_url,
-            "NEBULA_ROUTER_PORT": str(self.port),
+            # A port the router binds itself and reports (unless a test gives one: a
+            # router started again where the last one was).
+            "NEBULA_ROUTER_PORT": "0",
+            "NEBULA_ROUTER_PORT_FILE": str(port_file),
             "NEBULA_ROUTING_REFRESH_S": "0.2",
             # Stops well within the 10 s `stop` gives it; a test of the drain sets its own.
             "NEBULA_ROUTER_DRAIN_S": "0.5",
@@ -270,6 +274,7 @@ class RouterProcess:
             self.log,
             self.env,
         )
+        self.port = _reported_port(port_file, self.proc, self.log)
         wait_for_port(self.port, timeout=20)
 
     @property
@@ -284,6 +289,9 @@ class RouterProcess:
             cut = ShutdownCutShort(f"router shutdown was cut short:\n{tail(self.log, 40)}")
             warnings.warn(cut, stacklevel=2)
         return code
+
+
+_ROUTERS = itertools.count()
 
 
 # tests/conftest.py's `start_engines` fixture: (n, api_key, *flags) -> the engines.

@@ -202,7 +202,17 @@ class Settings(RoutingSettings, SecuritySettings, LoadSettings):
 
     # Router.
     router_host: str = Field("127.0.0.1", description="Address the router listens on.")
-    router_port: int = Field(8080, ge=1, le=65535, description="Port for /v1, /admin, /metrics.")
+    router_port: int = Field(
+        8080,
+        ge=0,
+        le=65535,
+        description="Port for /v1, /admin, /metrics (0: a free one, written to router_port_file).",
+    )
+    router_port_file: Path | None = Field(
+        None,
+        description="Write the router's port here once it is bound (for whatever started "
+        "it on port 0: a supervisor, a test).",
+    )
     router_workers: int = Field(1, ge=1, le=64, description="Router processes sharing the port.")
     router_drain_s: float = Field(
         30.0, ge=0, le=3600, description="On SIGTERM, how long in-flight requests get to finish."

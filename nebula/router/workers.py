@@ -37,15 +37,31 @@ from nebula.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def _bind(settings: Settings) -> socket.socket:
+def _socket(settings: Settings) -> socket.socket:
     family = socket.AF_INET6 if ":" in settings.router_host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((settings.router_host, settings.router_port))
+    return sock
+
+
+def _bind(settings: Settings) -> socket.socket:
+    sock = _socket(settings)
     sock.listen(1024)
     sock.setblocking(False)
     return sock
+
+
+def _any_free_port(settings: Settings) -> tuple[Settings, socket.socket | None]:
+    """With `router_port` 0, the port the kernel gives, held by a socket that is bound
+    but never listens (so it takes no connections) while the workers bind it too:
+    no other process can take it between the choice and the workers' bind."""
+    if settings.router_port != 0:
+        return settings, None
+    holder = _socket(settings)
+    port = holder.getsockname()[1]
+    return settings.model_copy(update={"router_port": port}), holder
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -117,6 +133,19 @@ RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10, 30)
 
 async def serve(settings: Settings) -> None:
     await check_exposure(settings)
+    settings, holder = _any_free_port(settings)
+    if settings.router_port_file is not None:
+        written = settings.router_port_file.with_suffix(".tmp")
+        written.write_text(str(settings.router_port))
+        written.replace(settings.router_port_file)  # whole, or not there yet
+    try:
+        await _serve(settings)
+    finally:
+        if holder is not None:
+            holder.close()
+
+
+async def _serve(settings: Settings) -> None:
     if settings.router_workers == 1:
         await _serve_one(settings)
         return
