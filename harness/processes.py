@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 import shutil
 import signal
 import socket
@@ -14,10 +15,32 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing uses now, for a process that cannot bind port 0 and say which it
+    got (redis-server, Sentinel, Prometheus). It is taken below the kernel's ephemeral
+    range: a port the kernel hands out by itself (a connection's own end, another
+    process's port 0) never falls there, so none can take it before its user binds it."""
+    high = _ephemeral_low() - 1
+    low = max(1024, high - 12_000)
+    for _ in range(200):
+        port = _random.randint(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use
+            return port
+    raise RuntimeError(f"no free port between {low} and {high}")
+
+
+_random = random.Random()
 
 
 _ENGINES = itertools.count()
@@ -93,6 +116,8 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
         )
         wait_for_port(self.port)
+        if self.proc.poll() is not None:  # something else answered on the port
+            raise RuntimeError(f"redis-server on port {self.port} exited ({self.proc.returncode})")
 
     def stop(self) -> None:
         if self.proc is not None:
