@@ -48,21 +48,26 @@ async def test_an_idle_model_unloads_after_its_keep_alive(state: State, settings
     node = NodeSim(state, cpu_node("cpu-a"), ttl_s=30)
     await node.beat()
     scheduler = Scheduler(state, fast(settings))
-    idle = await state.requests.create(spec("idle"), 1, keep_alive_s=0.3, on_demand=True)
+    # A keep-alive long enough that no slow pass outlives it by accident, short
+    # enough to wait for.
+    idle = await state.requests.create(spec("idle"), 1, keep_alive_s=2.0, on_demand=True)
     pinned = await state.requests.create(spec("pinned"), 1)  # an operator's load
     await ready(state, node, scheduler, idle.id)
     await ready(state, node, scheduler, pinned.id)
     await state.requests.mark_used({"idle": time.time(), "pinned": time.time() - 3600})
 
     # Within its keep-alive (and used just now) it stays.
+    used = time.monotonic()
     await settle(node, scheduler, passes=3)
+    assert time.monotonic() - used < 2.0, "the passes outlived the keep-alive: no check"
     assert (await status_of(state, idle.id))[0] is Status.READY
 
-    await asyncio.sleep(0.6)
-    deadline = time.monotonic() + 10
+    # Past it, it goes: within a few passes once 2 s have gone by.
+    deadline = time.monotonic() + 15
     while idle.id in {r.id for r in await state.requests.all()}:
         assert time.monotonic() < deadline, await status_of(state, idle.id)
         await settle(node, scheduler, passes=1)
+    assert time.monotonic() - used >= 2.0, "unloaded within its keep-alive"
     # Unused for an hour, but pinned: an operator's load stays until unloaded.
     assert (await status_of(state, pinned.id))[0] is Status.READY
     assert await node.placements() and all(p.model == "pinned" for p in await node.placements())
@@ -103,7 +108,7 @@ async def test_a_pinned_model_and_one_serving_requests_are_never_evicted(
     await node.beat()
     scheduler = Scheduler(state, fast(settings))
     pinned = await state.requests.create(spec("pinned"), 1)
-    busy = await state.requests.create(spec("busy"), 1, keep_alive_s=0.5, on_demand=True)
+    busy = await state.requests.create(spec("busy"), 1, keep_alive_s=2.0, on_demand=True)
     await ready(state, node, scheduler, pinned.id)
     await ready(state, node, scheduler, busy.id)
     await state.requests.mark_used({"pinned": time.time() - 3600})
@@ -118,9 +123,13 @@ async def test_a_pinned_model_and_one_serving_requests_are_never_evicted(
     assert (await status_of(state, pinned.id))[0] is Status.READY
     assert (await status_of(state, busy.id))[0] is Status.READY
 
-    # Once `busy` goes quiet past its keep-alive it unloads, and `wanted` gets its room.
-    await asyncio.sleep(0.8)
-    await ready(state, node, scheduler, wanted.id)
+    # Once `busy` goes quiet it is idle, and evicted for `wanted` (its keep-alive only
+    # bounds how long an idle model stays when nothing needs the room).
+    deadline = time.monotonic() + 15
+    while (await status_of(state, wanted.id))[0] is not Status.READY:
+        assert time.monotonic() < deadline, await status_of(state, wanted.id)
+        await settle(node, scheduler, passes=1)
+    assert any("evicting idle busy" in e for e in await events(state, wanted.id))
     assert busy.id not in {r.id for r in await state.requests.all()}
     assert (await status_of(state, pinned.id))[0] is Status.READY
 
