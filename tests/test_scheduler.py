@@ -120,19 +120,24 @@ async def test_unload_while_pending_goes_straight_through_unloading(
 async def test_dead_node_replicas_are_rescheduled(
     state: State, settings: Settings, redis_url: str
 ) -> None:
-    a = NodeSim(state, cpu_node("cpu-a", ram_gib=24), ttl_s=0.5)
-    b = NodeSim(state, cpu_node("cpu-b", ram_gib=12), ttl_s=0.5)  # tighter: a best fit would pick b
+    # Heartbeats that live 2 s, beaten before every step while cpu-a should be alive:
+    # a slow machine never lets it expire before the test means it to.
+    a = NodeSim(state, cpu_node("cpu-a", ram_gib=24), ttl_s=2.0)
+    b = NodeSim(state, cpu_node("cpu-b", ram_gib=12), ttl_s=2.0)  # tighter: a best fit would pick b
     await a.beat()
     scheduler = Scheduler(state, settings)
     request = await state.requests.create(CHAT, 1)
     await scheduler.step()
+    await a.beat()
     await a.converge(Phase.HEALTHY)
+    await a.beat()
     await scheduler.step()
     assert (await status_of(state, request.id))[0] is Status.READY
+    await a.beat()
     await b.beat()
 
     # cpu-a stops heartbeating; its key expires; that is its death.
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10
     while [n.id for n in await state.nodes.live()] != ["cpu-b"]:
         await b.beat()
         await asyncio.sleep(0.1)
