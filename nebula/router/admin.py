@@ -123,7 +123,7 @@ async def cluster(request: web.Request) -> web.Response:
             "in_flight": inflight.get(e.placement_id, 0),
             "load": loads.get(e.placement_id, 0),
         }
-        for model in request.app[TABLE].served()
+        for model in request.app[TABLE].healthy_models()
         for e in request.app[TABLE].endpoints(model)
     ]
     return web.json_response(
@@ -141,7 +141,7 @@ async def list_models(request: web.Request) -> web.Response:
     state, now = request.app[STATE], time.time()
     requests = await state.requests.all()
     last_used = await state.requests.last_used()
-    healthy = {m: len(request.app[TABLE].endpoints(m)) for m in request.app[TABLE].served()}
+    healthy = {m: len(request.app[TABLE].endpoints(m)) for m in request.app[TABLE].healthy_models()}
     views = [
         {**request_view(r, last_used, now), "ready_replicas": healthy.get(r.model, 0)}
         for r in requests
@@ -267,7 +267,7 @@ async def discovery(request: web.Request) -> web.Response:
     """Prometheus HTTP service discovery: every live engine and every Nebula process."""
     groups: list[dict[str, Any]] = []
     table = request.app[TABLE]
-    for model in table.served():
+    for model in table.healthy_models():
         for e in table.endpoints(model):
             host = e.url.split("://", 1)[-1].rstrip("/")
             labels = {

@@ -217,7 +217,7 @@ class OnDemand:
                 if waiter.held == 0 and asked:
                     break  # every holder gave up; the load goes on without us
                 try:
-                    if model not in self.table.models and model not in self.table.unloading:
+                    if model not in self.table.loaded and model not in self.table.unloading:
                         asked = await self._ask(waiter) or asked
                     else:
                         asked = True

@@ -118,7 +118,7 @@ class Proxy:
     def sample_in_flight(self) -> None:
         """Set the in-flight gauge from the per-replica counts (on a timer, not per request)."""
         per_model: dict[str, int] = {}
-        for model in self.table.models:
+        for model in self.table.loaded:
             per_model[model] = sum(
                 self.inflight.get(e.placement_id, 0) for e in self.table.endpoints(model)
             )
@@ -302,7 +302,7 @@ class Proxy:
                 f"again (nebula-cli model load {model}) to use it",
                 "model_unloading",
             )
-        if model in self.table.models:
+        if model in self.table.loaded:
             self._done(model, route, 503)
             return error(
                 503,
@@ -310,7 +310,7 @@ class Proxy:
                 "no_healthy_replica",
                 {"Retry-After": NO_REPLICA_RETRY_AFTER},
             )
-        served = ", ".join(self.table.served()) or "none"
+        served = ", ".join(self.table.healthy_models()) or "none"
         self._done(OTHER, route, 404)
         return error(
             404,

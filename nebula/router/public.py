@@ -59,7 +59,7 @@ def caller(request: web.Request) -> ApiKey | bool | web.Response:
 
 def visible(table: RoutingTable, key: ApiKey | bool) -> list[str]:
     """The served models this key may use."""
-    served = table.served()
+    served = table.healthy_models()
     return [m for m in served if allows(key.models, m)] if isinstance(key, ApiKey) else served
 
 
@@ -82,7 +82,7 @@ async def model(request: web.Request) -> web.Response:
         return error(
             404,
             f"model {shown(name)} is not served here; served models: "
-            f"{', '.join(table.served()) or 'none'}",
+            f"{', '.join(table.healthy_models()) or 'none'}",
             "model_not_found",
         )
     return web.json_response(model_object(name))
@@ -104,8 +104,8 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "status": status,
-            "models": len(table.by_model),
-            "endpoints": sum(len(v) for v in table.by_model.values()),
+            "models": len(table.healthy),
+            "endpoints": sum(len(v) for v in table.healthy.values()),
             "table_age_s": round(age, 3) if age != float("inf") else None,
         },
         status=503 if stale else 200,

@@ -56,8 +56,8 @@ def host_of(url: str) -> str | None:
 
 class RoutingTable:
     def __init__(self, merge_after_outage_s: float = 8.0) -> None:
-        self.by_model: dict[str, list[Endpoint]] = {}
-        self.models: set[str] = set()  # loaded (requested) models, healthy or not
+        self.healthy: dict[str, list[Endpoint]] = {}  # model -> its routable endpoints
+        self.loaded: set[str] = set()  # models loaded (requested), healthy or not
         self.unloading: set[str] = set()  # models being unloaded
         self.api_keys: dict[str, ApiKey] = {}  # digest -> key
         self.refreshed_at = 0.0
@@ -78,10 +78,11 @@ class RoutingTable:
         self._refused: set[str] = set()  # endpoints logged as refused (bounded below)
 
     def endpoints(self, model: str) -> list[Endpoint]:
-        return self.by_model.get(model, [])
+        return self.healthy.get(model, [])
 
-    def served(self) -> list[str]:
-        return sorted(self.by_model)
+    def healthy_models(self) -> list[str]:
+        """The models with a routable endpoint now (`loaded` may have none)."""
+        return sorted(self.healthy)
 
     def load(
         self,
@@ -98,7 +99,7 @@ class RoutingTable:
             kept = [
                 e
                 for model in models - (unloading or set())
-                for e in self.by_model.get(model, [])
+                for e in self.healthy.get(model, [])
                 if e.placement_id not in seen
             ]
             self._merged = {e.placement_id for e in kept}
@@ -110,7 +111,7 @@ class RoutingTable:
         self._rebuild(now)
 
     def configure(self, config: Config) -> None:
-        self.models = set(config.models)
+        self.loaded = set(config.models)
         self.unloading = set(config.unloading)
         self.api_keys = {k.digest: k for k in config.api_keys}
 
@@ -168,8 +169,8 @@ class RoutingTable:
             endpoint = self.by_id[pid]
             if self._routable(endpoint):
                 by_model[endpoint.model].append(endpoint)
-        self.by_model = dict(by_model)
-        self.models |= set(by_model)
+        self.healthy = dict(by_model)
+        self.loaded |= set(by_model)
         self.refreshed_at = now
         self.fresh = True
         self._ever_read = True
