@@ -8,12 +8,12 @@ every engine as they come and go.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from prometheus_client import start_http_server
 
-from nebula.errors import ConfigError, StateUnavailable
+from nebula.errors import ConfigError
+from nebula.loops import every
 from nebula.store import State
 
 log = logging.getLogger(__name__)
@@ -34,13 +34,10 @@ def serve_metrics(address: str, port: int, setting: str, what: str) -> str:
 
 
 async def advertise(state: State, kind: str, ident: str, address: str, interval_s: float) -> None:
-    """Keep this process's /metrics address in Redis while it runs."""
-    while True:
-        try:
-            await state.targets.register(kind, ident, address, ttl_s=3 * interval_s)
-        except StateUnavailable as exc:
-            log.debug("metrics advertisement: %s", exc.message)
-        except Exception:
-            # Discovery is a convenience: it must never take its daemon down.
-            log.exception("metrics advertisement failed; retrying")
-        await asyncio.sleep(interval_s)
+    """Keep this process's /metrics address in Redis while it runs (discovery is a
+    convenience: nothing it meets takes its daemon down)."""
+
+    async def register() -> None:
+        await state.targets.register(kind, ident, address, ttl_s=3 * interval_s)
+
+    await every("metrics advertisement", interval_s, register)

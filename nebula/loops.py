@@ -1,4 +1,5 @@
-"""Running a daemon's background loops, and the one shape of a reconcile loop.
+"""Running a daemon's background loops: the one shape of a reconcile loop, and the
+one shape of a periodic chore.
 
 Every loop is a named task. The first one to end (by error or by returning)
 stops the rest: a daemon with a dead loop must die loudly rather than limp on.
@@ -54,6 +55,23 @@ async def run_loops(loops: dict[str, Callable[[], Coroutine[Any, Any, None]]]) -
             log.error("loop %s died: %s", tasks[task], exc)
             raise exc
         log.error("loop %s ended", tasks[task])
+
+
+async def every(name: str, seconds: float, chore: Callable[[], Awaitable[object]]) -> None:
+    """Run `chore` every `seconds`, forever: the one shape of a daemon's periodic
+    chores (samples, reports, flushes, advertisements), which never end its loop.
+
+    A `NebulaError` (Redis away) is logged at debug level: the next round tries
+    again, and the component that depends on it says so itself. Anything else is
+    a bug in one round: logged with its traceback, and the next round goes on."""
+    while True:
+        try:
+            await chore()
+        except NebulaError as exc:
+            log.debug("%s: %s", name, exc.message)
+        except Exception:
+            log.exception("%s failed; retrying", name)
+        await asyncio.sleep(seconds)
 
 
 async def reconcile_forever(

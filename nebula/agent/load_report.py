@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from nebula.errors import NebulaError
+from nebula.loops import every
 from nebula.store import State
 from nebula.store.engine_load import EngineLoad
 
@@ -60,14 +60,14 @@ async def report_forever(
     URL) and store what they said."""
     ttl = max(TTL_FLOOR_S, TTL_PROBES * interval_s)
     reported = True  # a report of an earlier life of this agent may be there
-    while True:
+
+    async def report() -> None:
+        nonlocal reported
         urls = published()
         answers = await asyncio.gather(*(read(session, url) for url in urls.values()))
         loads = {pid: load for pid, load in zip(urls, answers, strict=True) if load is not None}
         if loads or reported:
-            try:
-                await state.engine_load.report(node_id, loads, ttl)
-                reported = bool(loads)
-            except NebulaError as exc:
-                log.debug("reporting the engines' load: %s", exc.message)
-        await asyncio.sleep(interval_s)
+            await state.engine_load.report(node_id, loads, ttl)
+            reported = bool(loads)
+
+    await every("reporting the engines' load", interval_s, report)

@@ -24,6 +24,7 @@ import time
 from collections import defaultdict
 
 from nebula.errors import NebulaError
+from nebula.loops import every
 from nebula.models import ApiKey
 from nebula.router import router_metrics
 from nebula.router.usage_tap import StreamTap, Tokens
@@ -127,13 +128,9 @@ class Ledger:
         self.unsent[at] = (self.unsent.get(at, (0, 0.0))[0] + tokens, ends)
 
     async def run(self) -> None:
-        """Write the batched usage, and the spend kept while Redis was away, forever."""
-        while True:
-            await asyncio.sleep(self.flush_s)
-            try:
-                await self.flush()
-            except Exception:  # never dies: usage would stop being counted
-                log.exception("recording token usage failed; retrying")
+        """Write the batched usage, and the spend kept while Redis was away, forever
+        (a round that fails never ends it: usage would stop being counted)."""
+        await every("recording token usage", self.flush_s, self.flush)
 
     async def flush(self) -> None:
         batch, self.pending = self.pending, defaultdict(lambda: [0, 0, 0])

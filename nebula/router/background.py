@@ -19,6 +19,7 @@ from aiohttp import web
 from nebula import redis_health
 from nebula.errors import NebulaError
 from nebula.exporter import advertise
+from nebula.loops import every
 from nebula.process import STOP_STEP_S, bounded
 from nebula.router import prefix_feed
 from nebula.router.accounting import Ledger
@@ -110,13 +111,13 @@ class Background:
             else settings.router_host
         )
         address = f"{host}:{settings.router_port}"
-        every = settings.heartbeat_interval_s
+        beat = settings.heartbeat_interval_s
         loops = {
             "routing-table": self.table.keep_fresh(state, settings.routing_refresh_s),
             "in-flight-sampler": self._sample(),
             "in-flight-reporter": self._report(),
-            "metrics-advertiser": advertise(state, "router", address, address, every),
-            "redis-health": redis_health.watch(state, every),
+            "metrics-advertiser": advertise(state, "router", address, address, beat),
+            "redis-health": redis_health.watch(state, beat),
             "last-use": self.usage.run(),
             "token-usage": self.ledger.run(),
         }
@@ -127,19 +128,23 @@ class Background:
         self.tasks = [asyncio.create_task(loop, name=name) for name, loop in loops.items()]
 
     async def _sample(self) -> None:
-        while True:
+        async def sample() -> None:
             self.proxy.sample_in_flight()
             self.proxy.forwarder.refresh_engine_key()
-            await asyncio.sleep(SAMPLE_S)
+
+        await every("in-flight sampler", SAMPLE_S, sample)
 
     async def _report(self) -> None:
         # Its own task: a Redis that hangs delays the report, never the gauges.
         reported = False
-        while True:
+
+        async def report() -> None:
+            nonlocal reported
             reported = await report_in_flight(self.state, self.instance, self.proxy, reported)
             await sample_engine_load(self.state, self.table, self.proxy)
             await share_slots(self.state, self.instance, self.proxy)
-            await asyncio.sleep(SAMPLE_S)
+
+        await every("in-flight reporter", SAMPLE_S, report)
 
     async def _stop(self) -> None:
         await self.ondemand.close()
