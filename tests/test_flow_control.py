@@ -14,10 +14,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from harness.cluster import wait_for
 from harness.endpoints import announce
+from harness.metrics import metric
 from harness.processes import EngineProcess, RouterProcess, stop
 from nebula.agent import load_report
 from nebula.models import Endpoint
@@ -120,16 +120,6 @@ async def ready(session: aiohttp.ClientSession, router: RouterProcess, *keys: st
         return True
 
     await wait_for(check, 20, "the model served and the keys known")
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of a metric's samples in an exposition that carry these labels."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                total += sample.value
-    return total
 
 
 async def loop_until(

@@ -9,9 +9,8 @@ import json
 import re
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from harness.endpoints import announce
+from harness.metrics import metric
 from harness.processes import EngineProcess, RouterProcess, http_bytes, stop
 from nebula.models import Endpoint
 from nebula.store import State
@@ -20,16 +19,6 @@ CHAT = "smollm2_135m_chat"
 EMBED = "minilm_l6_embedding"
 KEY = "sk-metrics"
 CHATS, STREAMS, EMBEDDINGS = 40, 24, 16
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of a metric's samples that carry these labels."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                total += sample.value
-    return total
 
 
 def engine_counter(engine: EngineProcess, name: str) -> int:
