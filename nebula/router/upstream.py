@@ -276,7 +276,7 @@ class Upstream:
         idle = origin.idle
         while idle:  # a kept-alive connection first: the newest, the likeliest open
             conn = idle.pop()
-            if not conn.closed:
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 try:
                     return await self._exchange(conn, head, body, timeout)
                 except Unreachable:
