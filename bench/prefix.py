@@ -47,7 +47,7 @@ from harness.cluster import ENGINE_KEY as KEY
 from harness.cluster import Cluster, vllm_env, wait_for
 from harness.endpoints import announce
 from harness.processes import EngineProcess, RedisServer, RouterProcess, stop
-from nebula import keys
+from nebula import redis_keys
 from nebula.models import Endpoint, Status
 from nebula.store import State
 from nebula.testengine.prompts import prompt_text
@@ -283,7 +283,7 @@ async def with_vllm(args: argparse.Namespace, folder: Path, redis: RedisServer) 
             lambda: {e: vllm_requests(e) for e in engines},
         )
         async with State(redis.url) as state:
-            entries: Any = await state.redis.xrange(keys.PREFIX_FEED)
+            entries: Any = await state.redis.xrange(redis_keys.PREFIX_FEED)
         ops: dict[str, int] = {}
         for _, fields in entries:
             ops[fields.get("o") or "keys"] = ops.get(fields.get("o") or "keys", 0) + 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from nebula import keys
+from nebula import redis_keys
 from nebula.models import Endpoint
 from nebula.store import State
 
@@ -14,7 +14,7 @@ async def register_address(state: State, node: str, url: str) -> None:
     """The address a node's heartbeat would hold, without a heartbeat (so no scheduler
     sees a node to place on)."""
     host = urlsplit(url).hostname or ""
-    await state.redis.hset(keys.node(node), "address", host)
+    await state.redis.hset(redis_keys.node(node), "address", host)
 
 
 async def announce(state: State, endpoint: Endpoint) -> None:

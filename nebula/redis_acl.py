@@ -35,10 +35,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote
 
-from nebula import keys
+from nebula import redis_keys
 from nebula.names import check_name
 
-P = keys.PREFIX
+P = redis_keys.PREFIX
 # Every command Nebula sends is in these categories; -@dangerous then takes away
 # FLUSHALL, CONFIG, DEBUG, KEYS, MONITOR, ACL, SHUTDOWN... ROLE is "dangerous" only
 # as an admin command that reads: routers and the health watch ask it.
@@ -46,35 +46,35 @@ COMMANDS = (
     "-@all +@read +@write +@keyspace +@pubsub +@transaction +@connection +@scripting "
     "-@dangerous -function +role"
 )
-CHANNELS = (keys.EVENTS_CHANNEL, keys.node_channel("*"))
+CHANNELS = (redis_keys.EVENTS_CHANNEL, redis_keys.node_channel("*"))
 
 REQUESTS = [
-    keys.request("*"),
-    keys.request_events("*"),
-    keys.REQUESTS,
-    keys.MODELS,
-    keys.UNLOADING,
-    keys.REQUESTS_DIRTY,
-    keys.ROUTING_VERSION,
+    redis_keys.request("*"),
+    redis_keys.request_events("*"),
+    redis_keys.REQUESTS,
+    redis_keys.MODELS,
+    redis_keys.UNLOADING,
+    redis_keys.REQUESTS_DIRTY,
+    redis_keys.ROUTING_VERSION,
 ]
 ENDPOINTS = [
-    keys.ENDPOINT_INDEX,
-    keys.ENDPOINT_SEQ,
-    keys.ENDPOINT_FEED,
-    keys.node_endpoints("*"),
-    keys.LEGACY_ENDPOINTS,
-    keys.legacy_endpoint("*"),
+    redis_keys.ENDPOINT_INDEX,
+    redis_keys.ENDPOINT_SEQ,
+    redis_keys.ENDPOINT_FEED,
+    redis_keys.node_endpoints("*"),
+    redis_keys.LEGACY_ENDPOINTS,
+    redis_keys.legacy_endpoint("*"),
 ]
 ROUTER = [
     *REQUESTS,
-    keys.LAST_USED,
-    keys.rate_limit("*"),
-    keys.usage("*"),
-    keys.spend("*", "*"),
-    keys.PREFIX_FEED,
-    keys.ROUTER_IN_FLIGHT,
-    keys.router_in_flight("*"),
-    keys.METRICS_TARGETS,
+    redis_keys.LAST_USED,
+    redis_keys.rate_limit("*"),
+    redis_keys.usage("*"),
+    redis_keys.spend("*", "*"),
+    redis_keys.PREFIX_FEED,
+    redis_keys.ROUTER_IN_FLIGHT,
+    redis_keys.router_in_flight("*"),
+    redis_keys.METRICS_TARGETS,
 ]
 
 
@@ -83,34 +83,34 @@ def writes(role: str, node: str = "*") -> list[str]:
     if role == "scheduler":
         return [
             *REQUESTS,
-            keys.LAST_USED,
-            keys.placements("*"),
-            keys.placement_state("*"),
-            keys.PLACEMENT_STATE_DIRTY,
+            redis_keys.LAST_USED,
+            redis_keys.placements("*"),
+            redis_keys.placement_state("*"),
+            redis_keys.PLACEMENT_STATE_DIRTY,
             *ENDPOINTS,
-            keys.NODES,
-            keys.node("*"),
-            keys.CORDONED,
-            keys.DRAINING,
-            keys.SCHEDULER_LEADER,
-            keys.METRICS_TARGETS,
+            redis_keys.NODES,
+            redis_keys.node("*"),
+            redis_keys.CORDONED,
+            redis_keys.DRAINING,
+            redis_keys.SCHEDULER_LEADER,
+            redis_keys.METRICS_TARGETS,
         ]
     if role == "agent":
         return [
-            keys.node(node),
-            keys.NODES,
-            keys.placement_state(node),
-            keys.PLACEMENT_STATE_DIRTY,
+            redis_keys.node(node),
+            redis_keys.NODES,
+            redis_keys.placement_state(node),
+            redis_keys.PLACEMENT_STATE_DIRTY,
             *ENDPOINTS,
-            keys.engine_load(node),
-            keys.PREFIX_FEED,
-            keys.ROUTER_IN_FLIGHT,
-            keys.METRICS_TARGETS,
+            redis_keys.engine_load(node),
+            redis_keys.PREFIX_FEED,
+            redis_keys.ROUTER_IN_FLIGHT,
+            redis_keys.METRICS_TARGETS,
         ]
     if role == "router":
         return ROUTER
     if role == "admin":
-        return [*ROUTER, keys.API_KEYS, keys.CORDONED, keys.DRAINING]
+        return [*ROUTER, redis_keys.API_KEYS, redis_keys.CORDONED, redis_keys.DRAINING]
     raise ValueError(f"no role {role!r}; roles: scheduler, agent, router, admin")
 
 

@@ -24,7 +24,7 @@ import pytest
 
 from harness import clients, workloads
 from harness.cluster import ENGINE_KEY, Cluster, vllm_env, wait_for
-from nebula import keys
+from nebula import redis_keys
 from nebula.agent.engine import running_requests
 from nebula.agent.telemetry import memory_mib
 from nebula.models import Status
@@ -360,7 +360,7 @@ async def test_vllm_reports_what_it_evicted_and_the_router_forgets_it(
         await workloads.converse([router.url], CHAT, workloads.own_prompts(8, 5, 6000), 1, 1)
 
         async def evicted_and_dropped() -> bool:
-            entries: Any = await state.redis.xrange(keys.PREFIX_FEED)
+            entries: Any = await state.redis.xrange(redis_keys.PREFIX_FEED)
             ops = {f.get("o") for _, f in entries if f.get("p") == endpoint.placement_id}
             return {"evict", "drop"} <= ops
 

@@ -20,7 +20,7 @@ import aiohttp
 
 from harness import workloads
 from harness.cluster import TEST_CATALOG, Cluster, wait_for
-from nebula import keys, kv_events
+from nebula import kv_events, redis_keys
 from nebula.agent.kv_watch import CacheMirror
 from nebula.models import Endpoint, Status
 from nebula.router.prefix import PrefixAffinity
@@ -179,7 +179,7 @@ async def test_a_conversation_an_engine_evicted_goes_elsewhere_and_one_it_kept_s
                     assert r.status == 200, await r.text()
 
         async def router_dropped_it() -> bool:
-            entries: Any = await state.redis.xrange(keys.PREFIX_FEED)
+            entries: Any = await state.redis.xrange(redis_keys.PREFIX_FEED)
             return any(
                 f.get("o") == "drop" and f.get("p") == evicting.placement_id for _, f in entries
             )

@@ -20,7 +20,7 @@ from harness import clients
 from harness.cluster import wait_for
 from harness.endpoints import announce
 from harness.processes import EngineProcess, RedisServer, RouterProcess, free_port, http_bytes, stop
-from nebula import keys
+from nebula import redis_keys
 from nebula.agent.engine import running_requests
 from nebula.exposure import key_file
 from nebula.models import ApiKey, Endpoint
@@ -144,7 +144,7 @@ async def test_a_client_that_leaves_stops_the_engines_work(
     # Nothing reported in flight for a drain to wait on.
 
     async def unreported() -> bool:
-        return not await state.redis.zrange(keys.ROUTER_IN_FLIGHT, 0, -1)
+        return not await state.redis.zrange(redis_keys.ROUTER_IN_FLIGHT, 0, -1)
 
     await wait_for(unreported, 10, "the router's in-flight report gone")
 
@@ -265,20 +265,32 @@ async def test_one_unreadable_stored_value_never_stops_the_routing_table(
     healthy, and sees what is published after it."""
     engine = engines()
     await publish(state, engine.url, "p-good")
-    index_keys = [keys.ENDPOINT_INDEX, keys.ENDPOINT_SEQ, keys.ENDPOINT_FEED]
-    change = [*index_keys, keys.node_endpoints("n"), keys.legacy_endpoint("x"), "nebula:none"]
+    index_keys = [redis_keys.ENDPOINT_INDEX, redis_keys.ENDPOINT_SEQ, redis_keys.ENDPOINT_FEED]
+    change = [
+        *index_keys,
+        redis_keys.node_endpoints("n"),
+        redis_keys.legacy_endpoint("x"),
+        "nebula:none",
+    ]
     await state.redis.eval(
         endpoints._CHANGE, 6, *change, "up", "p-garbage", "{not json", 100, "nebula:none"
     )
-    await state.redis.hset(keys.ENDPOINT_INDEX, "p-partial", json.dumps({"v": 9, "url": "x"}))
-    await state.redis.hset(keys.API_KEYS, "broken", "[1, 2")
+    await state.redis.hset(redis_keys.ENDPOINT_INDEX, "p-partial", json.dumps({"v": 9, "url": "x"}))
+    await state.redis.hset(redis_keys.API_KEYS, "broken", "[1, 2")
     router = routers()  # its first, full read meets all of it
     await until(lambda: served(router) == 1, "the good endpoint")
     url = router.url + "/v1/chat/completions"
     assert http_bytes("POST", url, chat(), CLIENT_KEY)[0] == 200
     # More garbage through the feed, then a good change after it.
     await state.redis.eval(
-        endpoints._CHANGE, 6, *change, "up", "p-garbage-2", '{"model": 3}', 100, keys.EVENTS_CHANNEL
+        endpoints._CHANGE,
+        6,
+        *change,
+        "up",
+        "p-garbage-2",
+        '{"model": 3}',
+        100,
+        redis_keys.EVENTS_CHANNEL,
     )
     second = engines()
     await publish(state, second.url, "p-good-2")
@@ -310,7 +322,7 @@ async def test_endpoints_kept_over_an_outage_are_checked_again(
     server.start()
     try:
         state = State(server.url)
-        await state.redis.hset(keys.MODELS, CHAT, "req-chat")
+        await state.redis.hset(redis_keys.MODELS, CHAT, "req-chat")
         await state.redis.save()  # what Redis comes back with: the model, no endpoint
         engine = engines()
         await publish(state, engine.url, "p-1")

@@ -16,7 +16,7 @@ import redis.asyncio
 
 from harness.cluster import Cluster, wait_for
 from harness.endpoints import announce
-from nebula import keys
+from nebula import redis_keys
 from nebula.models import Endpoint
 from nebula.router.table import RoutingTable
 from nebula.scheduler.service import Scheduler
@@ -75,7 +75,7 @@ async def test_a_gap_in_the_feed_means_a_full_read_and_the_table_converges(
     for i in range(1, 30):
         await announce(state, endpoint(i))
     await state.endpoints.withdraw("p0", "node-x")
-    await client.xtrim(keys.ENDPOINT_FEED, maxlen=5, approximate=False)  # trimmed past us
+    await client.xtrim(redis_keys.ENDPOINT_FEED, maxlen=5, approximate=False)  # trimmed past us
     await table.refresh(state)
     assert table.full_reads == 2
     assert table.by_id == await index(state) and "p0" not in table.by_id
@@ -167,14 +167,14 @@ async def test_legacy_mode_writes_what_routers_before_the_feed_read(
     await announce(state, e)
     await state.endpoints.publish_legacy(e, ttl_s=30)
     now_ms = int(time.time() * 1000)
-    ids = await client.zrangebyscore(keys.LEGACY_ENDPOINTS, now_ms, "+inf")
+    ids = await client.zrangebyscore(redis_keys.LEGACY_ENDPOINTS, now_ms, "+inf")
     assert ids == ["p5"]
-    [raw] = await client.mget([keys.legacy_endpoint(i) for i in ids])
+    [raw] = await client.mget([redis_keys.legacy_endpoint(i) for i in ids])
     old = json.loads(raw)
     assert {k: old[k] for k in ("placement_id", "model", "url")} == {
         "placement_id": "p5", "model": "m", "url": e.url
     }  # fmt: skip
     await state.endpoints.withdraw("p5", "node-x")
-    assert await client.zrangebyscore(keys.LEGACY_ENDPOINTS, now_ms, "+inf") == []
-    assert await client.get(keys.legacy_endpoint("p5")) is None
+    assert await client.zrangebyscore(redis_keys.LEGACY_ENDPOINTS, now_ms, "+inf") == []
+    assert await client.get(redis_keys.legacy_endpoint("p5")) is None
     assert await index(state) == {}

@@ -15,7 +15,7 @@ import redis
 
 from harness.cluster import wait_for
 from harness.processes import spawn
-from nebula import keys
+from nebula import redis_keys
 from nebula.catalog import load_catalog
 from nebula.models import Desired, Phase, Status
 from nebula.scheduler.reconcile import reconcile
@@ -69,7 +69,12 @@ async def test_request_lifecycle_from_load_to_gone(
     client.close()
     # Only the node's own keys remain, and the routers' version counter: no request,
     # event stream, model index or placement.
-    assert left == [keys.node("cpu-1"), keys.NODES, keys.ROUTING_VERSION, keys.SCHEDULER_LEADER]
+    assert left == [
+        redis_keys.node("cpu-1"),
+        redis_keys.NODES,
+        redis_keys.ROUTING_VERSION,
+        redis_keys.SCHEDULER_LEADER,
+    ]
 
 
 async def test_event_history_tells_the_story(state: State, settings: Settings) -> None:
@@ -156,8 +161,8 @@ async def test_dead_node_replicas_are_rescheduled(
     assert "node cpu-a lost: replica on it is gone" in messages
     assert "Scheduled on cpu-b (CPU), port 8100" in messages
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    assert not client.exists(keys.placements("cpu-a"))
-    assert client.smembers(keys.NODES) == {"cpu-b"}
+    assert not client.exists(redis_keys.placements("cpu-a"))
+    assert client.smembers(redis_keys.NODES) == {"cpu-b"}
     client.close()
     await b.converge(Phase.HEALTHY)
     await scheduler.step()

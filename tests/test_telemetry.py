@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from nebula import keys
+from nebula import redis_keys
 from nebula.agent.service import Agent
 from nebula.agent.supervisor import Supervisor
 from nebula.agent.telemetry import Telemetry
@@ -106,7 +106,7 @@ async def test_the_heartbeat_survives_a_telemetry_error(redis_url: str, tmp_path
         beating = asyncio.create_task(agent._heartbeat_loop())
         try:
             deadline = asyncio.get_running_loop().time() + 10
-            while not await state.redis.exists(keys.node("gpu-node")):
+            while not await state.redis.exists(redis_keys.node("gpu-node")):
                 assert not beating.done(), f"the heartbeat loop died: {beating.exception()!r}"
                 assert asyncio.get_running_loop().time() < deadline, "no heartbeat"
                 await asyncio.sleep(0.05)

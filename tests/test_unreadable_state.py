@@ -14,7 +14,7 @@ import pytest
 
 from harness.cluster import Cluster, wait_for
 from harness.processes import http_bytes
-from nebula import keys
+from nebula import redis_keys
 from nebula.models import Status
 from nebula.store import State
 
@@ -36,16 +36,16 @@ async def test_unreadable_requests_and_placements_stop_nothing(
     pid_before = {p: s.pid for p, s in (await state.placements.states("node-a")).items()}
 
     # A newer Nebula's values: a status, and a desired state, this one does not know.
-    await state.redis.hset(keys.request(chat.id), "status", "Hibernating")
-    await state.redis.sadd(keys.REQUESTS_DIRTY, chat.id)
-    raw = json.loads(await state.redis.hget(keys.placements("node-a"), placement.id))
+    await state.redis.hset(redis_keys.request(chat.id), "status", "Hibernating")
+    await state.redis.sadd(redis_keys.REQUESTS_DIRTY, chat.id)
+    raw = json.loads(await state.redis.hget(redis_keys.placements("node-a"), placement.id))
     await state.redis.hset(
-        keys.placements("node-a"), placement.id, json.dumps({**raw, "desired": "hibernate"})
+        redis_keys.placements("node-a"), placement.id, json.dumps({**raw, "desired": "hibernate"})
     )
-    await state.redis.publish(keys.node_channel("node-a"), "placements")
+    await state.redis.publish(redis_keys.node_channel("node-a"), "placements")
     # And plain damage in a placement state the scheduler reads.
-    await state.redis.hset(keys.placement_state("node-a"), "p-damaged", "{")
-    await state.redis.sadd(keys.PLACEMENT_STATE_DIRTY, "node-a")
+    await state.redis.hset(redis_keys.placement_state("node-a"), "p-damaged", "{")
+    await state.redis.sadd(redis_keys.PLACEMENT_STATE_DIRTY, "node-a")
 
     # The scheduler and the agent go on: another model loads and serves.
     embed = await cluster.load(state, "tiny_embedding")
@@ -58,8 +58,8 @@ async def test_unreadable_requests_and_placements_stop_nothing(
     assert states[placement.id].pid == pid_before[placement.id]
     messages = [{"role": "user", "content": "hi"}]
     await answered(router.url + "/v1/chat/completions", "tiny_chat", messages=messages)
-    assert await state.redis.hget(keys.request(chat.id), "status") == "Hibernating"
-    assert await state.redis.hexists(keys.placements("node-a"), placement.id)
+    assert await state.redis.hget(redis_keys.request(chat.id), "status") == "Hibernating"
+    assert await state.redis.hexists(redis_keys.placements("node-a"), placement.id)
     # Listing requests skips it, rather than failing.
     assert [r.id for r in await state.requests.all()] == [embed.id]
     assert "skipping a stored" in cluster.agent_log()

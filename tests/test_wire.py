@@ -6,7 +6,7 @@ import json
 
 import redis.asyncio
 
-from nebula import keys
+from nebula import redis_keys
 from nebula.catalog import load_catalog
 from nebula.models import Endpoint, Phase, Placement, PlacementState
 from nebula.store import State, endpoints, placements, request_format, wire
@@ -19,10 +19,10 @@ async def test_every_stored_value_carries_the_layout_version(state: State, redis
     p = Placement(id="p1", request_id=request.id, node="n1", port=8100, spec=SPEC)
     client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
     try:
-        assert await client.hget(keys.request(request.id), "v") == str(wire.VERSION)
+        assert await client.hget(redis_keys.request(request.id), "v") == str(wire.VERSION)
         assert json.loads(placements.encode(p))["v"] == wire.VERSION
         await state.placements.report("n1", {"p1": PlacementState(Phase.HEALTHY)})
-        raw = await client.hget(keys.placement_state("n1"), "p1")
+        raw = await client.hget(redis_keys.placement_state("n1"), "p1")
         assert raw is not None and json.loads(raw)["v"] == wire.VERSION
     finally:
         await client.aclose()
@@ -33,16 +33,16 @@ async def test_a_newer_writers_fields_are_ignored(state: State, redis_url: str) 
     client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
     try:
         # A newer Nebula adds fields everywhere: a hash field, spec keys, JSON keys.
-        spec = json.loads(await client.hget(keys.request(request.id), "spec") or "{}")
+        spec = json.loads(await client.hget(redis_keys.request(request.id), "spec") or "{}")
         await client.hset(
-            keys.request(request.id),
+            redis_keys.request(request.id),
             mapping={"v": "2", "priority": "high", "spec": json.dumps({**spec, "lora": ["x"]})},
         )
         assert (await state.requests.get(request.id)).spec == SPEC
 
         p = json.loads(placements.encode(Placement("p1", request.id, "n1", 8100, SPEC)))
         p.update(v=2, numa_node=1, spec={**p["spec"], "lora": ["x"]})
-        await client.hset(keys.placements("n1"), "p1", json.dumps(p))
+        await client.hset(redis_keys.placements("n1"), "p1", json.dumps(p))
         [placement] = await state.placements.of_node("n1")
         assert placement.spec == SPEC and placement.port == 8100
 

@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import aiohttp
 
-from nebula import keys, kv_events, redis_health
+from nebula import kv_events, redis_health, redis_keys
 from nebula.agent import agent_metrics, kv_watch, load_report
 from nebula.agent.engine import Engine, drain, probe_interval
 from nebula.agent.lifecycle import Lifecycle
@@ -90,7 +90,7 @@ class Agent:
                         wake=self._wake,
                         on_error=self._converge_failed,
                         interval=lambda: probe_interval(self.engines.values(), probe),
-                        listen=(self.state, keys.node_channel(self.node_id)),
+                        listen=(self.state, redis_keys.node_channel(self.node_id)),
                     ),
                     "advertise": lambda: advertise(
                         self.state,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from nebula import keys
+from nebula import redis_keys
 from nebula.connection import Connection
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class ClusterLimiter:
         tolerance_ms = (max(1.0, rate) - 1.0) * interval_ms
         try:
             wait_ms = await self._script(
-                keys=[keys.rate_limit(key_digest)], args=[interval_ms, tolerance_ms]
+                keys=[redis_keys.rate_limit(key_digest)], args=[interval_ms, tolerance_ms]
             )
         except (RedisError, OSError, TimeoutError) as exc:
             if self._local_until == 0.0 or now - self._local_until > RETRY_AFTER_S:

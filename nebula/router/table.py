@@ -31,7 +31,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from nebula import keys
+from nebula import redis_keys
 from nebula.errors import StateUnavailable
 from nebula.loops import reconcile_forever
 from nebula.models import ApiKey, Endpoint
@@ -251,5 +251,5 @@ class RoutingTable:
             wake=asyncio.Event(),
             interval=lambda: interval_s,
             on_error=lambda exc: log.warning("routing table refresh: %s", exc.message),
-            listen=(state, keys.EVENTS_CHANNEL),
+            listen=(state, redis_keys.EVENTS_CHANNEL),
         )

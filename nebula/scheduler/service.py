@@ -16,7 +16,7 @@ import socket
 import time
 import uuid
 
-from nebula import keys, redis_health
+from nebula import redis_health, redis_keys
 from nebula.errors import NebulaError, StateUnavailable
 from nebula.exporter import advertise, serve_metrics
 from nebula.loops import jittered, reconcile_forever, run_loops
@@ -93,7 +93,7 @@ class Scheduler:
                         wake=self._wake,
                         interval=lambda: jittered(self.interval),
                         on_error=self._unavailable,
-                        listen=(self.state, keys.EVENTS_CHANNEL),
+                        listen=(self.state, redis_keys.EVENTS_CHANNEL),
                         on_bug=self._start_over,
                     ),
                     "advertise": lambda: advertise(

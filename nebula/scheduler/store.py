@@ -15,7 +15,7 @@ from typing import Any
 
 from redis.exceptions import WatchError
 
-from nebula import keys
+from nebula import redis_keys
 from nebula.scheduler.snapshot import Changes, Snapshot
 from nebula.store import State, nodes, placements, request_format, wire
 
@@ -145,7 +145,7 @@ class ClusterStore:
                     st.requests.stage_event(pipe, request_id, text, status)
                 for request in changes.gone_requests:
                     st.requests.stage_gone(pipe, request)
-                pipe.publish(keys.EVENTS_CHANNEL, "placements")
+                pipe.publish(redis_keys.EVENTS_CHANNEL, "placements")
                 touched = [p.node for p in changes.put_placements + changes.drop_placements]
                 st.placements.stage_wake(pipe, touched)
                 await pipe.execute()

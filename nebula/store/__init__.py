@@ -14,7 +14,7 @@
     targets.MetricsTargets  /metrics addresses for Prometheus
     lease.Lease          the scheduler's leader lease
 
-Each store owns its keys (spelled in `nebula.keys`) and its wire format
+Each store owns its keys (spelled in `nebula.redis_keys`) and its wire format
 (`wire` holds the shared rules: a version, unknown fields ignored). Writes
 that must be atomic across aggregates are staged by each store onto one
 shared pipeline (the scheduler's pass, `scheduler/store.py`).

@@ -19,7 +19,7 @@ from typing import Any
 
 from redis.asyncio.client import Pipeline
 
-from nebula import keys
+from nebula import redis_keys
 from nebula.errors import Conflict, NotFound
 from nebula.models import ApiKey, digest
 from nebula.store import wire
@@ -80,14 +80,14 @@ class ApiKeys:
 
     async def get(self, name: str) -> ApiKey:
         async with self.core.reachable():
-            raw = await self.core.redis.hget(keys.API_KEYS, name)
+            raw = await self.core.redis.hget(redis_keys.API_KEYS, name)
         if raw is None:
             raise NotFound(f"no API key named {name!r} (see GET /admin/keys)")
         return decode(raw)
 
     async def all(self) -> list[ApiKey]:
         async with self.core.reachable():
-            raw = await self.core.redis.hvals(keys.API_KEYS)
+            raw = await self.core.redis.hvals(redis_keys.API_KEYS)
         return sorted(wire.readable(decode, raw, "API key"), key=lambda k: k.name)
 
     async def delete(self, name: str) -> None:
@@ -98,10 +98,11 @@ class ApiKeys:
 
     async def _run(self, name: str, value: str) -> int:
         done = await self._change(
-            keys=[keys.API_KEYS, keys.ROUTING_VERSION], args=[name, value, keys.EVENTS_CHANNEL]
+            keys=[redis_keys.API_KEYS, redis_keys.ROUTING_VERSION],
+            args=[name, value, redis_keys.EVENTS_CHANNEL],
         )
         return int(done)
 
     @staticmethod
     def stage_read_all(pipe: Pipeline) -> None:
-        pipe.hvals(keys.API_KEYS)
+        pipe.hvals(redis_keys.API_KEYS)

@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from nebula import keys
+from nebula import redis_keys
 from nebula.connection import Connection, parse_sentinel
 from nebula.errors import StateUnavailable
 from nebula.settings import redact
@@ -95,11 +95,11 @@ class Core:
     async def notify(self, what: str) -> None:
         """Wake every loop that listens; losing this message costs latency only."""
         async with self.reachable():
-            await self.redis.publish(keys.EVENTS_CHANNEL, what)
+            await self.redis.publish(redis_keys.EVENTS_CHANNEL, what)
 
     @contextlib.asynccontextmanager
     async def subscribe(
-        self, channel: str = keys.EVENTS_CHANNEL
+        self, channel: str = redis_keys.EVENTS_CHANNEL
     ) -> AsyncIterator[aioredis.client.PubSub]:
         async with self.reachable():
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)

@@ -3,7 +3,7 @@ waiting, per priority band. Flow control shares each model's slots between the
 router processes by it (`router/flow_share.py`), and the scheduler's autoscaler
 follows its sum (`scheduler/autoscale.py`).
 
-Keys (spelled in `nebula.keys`):
+Keys (spelled in `nebula.redis_keys`):
 - `nebula:router-demand` hash: router process -> JSON
   `{"t": unix time, "m": {model: [high, normal, low, queued]}}` (the first three:
   in flight plus waiting in each band; the last: how many of them wait). Every
@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 
-from nebula import keys
+from nebula import redis_keys
 from nebula.models import Demand
 from nebula.store.core import Core
 
@@ -33,16 +33,16 @@ class RouterDemand:
     async def report(self, instance: str, demand: Mapping[str, Demand]) -> None:
         body = {"t": time.time(), "m": {m: [*d.bands, d.queued] for m, d in demand.items()}}
         async with self.core.reachable():
-            await self.core.redis.hset(keys.ROUTER_DEMAND, instance, json.dumps(body))
+            await self.core.redis.hset(redis_keys.ROUTER_DEMAND, instance, json.dumps(body))
 
     async def remove(self, instance: str) -> None:
         async with self.core.reachable():
-            await self.core.redis.hdel(keys.ROUTER_DEMAND, instance)
+            await self.core.redis.hdel(redis_keys.ROUTER_DEMAND, instance)
 
     async def all(self) -> dict[str, dict[str, Demand]]:
         """Every live router process's demand, per model (stale reports trimmed)."""
         async with self.core.reachable():
-            raw = await self.core.redis.hgetall(keys.ROUTER_DEMAND)
+            raw = await self.core.redis.hgetall(redis_keys.ROUTER_DEMAND)
         now: float = time.time()
         out: dict[str, dict[str, Demand]] = {}
         stale: list[str] = []
@@ -54,7 +54,7 @@ class RouterDemand:
             out[instance] = parsed[1]
         if stale:
             async with self.core.reachable():
-                await self.core.redis.hdel(keys.ROUTER_DEMAND, *stale)
+                await self.core.redis.hdel(redis_keys.ROUTER_DEMAND, *stale)
         return out
 
 

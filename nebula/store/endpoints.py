@@ -28,7 +28,7 @@ from typing import cast
 
 from redis.asyncio.client import Pipeline
 
-from nebula import keys
+from nebula import redis_keys
 from nebula.models import Endpoint
 from nebula.store import wire
 from nebula.store.core import Core
@@ -88,11 +88,16 @@ def decode(raw: str | bytes) -> Endpoint:
 
 
 def _keys(node: str) -> list[str]:
-    return [keys.ENDPOINT_INDEX, keys.ENDPOINT_SEQ, keys.ENDPOINT_FEED, keys.node_endpoints(node)]
+    return [
+        redis_keys.ENDPOINT_INDEX,
+        redis_keys.ENDPOINT_SEQ,
+        redis_keys.ENDPOINT_FEED,
+        redis_keys.node_endpoints(node),
+    ]
 
 
 def _change_keys(node: str, placement_id: str) -> list[str]:
-    return [*_keys(node), keys.legacy_endpoint(placement_id), keys.LEGACY_ENDPOINTS]
+    return [*_keys(node), redis_keys.legacy_endpoint(placement_id), redis_keys.LEGACY_ENDPOINTS]
 
 
 class Endpoints:
@@ -107,14 +112,14 @@ class Endpoints:
             endpoint.placement_id,
             encode(endpoint),
             FEED_LENGTH,
-            keys.EVENTS_CHANNEL,
+            redis_keys.EVENTS_CHANNEL,
         ]
         async with self.core.reachable():
             await self._change(keys=_change_keys(endpoint.node, endpoint.placement_id), args=args)
 
     async def withdraw(self, placement_id: str, node: str) -> None:
         """Gone from routers (and from those not yet upgraded, see `publish_legacy`)."""
-        args: list[str | int] = ["down", placement_id, "", FEED_LENGTH, keys.EVENTS_CHANNEL]
+        args: list[str | int] = ["down", placement_id, "", FEED_LENGTH, redis_keys.EVENTS_CHANNEL]
         async with self.core.reachable():
             await self._change(keys=_change_keys(node, placement_id), args=args)
 
@@ -126,15 +131,15 @@ class Endpoints:
         now_ms = int(time.time() * 1000)
         redis = self.core.redis
         async with self.core.reachable(), redis.pipeline(transaction=True) as pipe:
-            pipe.set(keys.legacy_endpoint(endpoint.placement_id), encode(endpoint), px=ttl_ms)
-            pipe.zadd(keys.LEGACY_ENDPOINTS, {endpoint.placement_id: now_ms + ttl_ms})
-            pipe.zremrangebyscore(keys.LEGACY_ENDPOINTS, "-inf", now_ms)
+            pipe.set(redis_keys.legacy_endpoint(endpoint.placement_id), encode(endpoint), px=ttl_ms)
+            pipe.zadd(redis_keys.LEGACY_ENDPOINTS, {endpoint.placement_id: now_ms + ttl_ms})
+            pipe.zremrangebyscore(redis_keys.LEGACY_ENDPOINTS, "-inf", now_ms)
             await pipe.execute()
 
     async def retain(self, node: str, placement_ids: set[str]) -> int:
         """Withdraw every endpoint of `node` but these (an agent's resync after a
         restart or an outage: a withdrawal it could not write is written now)."""
-        args: list[str | int] = [FEED_LENGTH, keys.EVENTS_CHANNEL, *sorted(placement_ids)]
+        args: list[str | int] = [FEED_LENGTH, redis_keys.EVENTS_CHANNEL, *sorted(placement_ids)]
         async with self.core.reachable():
             return int(await self.core.redis.eval(_RETAIN, 4, *_keys(node), *args))
 
@@ -142,7 +147,7 @@ class Endpoints:
         """Every published endpoint now (published while its engine answered its last
         probe; a liveness check of its own is not made here)."""
         async with self.core.reachable():
-            raw = await self.core.redis.hvals(keys.ENDPOINT_INDEX)
+            raw = await self.core.redis.hvals(redis_keys.ENDPOINT_INDEX)
         return sorted(wire.readable(decode, raw, "endpoint"), key=lambda e: e.placement_id)
 
     # For the routers (router/table.py) and the scheduler, staged on their pipelines.
@@ -150,21 +155,21 @@ class Endpoints:
     @staticmethod
     def stage_withdraw_node(pipe: Pipeline, node: str) -> None:
         """A dead node's endpoints, all withdrawn (inside the scheduler's MULTI)."""
-        pipe.eval(_RETAIN, 4, *_keys(node), FEED_LENGTH, keys.EVENTS_CHANNEL)
+        pipe.eval(_RETAIN, 4, *_keys(node), FEED_LENGTH, redis_keys.EVENTS_CHANNEL)
 
     @staticmethod
     def stage_read_seq(pipe: Pipeline) -> None:
-        pipe.get(keys.ENDPOINT_SEQ)
+        pipe.get(redis_keys.ENDPOINT_SEQ)
 
     @staticmethod
     def stage_read_all(pipe: Pipeline) -> None:
-        pipe.hvals(keys.ENDPOINT_INDEX)
+        pipe.hvals(redis_keys.ENDPOINT_INDEX)
 
     async def changes_after(self, seq: int, count: int) -> list[tuple[int, str, str, str]]:
         """Feed entries after `seq` (at most `count`): (seq, op, id, endpoint JSON)."""
         async with self.core.reachable():
             entries = await self.core.redis.xrange(
-                keys.ENDPOINT_FEED, min=f"{seq + 1}-0", count=count
+                redis_keys.ENDPOINT_FEED, min=f"{seq + 1}-0", count=count
             )
         # Read with decode_responses: ids and fields are str (redis-py types them wider).
         read = cast(list[tuple[str, dict[str, str]]], entries)

@@ -6,7 +6,7 @@ healthy engine's `vllm:num_requests_running`, `vllm:num_requests_waiting` and
 `vllm:kv_cache_usage_perc` every probe and writes them here; routers read them
 once a second.
 
-Keys (spelled in `nebula.keys`):
+Keys (spelled in `nebula.redis_keys`):
 - `nebula:engine-load:{node}` hash with a TTL of a few probes: placement id ->
   "running waiting kv_usage". A node that stops reporting takes its figures
   with it; a reader treats a missing figure as "nothing beyond my own".
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from nebula import keys
+from nebula import redis_keys
 from nebula.store.core import Core
 
 
@@ -44,7 +44,7 @@ class EngineLoads:
         self.core = core
 
     async def report(self, node: str, loads: Mapping[str, EngineLoad], ttl_s: float) -> None:
-        key = keys.engine_load(node)
+        key = redis_keys.engine_load(node)
         redis = self.core.redis
         async with self.core.reachable(), redis.pipeline(transaction=True) as pipe:
             pipe.delete(key)
@@ -60,7 +60,7 @@ class EngineLoads:
             return {}
         async with self.core.reachable(), self.core.redis.pipeline(transaction=False) as pipe:
             for node in nodes:
-                pipe.hgetall(keys.engine_load(node))
+                pipe.hgetall(redis_keys.engine_load(node))
             answers = await pipe.execute()
         out = {}
         for answer in answers:

@@ -6,7 +6,7 @@ may not answer its metrics at all. The routers know what they sent, so each
 router process reports its non-zero per-placement counts once a second, and a
 draining agent waits until both witnesses say zero.
 
-Keys (spelled in `nebula.keys`):
+Keys (spelled in `nebula.redis_keys`):
 - `nebula:router-in-flight:{instance}` hash with a TTL of a few reports:
   placement id -> requests in flight. A router that dies takes its report with it
   when the TTL lapses (its requests died with it).
@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-from nebula import keys
+from nebula import redis_keys
 from nebula.store import wire
 from nebula.store.core import Core
 
@@ -33,7 +33,7 @@ class RouterInFlight:
 
     async def report(self, instance: str, counts: Mapping[str, int], ttl_s: float) -> None:
         """Replace this router process's report (an empty one removes it)."""
-        key = keys.router_in_flight(instance)
+        key = redis_keys.router_in_flight(instance)
         busy = {pid: n for pid, n in counts.items() if n > 0}
         redis = self.core.redis
         async with self.core.reachable(), redis.pipeline(transaction=True) as pipe:
@@ -41,9 +41,9 @@ class RouterInFlight:
             if busy:
                 pipe.hset(key, mapping=wire.for_hset(busy))
                 pipe.pexpire(key, int(ttl_s * 1000))
-                pipe.zadd(keys.ROUTER_IN_FLIGHT, {instance: time.time()})
+                pipe.zadd(redis_keys.ROUTER_IN_FLIGHT, {instance: time.time()})
             else:
-                pipe.zrem(keys.ROUTER_IN_FLIGHT, instance)
+                pipe.zrem(redis_keys.ROUTER_IN_FLIGHT, instance)
             await pipe.execute()
 
     async def to(self, placement_id: str) -> int:
@@ -51,14 +51,14 @@ class RouterInFlight:
         redis = self.core.redis
         async with self.core.reachable():
             await redis.zremrangebyscore(
-                keys.ROUTER_IN_FLIGHT, "-inf", time.time() - STALE_MEMBER_S
+                redis_keys.ROUTER_IN_FLIGHT, "-inf", time.time() - STALE_MEMBER_S
             )
-            instances = wire.texts(await redis.zrange(keys.ROUTER_IN_FLIGHT, 0, -1))
+            instances = wire.texts(await redis.zrange(redis_keys.ROUTER_IN_FLIGHT, 0, -1))
             if not instances:
                 return 0
             async with redis.pipeline(transaction=False) as pipe:
                 for instance in instances:
-                    pipe.hget(keys.router_in_flight(instance), placement_id)
+                    pipe.hget(redis_keys.router_in_flight(instance), placement_id)
                 counts = await pipe.execute()
         return sum(_count(n) for n in counts if n)
 

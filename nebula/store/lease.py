@@ -14,7 +14,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
-from nebula import keys
+from nebula import redis_keys
 from nebula.store.core import Core
 
 
@@ -27,7 +27,7 @@ class Lease:
         lock = self._locks.get((me, ttl_s))
         if lock is None:
             lock = self.core.redis.lock(
-                keys.SCHEDULER_LEADER, timeout=ttl_s, blocking=False, thread_local=False
+                redis_keys.SCHEDULER_LEADER, timeout=ttl_s, blocking=False, thread_local=False
             )
             self._locks[(me, ttl_s)] = lock
         # The token is our identity, whatever the lock object remembers (redis-py
@@ -59,12 +59,12 @@ class Lease:
 
     async def holder(self) -> str | None:
         async with self.core.reachable():
-            value = await self.core.redis.get(keys.SCHEDULER_LEADER)
+            value = await self.core.redis.get(redis_keys.SCHEDULER_LEADER)
         return str(value) if value else None
 
     @staticmethod
     async def fenced(pipe: Pipeline, me: str) -> bool:
         """WATCH the lease on `pipe` (before MULTI): True while `me` holds it, and
         the transaction that follows fails if the lease changes hands meanwhile."""
-        await pipe.watch(keys.SCHEDULER_LEADER)
-        return bool(await pipe.get(keys.SCHEDULER_LEADER) == me)
+        await pipe.watch(redis_keys.SCHEDULER_LEADER)
+        return bool(await pipe.get(redis_keys.SCHEDULER_LEADER) == me)

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from redis.asyncio.client import Pipeline
 
-from nebula import keys
+from nebula import redis_keys
 from nebula.errors import NotFound
 from nebula.models import Device, Node
 from nebula.store import wire
@@ -86,7 +86,7 @@ class Nodes:
         ids = sorted(set(node_ids))
         async with self.core.reachable(), self.core.redis.pipeline(transaction=False) as pipe:
             for node_id in ids:
-                pipe.hget(keys.node(node_id), "address")
+                pipe.hget(redis_keys.node(node_id), "address")
             found = await pipe.execute()
         return {node_id: a for node_id, a in zip(ids, found, strict=True) if a}
 
@@ -94,10 +94,10 @@ class Nodes:
         """Publish the node's heartbeat; it dies with its TTL unless renewed."""
         redis = self.core.redis
         async with self.core.reachable(), redis.pipeline(transaction=True) as pipe:
-            pipe.sadd(keys.NODES, node.id)
-            pipe.delete(keys.node(node.id))
-            pipe.hset(keys.node(node.id), mapping=wire.for_hset(encode(node)))
-            pipe.pexpire(keys.node(node.id), int(ttl_s * 1000))
+            pipe.sadd(redis_keys.NODES, node.id)
+            pipe.delete(redis_keys.node(node.id))
+            pipe.hset(redis_keys.node(node.id), mapping=wire.for_hset(encode(node)))
+            pipe.pexpire(redis_keys.node(node.id), int(ttl_s * 1000))
             await pipe.execute()
 
     async def live(self) -> list[Node]:
@@ -105,12 +105,12 @@ class Nodes:
         redis = self.core.redis
         async with self.core.reachable():
             async with redis.pipeline(transaction=False) as pipe:
-                pipe.smembers(keys.NODES)
+                pipe.smembers(redis_keys.NODES)
                 self.stage_read_marks(pipe)
                 node_ids, cordoned, draining = await pipe.execute()
             async with redis.pipeline(transaction=False) as pipe:
                 for node_id in sorted(node_ids):
-                    pipe.hgetall(keys.node(node_id))
+                    pipe.hgetall(redis_keys.node(node_id))
                 rows = await pipe.execute()
         return [
             decode(row, cordoned=row["id"] in cordoned, draining=row["id"] in draining)
@@ -121,52 +121,54 @@ class Nodes:
     async def ids(self) -> list[str]:
         """Every registered node, alive or not yet reaped."""
         async with self.core.reachable():
-            return sorted(wire.texts(await self.core.redis.smembers(keys.NODES)))
+            return sorted(wire.texts(await self.core.redis.smembers(redis_keys.NODES)))
 
     async def set_cordon(self, node_id: str, *, cordoned: bool, drain: bool = False) -> None:
         """Cordon (no new placements), drain (also move placements off), or undo both."""
         redis = self.core.redis
         async with self.core.reachable():
-            if not await redis.sismember(keys.NODES, node_id):
-                nodes = ", ".join(sorted(wire.texts(await redis.smembers(keys.NODES)))) or "none"
+            if not await redis.sismember(redis_keys.NODES, node_id):
+                nodes = (
+                    ", ".join(sorted(wire.texts(await redis.smembers(redis_keys.NODES)))) or "none"
+                )
                 raise NotFound(f"no node {node_id!r}; known nodes: {nodes}")
             async with redis.pipeline(transaction=True) as pipe:
                 if cordoned:
-                    pipe.sadd(keys.CORDONED, node_id)
+                    pipe.sadd(redis_keys.CORDONED, node_id)
                     if drain:
-                        pipe.sadd(keys.DRAINING, node_id)
+                        pipe.sadd(redis_keys.DRAINING, node_id)
                 else:
-                    pipe.srem(keys.CORDONED, node_id)
-                    pipe.srem(keys.DRAINING, node_id)
-                pipe.publish(keys.EVENTS_CHANNEL, "node")
+                    pipe.srem(redis_keys.CORDONED, node_id)
+                    pipe.srem(redis_keys.DRAINING, node_id)
+                pipe.publish(redis_keys.EVENTS_CHANNEL, "node")
                 await pipe.execute()
 
     async def heartbeats(self, node_ids: list[str]) -> list[dict[str, str]]:
         """The raw heartbeat hashes of `node_ids` ({} for a lapsed one), in one call."""
         async with self.core.reachable():
-            rows = await self._heartbeats(keys=[keys.node(n) for n in node_ids])
+            rows = await self._heartbeats(keys=[redis_keys.node(n) for n in node_ids])
         return [dict(zip(flat[::2], flat[1::2], strict=True)) for flat in rows]
 
     # Staged onto a caller's pipeline (see Requests).
 
     @staticmethod
     def stage_read_ids(pipe: Pipeline) -> None:
-        pipe.smembers(keys.NODES)
+        pipe.smembers(redis_keys.NODES)
 
     @staticmethod
     def stage_read_marks(pipe: Pipeline) -> None:
         """Two replies: the cordoned nodes, the draining nodes."""
-        pipe.smembers(keys.CORDONED)
-        pipe.smembers(keys.DRAINING)
+        pipe.smembers(redis_keys.CORDONED)
+        pipe.smembers(redis_keys.DRAINING)
 
     @staticmethod
     def stage_read_alive(pipe: Pipeline) -> None:
         """The registered nodes whose heartbeat is present."""
-        pipe.eval(_ALIVE, 1, keys.NODES, keys.node(""))
+        pipe.eval(_ALIVE, 1, redis_keys.NODES, redis_keys.node(""))
 
     @staticmethod
     def stage_forget(pipe: Pipeline, node_id: str) -> None:
         """Reap a dead node: it is registered and marked no more."""
-        pipe.srem(keys.NODES, node_id)
-        pipe.srem(keys.CORDONED, node_id)
-        pipe.srem(keys.DRAINING, node_id)
+        pipe.srem(redis_keys.NODES, node_id)
+        pipe.srem(redis_keys.CORDONED, node_id)
+        pipe.srem(redis_keys.DRAINING, node_id)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from redis.asyncio.client import Pipeline
 
-from nebula import keys
+from nebula import redis_keys
 from nebula.models import Desired, Phase, Placement, PlacementState
 from nebula.store import wire
 from nebula.store.core import Core
@@ -96,13 +96,13 @@ class Placements:
         """The node's placements, and the ids of those that cannot be read (an agent
         leaves their engines as they are rather than take them for unwanted)."""
         async with self.core.reachable():
-            raw = wire.text_hash(await self.core.redis.hgetall(keys.placements(node_id)))
+            raw = wire.text_hash(await self.core.redis.hgetall(redis_keys.placements(node_id)))
         readable, bad = wire.readable_items(decode, raw, "placement")
         return NodePlacements(list(readable.values()), bad)
 
     async def states(self, node_id: str) -> dict[str, PlacementState]:
         async with self.core.reachable():
-            raw = wire.text_hash(await self.core.redis.hgetall(keys.placement_state(node_id)))
+            raw = wire.text_hash(await self.core.redis.hgetall(redis_keys.placement_state(node_id)))
         return decode_states(raw)
 
     async def report(
@@ -113,14 +113,14 @@ class Placements:
         async with self.core.reachable(), redis.pipeline(transaction=True) as pipe:
             if states:
                 pipe.hset(
-                    keys.placement_state(node_id),
+                    redis_keys.placement_state(node_id),
                     mapping={pid: encode_state(s) for pid, s in states.items()},
                 )
             dropped = list(drop)
             if dropped:
-                pipe.hdel(keys.placement_state(node_id), *dropped)
-            pipe.sadd(keys.PLACEMENT_STATE_DIRTY, node_id)
-            pipe.publish(keys.EVENTS_CHANNEL, "placement-state")
+                pipe.hdel(redis_keys.placement_state(node_id), *dropped)
+            pipe.sadd(redis_keys.PLACEMENT_STATE_DIRTY, node_id)
+            pipe.publish(redis_keys.EVENTS_CHANNEL, "placement-state")
             await pipe.execute()
 
     async def all(self, node_ids: Iterable[str]) -> list[tuple[Placement, PlacementState | None]]:
@@ -129,8 +129,8 @@ class Placements:
         redis = self.core.redis
         async with self.core.reachable(), redis.pipeline(transaction=False) as pipe:
             for node_id in ids:
-                pipe.hgetall(keys.placements(node_id))
-                pipe.hgetall(keys.placement_state(node_id))
+                pipe.hgetall(redis_keys.placements(node_id))
+                pipe.hgetall(redis_keys.placement_state(node_id))
             rows = await pipe.execute()
         out: list[tuple[Placement, PlacementState | None]] = []
         for placements, states in zip(rows[::2], rows[1::2], strict=True):
@@ -144,35 +144,35 @@ class Placements:
 
     @staticmethod
     def stage_read_dirty_nodes(pipe: Pipeline) -> None:
-        pipe.smembers(keys.PLACEMENT_STATE_DIRTY)
+        pipe.smembers(redis_keys.PLACEMENT_STATE_DIRTY)
 
     @staticmethod
     def stage_clear_dirty(pipe: Pipeline) -> None:
-        pipe.delete(keys.PLACEMENT_STATE_DIRTY)
+        pipe.delete(redis_keys.PLACEMENT_STATE_DIRTY)
 
     @staticmethod
     def stage_read_states(pipe: Pipeline, node_id: str) -> None:
-        pipe.hgetall(keys.placement_state(node_id))
+        pipe.hgetall(redis_keys.placement_state(node_id))
 
     @staticmethod
     def stage_read(pipe: Pipeline, node_id: str) -> None:
-        pipe.hgetall(keys.placements(node_id))
+        pipe.hgetall(redis_keys.placements(node_id))
 
     @staticmethod
     def stage_put(pipe: Pipeline, p: Placement) -> None:
-        pipe.hset(keys.placements(p.node), p.id, encode(p))
+        pipe.hset(redis_keys.placements(p.node), p.id, encode(p))
 
     @staticmethod
     def stage_drop(pipe: Pipeline, p: Placement) -> None:
-        pipe.hdel(keys.placements(p.node), p.id)
-        pipe.hdel(keys.placement_state(p.node), p.id)
+        pipe.hdel(redis_keys.placements(p.node), p.id)
+        pipe.hdel(redis_keys.placement_state(p.node), p.id)
 
     @staticmethod
     def stage_drop_node(pipe: Pipeline, node_id: str) -> None:
-        pipe.delete(keys.placements(node_id), keys.placement_state(node_id))
+        pipe.delete(redis_keys.placements(node_id), redis_keys.placement_state(node_id))
 
     @staticmethod
     def stage_wake(pipe: Pipeline, node_ids: Iterable[str]) -> None:
         """Tell these nodes' agents their placements changed."""
         for node_id in sorted(set(node_ids)):
-            pipe.publish(keys.node_channel(node_id), "placements")
+            pipe.publish(redis_keys.node_channel(node_id), "placements")

@@ -1,7 +1,7 @@
 """Prefix routing's shared index: which replica each router process sent which
 prompt prefixes to, so that every router and worker learns every other's choices.
 
-Keys (spelled in `nebula.keys`):
+Keys (spelled in `nebula.redis_keys`):
 - `nebula:prefix-feed` stream, capped at about `FEED_ENTRIES` entries. Each entry
   is one of (`o`, the operation):
   - "" (keys): router process `i` newly sent prefix keys `k` (16 hex digits
@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nebula import keys
+from nebula import redis_keys
 from nebula.store.core import Core
 
 FEED_ENTRIES = 20_000
@@ -87,7 +87,7 @@ class PrefixFeed:
     async def recent(self, count: int) -> tuple[str, list[Learned]]:
         """The last `count` entries, oldest first, and the id to tail from."""
         async with self.core.reachable():
-            entries: Any = await self.core.redis.xrevrange(keys.PREFIX_FEED, count=count)
+            entries: Any = await self.core.redis.xrevrange(redis_keys.PREFIX_FEED, count=count)
         entries.reverse()
         last = str(entries[-1][0]) if entries else "0-0"
         return last, [_learned(fields) for _, fields in entries]
@@ -95,7 +95,9 @@ class PrefixFeed:
     async def after(self, last: str, block_ms: int, count: int = 500) -> tuple[str, list[Learned]]:
         """Entries after id `last` (waiting up to `block_ms` for one), and the new last id."""
         async with self.core.reachable():
-            answer: Any = await self.core.redis.xread({keys.PREFIX_FEED: last}, count, block_ms)
+            answer: Any = await self.core.redis.xread(
+                {redis_keys.PREFIX_FEED: last}, count, block_ms
+            )
         if not answer:
             return last, []
         entries = answer[0][1]
@@ -103,7 +105,7 @@ class PrefixFeed:
 
 
 def _add(pipe: Any, fields: dict[str, str]) -> None:
-    pipe.xadd(keys.PREFIX_FEED, fields, maxlen=FEED_ENTRIES, approximate=True)
+    pipe.xadd(redis_keys.PREFIX_FEED, fields, maxlen=FEED_ENTRIES, approximate=True)
 
 
 def _learned(fields: Mapping[str, str]) -> Learned:

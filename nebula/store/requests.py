@@ -16,7 +16,7 @@ from typing import Any, cast
 from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
-from nebula import keys
+from nebula import redis_keys
 from nebula.durations import show_duration
 from nebula.errors import Conflict, InvalidRequest, NotFound
 from nebula.models import ModelRequest, ModelSpec, Status
@@ -104,8 +104,8 @@ class Requests:
         async with self.core.reachable(), redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    await pipe.watch(keys.MODELS)
-                    existing = str(await pipe.hget(keys.MODELS, spec.name) or "")
+                    await pipe.watch(redis_keys.MODELS)
+                    existing = str(await pipe.hget(redis_keys.MODELS, spec.name) or "")
                     if existing:
                         raise Conflict(
                             f"model {spec.name!r} is already loaded as request {existing}; "
@@ -119,11 +119,11 @@ class Requests:
                     continue
 
     def _stage_create(self, pipe: Pipeline, request: ModelRequest) -> None:
-        pipe.hset(keys.MODELS, request.model, request.id)
-        pipe.incr(keys.ROUTING_VERSION)
-        pipe.hset(keys.request(request.id), mapping=wire.for_hset(encode(request)))
-        pipe.sadd(keys.REQUESTS, request.id)
-        pipe.sadd(keys.REQUESTS_DIRTY, request.id)
+        pipe.hset(redis_keys.MODELS, request.model, request.id)
+        pipe.incr(redis_keys.ROUTING_VERSION)
+        pipe.hset(redis_keys.request(request.id), mapping=wire.for_hset(encode(request)))
+        pipe.sadd(redis_keys.REQUESTS, request.id)
+        pipe.sadd(redis_keys.REQUESTS_DIRTY, request.id)
         how = "on demand (a client's request)" if request.on_demand else "load asked"
         text = f"{how}: {request.replicas} replica(s)"
         if request.autoscaled:
@@ -132,7 +132,7 @@ class Requests:
         if request.on_demand or request.keep_alive_s is not None:
             text += f", keep-alive {show_duration(request.keep_alive_s)}"
         self.stage_event(pipe, request.id, text, request.status)
-        pipe.publish(keys.EVENTS_CHANNEL, "request")
+        pipe.publish(redis_keys.EVENTS_CHANNEL, "request")
 
     async def unload(self, ref: str, drain_timeout_s: float | None = None) -> ModelRequest:
         """Unload: mark the request `Unloading`; its engines are drained (for at most
@@ -154,15 +154,15 @@ class Requests:
                         else repr(float(drain_timeout_s)),
                     }
                     pipe.multi()
-                    pipe.hset(keys.request(request_id), mapping=wire.for_hset(fields))
-                    pipe.sadd(keys.REQUESTS_DIRTY, request_id)
-                    pipe.sadd(keys.UNLOADING, request.model)
-                    pipe.incr(keys.ROUTING_VERSION)
+                    pipe.hset(redis_keys.request(request_id), mapping=wire.for_hset(fields))
+                    pipe.sadd(redis_keys.REQUESTS_DIRTY, request_id)
+                    pipe.sadd(redis_keys.UNLOADING, request.model)
+                    pipe.incr(redis_keys.ROUTING_VERSION)
                     drain = (
                         "" if drain_timeout_s is None else f" (drain at most {drain_timeout_s:g}s)"
                     )
                     self.stage_event(pipe, request_id, "unload asked" + drain, Status.UNLOADING)
-                    pipe.publish(keys.EVENTS_CHANNEL, "request")
+                    pipe.publish(redis_keys.EVENTS_CHANNEL, "request")
                     await pipe.execute()
                     return decode({**raw, **fields})
                 except WatchError:
@@ -180,15 +180,15 @@ class Requests:
                         raise Conflict(f"model {request.model!r} is being unloaded")
                     value = seconds(keep_alive_s)
                     pipe.multi()
-                    pipe.hset(keys.request(request_id), "keep_alive_s", value)
-                    pipe.sadd(keys.REQUESTS_DIRTY, request_id)
+                    pipe.hset(redis_keys.request(request_id), "keep_alive_s", value)
+                    pipe.sadd(redis_keys.REQUESTS_DIRTY, request_id)
                     text = (
                         "pinned: never unloaded when idle"
                         if keep_alive_s is None
                         else (f"keep-alive set to {show_duration(keep_alive_s)}")
                     )
                     self.stage_event(pipe, request_id, text, request.status)
-                    pipe.publish(keys.EVENTS_CHANNEL, "request")
+                    pipe.publish(redis_keys.EVENTS_CHANNEL, "request")
                     await pipe.execute()
                     return decode({**raw, "keep_alive_s": value})
                 except WatchError:
@@ -198,18 +198,18 @@ class Requests:
         """Record when models were last used (a router's batch); never moves one back."""
         if last_used:
             async with self.core.reachable():
-                await self.core.redis.zadd(keys.LAST_USED, last_used, gt=True)
+                await self.core.redis.zadd(redis_keys.LAST_USED, last_used, gt=True)
 
     async def last_used(self) -> dict[str, float]:
         async with self.core.reachable():
-            read = await self.core.redis.zrange(keys.LAST_USED, 0, -1, withscores=True)
+            read = await self.core.redis.zrange(redis_keys.LAST_USED, 0, -1, withscores=True)
         return dict(cast(list[tuple[str, float]], read))
 
     async def _watch(self, pipe: Pipeline, ref: str) -> tuple[str, dict[str, str]]:
         """Resolve `ref` and WATCH its request (before MULTI): its id and fields."""
         request_id = await self._resolve(ref)
-        await pipe.watch(keys.request(request_id))
-        raw = wire.text_hash(await pipe.hgetall(keys.request(request_id)))
+        await pipe.watch(redis_keys.request(request_id))
+        raw = wire.text_hash(await pipe.hgetall(redis_keys.request(request_id)))
         if not raw:
             raise NotFound(f"no model request {ref!r}")
         return request_id, raw
@@ -219,29 +219,29 @@ class Requests:
         if not ref:
             raise InvalidRequest("name a model or a request id")
         redis = self.core.redis
-        if await redis.sismember(keys.REQUESTS, ref):
+        if await redis.sismember(redis_keys.REQUESTS, ref):
             return ref
-        request_id = await redis.hget(keys.MODELS, ref)
+        request_id = await redis.hget(redis_keys.MODELS, ref)
         if request_id:
             return str(request_id)
-        loaded = wire.texts(await redis.hkeys(keys.MODELS))
+        loaded = wire.texts(await redis.hkeys(redis_keys.MODELS))
         known = ", ".join(sorted(loaded)) or "none"
         raise NotFound(f"no model request {ref!r}; loaded models: {known}")
 
     async def get(self, ref: str) -> ModelRequest:
         async with self.core.reachable():
             request_id = await self._resolve(ref)
-            raw = wire.text_hash(await self.core.redis.hgetall(keys.request(request_id)))
+            raw = wire.text_hash(await self.core.redis.hgetall(redis_keys.request(request_id)))
         if not raw:
             raise NotFound(f"no model request {ref!r}")
         return _readable(raw, ref)
 
     async def all(self) -> list[ModelRequest]:
         async with self.core.reachable():
-            ids = sorted(wire.texts(await self.core.redis.smembers(keys.REQUESTS)))
+            ids = sorted(wire.texts(await self.core.redis.smembers(redis_keys.REQUESTS)))
             async with self.core.redis.pipeline(transaction=False) as pipe:
                 for request_id in ids:
-                    pipe.hgetall(keys.request(request_id))
+                    pipe.hgetall(redis_keys.request(request_id))
                 rows = await pipe.execute()
         readable = wire.readable(decode, (r for r in rows if r), "model request")
         return sorted(readable, key=lambda r: (r.created_at, r.id))
@@ -249,7 +249,7 @@ class Requests:
     async def events(self, request_id: str, count: int | None = None) -> list[dict[str, Any]]:
         """The request's event history, oldest first."""
         async with self.core.reachable():
-            read = await self.core.redis.xrange(keys.request_events(request_id))
+            read = await self.core.redis.xrange(redis_keys.request_events(request_id))
         entries = cast(list[tuple[str, dict[str, str]]], read)
         out = [
             {"at": float(fields["at"]), "status": fields["status"], "message": fields["message"]}
@@ -262,7 +262,7 @@ class Requests:
 
     def stage_event(self, pipe: Pipeline, request_id: str, text: str, status: Status) -> None:
         pipe.xadd(
-            keys.request_events(request_id),
+            redis_keys.request_events(request_id),
             {"at": repr(time.time()), "status": status.value, "message": text},
             maxlen=self.event_history,
             approximate=False,
@@ -271,16 +271,16 @@ class Requests:
     @staticmethod
     def stage_read_ids(pipe: Pipeline, *, dirty_only: bool) -> None:
         """Every request id, or only those others changed since the last read."""
-        pipe.smembers(keys.REQUESTS_DIRTY if dirty_only else keys.REQUESTS)
+        pipe.smembers(redis_keys.REQUESTS_DIRTY if dirty_only else redis_keys.REQUESTS)
 
     @staticmethod
     def stage_clear_dirty(pipe: Pipeline) -> None:
-        pipe.delete(keys.REQUESTS_DIRTY)
+        pipe.delete(redis_keys.REQUESTS_DIRTY)
 
     @staticmethod
     def stage_read(pipe: Pipeline, ids: Sequence[str]) -> None:
         for request_id in ids:
-            pipe.hgetall(keys.request(request_id))
+            pipe.hgetall(redis_keys.request(request_id))
 
     @staticmethod
     def stage_status(pipe: Pipeline, request: ModelRequest) -> None:
@@ -291,7 +291,7 @@ class Requests:
         pipe.eval(
             _SET_STATUS,
             1,
-            keys.request(request.id),
+            redis_keys.request(request.id),
             *(
                 fields[f]
                 for f in (
@@ -307,36 +307,36 @@ class Requests:
             ),
         )
         if request.status is Status.UNLOADING:  # an idle unload, an eviction
-            pipe.sadd(keys.UNLOADING, request.model)
-            pipe.incr(keys.ROUTING_VERSION)
+            pipe.sadd(redis_keys.UNLOADING, request.model)
+            pipe.incr(redis_keys.ROUTING_VERSION)
 
     @staticmethod
     def stage_replicas(pipe: Pipeline, request: ModelRequest) -> None:
         """Autoscaling's new replica count (never onto a request being unloaded)."""
-        pipe.eval(_SET_REPLICAS, 1, keys.request(request.id), str(request.replicas))
-        pipe.sadd(keys.REQUESTS_DIRTY, request.id)
+        pipe.eval(_SET_REPLICAS, 1, redis_keys.request(request.id), str(request.replicas))
+        pipe.sadd(redis_keys.REQUESTS_DIRTY, request.id)
 
     @staticmethod
     def stage_gone(pipe: Pipeline, request: ModelRequest) -> None:
-        pipe.delete(keys.request(request.id), keys.request_events(request.id))
-        pipe.srem(keys.REQUESTS, request.id)
-        pipe.srem(keys.REQUESTS_DIRTY, request.id)
+        pipe.delete(redis_keys.request(request.id), redis_keys.request_events(request.id))
+        pipe.srem(redis_keys.REQUESTS, request.id)
+        pipe.srem(redis_keys.REQUESTS_DIRTY, request.id)
         # Safe: a model name maps to its request until that request is gone.
-        pipe.hdel(keys.MODELS, request.model)
-        pipe.srem(keys.UNLOADING, request.model)
-        pipe.zrem(keys.LAST_USED, request.model)
-        pipe.incr(keys.ROUTING_VERSION)
+        pipe.hdel(redis_keys.MODELS, request.model)
+        pipe.srem(redis_keys.UNLOADING, request.model)
+        pipe.zrem(redis_keys.LAST_USED, request.model)
+        pipe.incr(redis_keys.ROUTING_VERSION)
 
     @staticmethod
     def stage_read_last_used(pipe: Pipeline) -> None:
-        pipe.zrange(keys.LAST_USED, 0, -1, withscores=True)
+        pipe.zrange(redis_keys.LAST_USED, 0, -1, withscores=True)
 
     @staticmethod
     def stage_read_routing_version(pipe: Pipeline) -> None:
-        pipe.get(keys.ROUTING_VERSION)
+        pipe.get(redis_keys.ROUTING_VERSION)
 
     @staticmethod
     def stage_read_routing(pipe: Pipeline) -> None:
         """For the routers: the loaded models, then the models being unloaded."""
-        pipe.hkeys(keys.MODELS)
-        pipe.smembers(keys.UNLOADING)
+        pipe.hkeys(redis_keys.MODELS)
+        pipe.smembers(redis_keys.UNLOADING)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from nebula import keys
+from nebula import redis_keys
 from nebula.store.core import Core
 
 SEPARATOR = "|"
@@ -59,23 +59,23 @@ class Usage:
                 field = SEPARATOR.join((key, model, ""))
                 for kind, n in zip("pcn", counts, strict=True):
                     if n:
-                        pipe.hincrby(keys.usage(day), field + kind, n)
+                        pipe.hincrby(redis_keys.usage(day), field + kind, n)
                 days.add(day)
             for day in days:
-                pipe.expire(keys.usage(day), retention_days * DAY_S)
+                pipe.expire(redis_keys.usage(day), retention_days * DAY_S)
             await pipe.execute()
 
     async def charge(self, key: str, period: str, tokens: int, ends_at: float) -> int:
         """Add `tokens` to what `key` spent in `period`; what it spent now."""
         async with self.core.reachable(), self.core.redis.pipeline(transaction=True) as pipe:
-            pipe.incrby(keys.spend(key, period), tokens)
-            pipe.expireat(keys.spend(key, period), int(ends_at) + DAY_S)
+            pipe.incrby(redis_keys.spend(key, period), tokens)
+            pipe.expireat(redis_keys.spend(key, period), int(ends_at) + DAY_S)
             total, _ = await pipe.execute()
         return int(total)
 
     async def spent(self, key: str, period: str) -> int:
         async with self.core.reachable():
-            raw = await self.core.redis.get(keys.spend(key, period))
+            raw = await self.core.redis.get(redis_keys.spend(key, period))
         return int(raw or 0)
 
     async def report(
@@ -85,7 +85,7 @@ class Usage:
         days = list(days)
         async with self.core.reachable(), self.core.redis.pipeline(transaction=False) as pipe:
             for day in days:
-                pipe.hgetall(keys.usage(day))
+                pipe.hgetall(redis_keys.usage(day))
             hashes = await pipe.execute()
         rows = []
         for day, fields in zip(days, hashes, strict=True):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.processes import EngineProcess, RouterProcess
-from nebula import keys
+from nebula import redis_keys
 from nebula.store import State
 from tests.security.conftest import CHAT, READ_KEY, publish, raw_http, router_env, status_of
 from tests.security.test_router_edges import served
@@ -56,7 +56,7 @@ async def test_a_text_plain_post_to_admin_is_refused(
         )
         assert status == 415
     assert await state.api_keys.all() == []
-    assert await state.redis.smembers(keys.CORDONED) == set()
+    assert await state.redis.smembers(redis_keys.CORDONED) == set()
     # The operator's own tools send JSON, and are served.
     status, body = send(
         open_router,

@@ -18,7 +18,7 @@ import pytest
 from harness import clients
 from harness.cluster import TEST_CATALOG, wait_for
 from harness.processes import EngineProcess, RedisServer, RouterProcess
-from nebula import keys
+from nebula import redis_keys
 from nebula.store import State
 from tests.security.conftest import ADMIN_KEY, CHAT, EMBED, READ_KEY, publish, router_env
 from tests.security.test_router_edges import http, openai_error, served
@@ -256,14 +256,14 @@ async def test_a_revocation_that_cannot_reach_every_router_does_not_happen(
     await wait_for(lambda: _answers(router, key), 15, "the key in the router's table")
     # The routing version cannot be bumped (a stand-in for the second of two calls
     # failing): the old code deleted the key anyway, and routers never heard of it.
-    version = await state.redis.get(keys.ROUTING_VERSION)
-    await state.redis.delete(keys.ROUTING_VERSION)
-    await state.redis.hset(keys.ROUTING_VERSION, "x", "1")
+    version = await state.redis.get(redis_keys.ROUTING_VERSION)
+    await state.redis.delete(redis_keys.ROUTING_VERSION)
+    await state.redis.hset(redis_keys.ROUTING_VERSION, "x", "1")
     status, _, body = http("DELETE", router.url + "/admin/keys/to-revoke", key=ADMIN_KEY)
     assert status == 503, body
-    assert await state.redis.hexists(keys.API_KEYS, "to-revoke"), "half a revocation"
-    await state.redis.delete(keys.ROUTING_VERSION)
-    await state.redis.set(keys.ROUTING_VERSION, int(version or 0) + 1)
+    assert await state.redis.hexists(redis_keys.API_KEYS, "to-revoke"), "half a revocation"
+    await state.redis.delete(redis_keys.ROUTING_VERSION)
+    await state.redis.set(redis_keys.ROUTING_VERSION, int(version or 0) + 1)
     status, _, body = http("DELETE", router.url + "/admin/keys/to-revoke", key=ADMIN_KEY)
     assert status == 200, body
 
