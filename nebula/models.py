@@ -145,6 +145,9 @@ class ModelRequest:
 
     @property
     def model(self) -> str:
+        """The served name: what clients send as `model`, as in `Endpoint.model`.
+        (`spec.model` is where the weights come from, a hub id or a path: the
+        catalog's own spelling, kept as it is so that catalogs read the same.)"""
         return self.spec.name
 
 
@@ -221,6 +224,9 @@ class Placement:
 
     @property
     def model(self) -> str:
+        """The served name: what clients send as `model`, as in `Endpoint.model`.
+        (`spec.model` is where the weights come from, a hub id or a path: the
+        catalog's own spelling, kept as it is so that catalogs read the same.)"""
         return self.spec.name
 
     @property

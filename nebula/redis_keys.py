@@ -86,7 +86,9 @@ def legacy_endpoint(placement_id: str) -> str:
 
 
 # Counter: bumped whenever what routers know besides endpoints changes (a model
-# loaded, unloading or gone; an API key created or deleted).
+# loaded, unloading or gone; an API key created or deleted). It versions the API
+# keys as much as the models: its name is older than the keys, and kept (a rename
+# would make routers of two versions read two counters during an upgrade).
 ROUTING_VERSION = PREFIX + "routing-version"
 
 
