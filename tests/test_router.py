@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from harness.cluster import wait_for
-from harness.endpoints import announce
+from harness.endpoints import announce, known_by_every_worker
 from harness.processes import EngineProcess, RedisServer, RouterProcess, http_bytes, stop
 from nebula.catalog import load_catalog
 from nebula.models import Endpoint
@@ -411,8 +411,7 @@ async def test_two_workers_share_the_port_and_sum_their_metrics(
     try:
         engine = engines(CHAT)
         await publish(state, engine, "p-chat")
-        await wait_served(router, CHAT)
-        time.sleep(1.0)  # both workers' tables
+        await known_by_every_worker(router.url, endpoints=1)
         api = client(router)
         for _ in range(40):
             api.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "w"}])

@@ -5,11 +5,10 @@ counter equals what was sent, and the tokens equal the engine's own counters."""
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from pathlib import Path
 
-from harness.endpoints import announce
+from harness.endpoints import announce, known_by_every_worker
 from harness.metrics import metric
 from harness.processes import EngineProcess, RouterProcess, http_bytes, stop
 from nebula.models import Endpoint
@@ -39,7 +38,7 @@ async def test_counts_across_two_workers_equal_what_was_sent(
             endpoint = Endpoint(f"p-{task}", f"r-{task}", engine.model, "n1", engine.url, task)
             await announce(state, endpoint)
         url = router.url
-        await _until_known(url, endpoints=2)
+        await known_by_every_worker(url, endpoints=2)
 
         def send(route: str, body: dict) -> int:  # type: ignore[type-arg]
             return http_bytes("POST", url + route, body, KEY)[0]
@@ -79,17 +78,3 @@ def _body(model: str, route: str, i: int = 0, *, stream: bool = False) -> dict: 
         return {"model": model, "input": [f"sentence {i}", "another one"]}
     words = " ".join(f"w{j}" for j in range(i % 7 + 1))
     return {"model": model, "messages": [{"role": "user", "content": words}], "stream": stream}
-
-
-async def _until_known(url: str, endpoints: int, timeout: float = 20.0) -> None:
-    """Until every worker knows the endpoints: /health, each time on a new connection
-    (which the kernel gives to either worker), says so 12 times in a row."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    in_a_row = 0
-    while in_a_row < 12:
-        status, _, body = await asyncio.to_thread(http_bytes, "GET", url + "/health")
-        known = status == 200 and json.loads(body).get("endpoints", 0) >= endpoints
-        in_a_row = in_a_row + 1 if known else 0
-        assert asyncio.get_running_loop().time() < deadline, "the workers never knew"
-        if not known:
-            await asyncio.sleep(0.1)
