@@ -57,13 +57,16 @@ async def run_loops(loops: dict[str, Callable[[], Coroutine[Any, Any, None]]]) -
         log.error("loop %s ended", tasks[task])
 
 
-async def every(name: str, seconds: float, chore: Callable[[], Awaitable[object]]) -> None:
+async def every(
+    name: str, seconds: float | Callable[[], float], chore: Callable[[], Awaitable[object]]
+) -> None:
     """Run `chore` every `seconds`, forever: the one shape of a daemon's periodic
     chores (samples, reports, flushes, advertisements), which never end its loop.
 
     A `NebulaError` (Redis away) is logged at debug level: the next round tries
     again, and the component that depends on it says so itself. Anything else is
-    a bug in one round: logged with its traceback, and the next round goes on."""
+    a bug in one round: logged with its traceback, and the next round goes on.
+    `seconds` may be a function, asked before each wait (a jittered interval)."""
     while True:
         try:
             await chore()
@@ -71,7 +74,7 @@ async def every(name: str, seconds: float, chore: Callable[[], Awaitable[object]
             log.debug("%s: %s", name, exc.message)
         except Exception:
             log.exception("%s failed; retrying", name)
-        await asyncio.sleep(seconds)
+        await asyncio.sleep(seconds() if callable(seconds) else seconds)
 
 
 async def reconcile_forever(

@@ -10,12 +10,12 @@ grace rules read (docs/architecture.md); everything else they decide.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 from prometheus_client import Counter, Gauge
 
+from nebula.loops import every
 from nebula.store import State
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,9 @@ async def watch(state: State, interval_s: float) -> None:
     """Forever: follow the master Sentinel names, and time any outage."""
     known: str | None = None
     warned_at = 0.0
-    while True:
+
+    async def check() -> None:
+        nonlocal known, warned_at
         now = time.time()
         if state.connection.sentinel is not None:
             try:
@@ -74,4 +76,5 @@ async def watch(state: State, interval_s: float) -> None:
                 "no writable Redis master for %.0fs; engines keep serving, waiting", now - since
             )
             warned_at = now
-        await asyncio.sleep(interval_s)
+
+    await every("following the Redis master", interval_s, check)

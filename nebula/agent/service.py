@@ -31,7 +31,7 @@ from nebula.agent.vetting import node_catalog, vet
 from nebula.catalog import Catalog
 from nebula.errors import InvalidRequest, NebulaError, StateUnavailable
 from nebula.exporter import advertise, serve_metrics
-from nebula.loops import jittered, reconcile_forever, run_loops
+from nebula.loops import every, jittered, reconcile_forever, run_loops
 from nebula.models import Desired, Phase, Placement, PlacementState
 from nebula.settings import Settings
 from nebula.store import State
@@ -116,23 +116,24 @@ class Agent:
             await self._session.close()
 
     async def _heartbeat_loop(self) -> None:
-        while True:
-            try:
-                node = await asyncio.to_thread(self.telemetry.sample, self.settings)
-                agent_metrics.record_node(node)
-                await self.state.nodes.heartbeat(node, self.settings.node_ttl_s)
-                if self._redis_lost or self._epoch != self.state.master_epoch:
-                    self._epoch = self.state.master_epoch
-                    self._back_from_outage()
-            except StateUnavailable as exc:
-                # The engines keep running: nothing on this node needs Redis to serve.
-                if not self._redis_lost:
-                    log.warning("heartbeat: %s; engines keep running", exc.message)
-                self._redis_lost = True
-            except Exception:
-                # Never dies: a node whose heartbeat stops is dead, its replicas moved.
-                log.exception("heartbeat failed; retrying")
-            await asyncio.sleep(jittered(self.settings.heartbeat_interval_s))
+        # Never dies (`every`): a node whose heartbeat stops is dead, its replicas moved.
+        await every(
+            "heartbeat", lambda: jittered(self.settings.heartbeat_interval_s), self._heartbeat
+        )
+
+    async def _heartbeat(self) -> None:
+        try:
+            node = await asyncio.to_thread(self.telemetry.sample, self.settings)
+            agent_metrics.record_node(node)
+            await self.state.nodes.heartbeat(node, self.settings.node_ttl_s)
+            if self._redis_lost or self._epoch != self.state.master_epoch:
+                self._epoch = self.state.master_epoch
+                self._back_from_outage()
+        except StateUnavailable as exc:
+            # The engines keep running: nothing on this node needs Redis to serve.
+            if not self._redis_lost:
+                log.warning("heartbeat: %s; engines keep running", exc.message)
+            self._redis_lost = True
 
     def _back_from_outage(self) -> None:
         """Redis is back (perhaps a new one, from its AOF): announce every endpoint again,
