@@ -101,6 +101,12 @@ class Runner(web.AppRunner):
         super().__init__(app, logger=server_logger(), **kwargs)
 
     async def _make_server(self) -> web.Server:
+        # aiohttp has no public way to choose the connection handler's class, so this
+        # leans on AppRunner._make_server and Server's own attributes (aiohttp 3.9 to
+        # 3.14). What it buys is pinned by behaviour, not by version: a malformed
+        # request must get an OpenAI-shaped 400 with code `bad_http`
+        # (tests/security/test_router_edges.py), so an aiohttp that changes these
+        # internals fails that test before it ships.
         server = await super()._make_server()
         server.__class__ = _Server  # same object, with our handler class
         return server
