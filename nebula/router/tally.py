@@ -88,20 +88,24 @@ class Store:
         return at
 
     def _grow(self, slots: int) -> None:
-        old = self.values
+        # The old doubles are not released here: a /metrics thread may be reading them
+        # this moment. They go when the last reference does.
         if self._buffer is not None:
             self._buffer = self._buffer + bytes(slots * 8 - len(self._buffer))
             self.values = memoryview(self._buffer).cast("d")
-        else:
-            assert self._map is not None
-            self._file.truncate(slots * 8)
-            mapped = mmap.mmap(self._file.fileno(), slots * 8)
-            self.values = memoryview(mapped).cast("d")
-            old.release()
-            self._map.close()
-            self._map = mapped
             return
-        old.release()
+        self._file.truncate(slots * 8)
+        self._map = mmap.mmap(self._file.fileno(), slots * 8)
+        self.values = memoryview(self._map).cast("d")
+
+    def close(self) -> None:
+        """Let the files go (a process's store lives as long as it does: for tests)."""
+        if self.folder is not None:
+            self.values.release()
+            if self._map is not None:
+                self._map.close()
+            self._file.close()
+            self._index.close()
 
     def series(self, widths: dict[str, int]) -> Iterator[tuple[str, Labels, list[float]]]:
         """This process's series and their values now."""
@@ -195,6 +199,11 @@ class Tally:
 
     def collector(self) -> Collector:
         return _Collector(self)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
 
 class _Collector(Collector):
