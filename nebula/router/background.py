@@ -97,7 +97,6 @@ class Background:
 
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp's cleanup context: start, serve, stop."""
-        await self.proxy.start()
         await self.table.refresh(self.state)
         self._start()
         yield

@@ -115,9 +115,6 @@ class Forwarder:
         lines = (f"{name}: {value}\r\n" for name, value in self.upstream_headers.items())
         self._header_lines = "".join(lines).encode()
 
-    async def start(self) -> None:
-        pass  # connections are opened as requests need them
-
     async def stop(self) -> None:
         await self.upstream.close()
 

@@ -108,9 +108,6 @@ class Proxy:
         self.streams = self.forwarder.streams
         self.labels = self.forwarder.labels
 
-    async def start(self) -> None:
-        await self.forwarder.start()
-
     async def stop(self) -> None:
         await self.forwarder.stop()
         await self.limiter.close()
