@@ -43,6 +43,8 @@ PASSED_HEADERS = (
     ("x-request-id", "X-Request-Id"),
     ("content-encoding", "Content-Encoding"),
 )
+# Header lines of every request to an engine (`upstream` adds Host and Content-Length).
+UPSTREAM_HEADERS = b"Content-Type: application/json\r\nUser-Agent: nebula-router\r\n"
 # Seconds a client is told to wait when a known model has no replica to answer.
 NO_REPLICA_RETRY_AFTER = "5"
 
@@ -88,8 +90,8 @@ class Forwarder:
         self.outliers = Outliers()
         table.listeners.append(lambda: self.outliers.keep_only(e.url for e in table.by_id.values()))
         self.labels = router_metrics.Labels()
-        self.upstream_headers = {"Content-Type": "application/json", "User-Agent": "nebula-router"}
-        self._header_lines = b""
+        self._header_lines = UPSTREAM_HEADERS  # and the engine key's, once there is one
+        self._keyed = False
         self._bad_key_logged = False
         # Replicas' concurrency targets bound the choice (flow control on).
         self.targets = settings.flow_control
@@ -101,19 +103,19 @@ class Forwarder:
     def refresh_engine_key(self) -> None:
         """Take the engine key if there is one now (configured, or the one the node
         keeps: a router started before its node finds it once the node made it)."""
-        if "Authorization" in self.upstream_headers:
+        if self._keyed:
             return
         key = self._engine_key()
-        if key and not key.isprintable():
+        if not key:
+            return
+        if not key.isprintable():
             # Written into the request's head as it is: a line break would start a header.
             if not self._bad_key_logged:
                 log.error("the engine key holds unprintable characters: not sent; set a plain one")
                 self._bad_key_logged = True
-            key = ""
-        if key:
-            self.upstream_headers["Authorization"] = f"Bearer {key}"
-        lines = (f"{name}: {value}\r\n" for name, value in self.upstream_headers.items())
-        self._header_lines = "".join(lines).encode()
+            return
+        self._header_lines = UPSTREAM_HEADERS + f"Authorization: Bearer {key}\r\n".encode()
+        self._keyed = True
 
     async def stop(self) -> None:
         await self.upstream.close()
@@ -196,7 +198,7 @@ class Forwarder:
             choice = self.prefix.choose(left, self.loads, prefix)
             index = "precise" if choice.endpoint.kv_events else "approximate"
             self.labels.decision(model, choice.reason, index).inc()
-            router_metrics.prefix_matched(choice.matched_chars)
+            self.labels.prefix_matched().observe(choice.matched_chars)
             return choice.endpoint
         self.labels.decision(model, "least_outstanding").inc()
         return self.policy.choose(left, self.loads)

@@ -164,6 +164,7 @@ class Labels:
         self._cache: dict[tuple[str, str], Any] = {}
         self._requests: dict[tuple[str, str, int], Any] = {}
         self._decisions: dict[tuple[str, str, str], Any] = {}
+        self._prefix_matched: Any = None
 
     def get(self, model: str, route: str) -> Any:
         entry = self._cache.get((model, route))
@@ -190,6 +191,11 @@ class Labels:
             )
         return child
 
+    def prefix_matched(self) -> Any:
+        if self._prefix_matched is None:
+            self._prefix_matched = TALLY.histogram(PREFIX_MATCHED)
+        return self._prefix_matched
+
 
 def exposition() -> bytes:
     """The metrics page: this process's, or every worker's merged in multiprocess mode."""
@@ -204,13 +210,6 @@ def exposition() -> bytes:
 
 
 _token_children: dict[tuple[str, str, str], Any] = {}
-_prefix_matched: list[Any] = []
-
-
-def prefix_matched(chars: int) -> None:
-    if not _prefix_matched:
-        _prefix_matched.append(TALLY.histogram(PREFIX_MATCHED))
-    _prefix_matched[0].observe(chars)
 
 
 def count_tokens(key: str, model: str, prompt: int, completion: int) -> None:
